@@ -1,0 +1,355 @@
+"""Typed run configuration: YAML files plus `key.sub=value` overrides, validated once.
+
+Every config key is documented here, as a field comment on its dataclass; README.md shows
+a complete annotated example. `load_config` raises `ConfigError` — one sentence naming the
+file, the key and what to do — before any process group, model or data loader exists.
+This module imports neither torch nor transformers so validation is instant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+PATH = {"path": True}  # field metadata: the value is a local path that must exist
+MODEL_PATH = {"model_path": True}  # field metadata: a local path that must exist, or a hub id
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message is one sentence."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class TowerConfig:
+    """One tower: any `transformers` model, pretrained (`name_or_path`) or random (`config`)."""
+
+    name_or_path: str | None = field(default=None, metadata=MODEL_PATH)  # local dir or hub id, loaded with Auto classes
+    config: dict[str, Any] | None = None  # inline transformers config (needs `model_type`); random init
+    model_class: str | None = None  # optional transformers class name, e.g. CLIPVisionModelWithProjection
+    pooling: Literal["auto", "cls", "mean", "pooler_output", "eos", "embeds"] = "auto"  # how tokens become one vector
+    projection: Literal["linear", "mlp", "none"] = "linear"  # head to the shared embedding space
+    lock: bool = False  # freeze the tower (LiT); with unlocked_layers > 0 only its first layers
+    unlocked_layers: int = 0  # with lock: keep the last N layers (and the norms after them) trainable
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    attn_implementation: str | None = None  # "eager" / "sdpa" / ...; None lets transformers pick
+
+
+@dataclass
+class TextTowerConfig(TowerConfig):
+    """A text tower plus its tokenizer."""
+
+    tokenizer: str | None = field(default=None, metadata=MODEL_PATH)  # AutoTokenizer dir or hub id; default name_or_path
+    context_length: int = 77  # tokens per caption after padding/truncation
+
+
+@dataclass
+class ModelConfig:
+    """The dual encoder: image tower, text tower, shared embedding space, logit scale/bias."""
+
+    image: TowerConfig  # required
+    text: TextTowerConfig | None = None  # None for image-only (SSL) runs
+    embed_dim: int = 512  # shared embedding dimension
+    mlp_hidden_dim: int | None = None  # hidden width of `mlp` projections; default max(tower width, embed_dim)
+    logit_scale_init: float = 1 / 0.07  # initial multiplier of the cosine similarities (CLIP: 1/0.07)
+    logit_scale_max: float = 100.0  # the effective multiplier is clamped to this in the forward pass
+    logit_bias_init: float | None = None  # learnable logit bias (sigmoid loss; SigLIP uses -10); None = no bias
+
+
+@dataclass
+class LossConfig:
+    """Options shared by the contrastive objectives."""
+
+    chunk_size: int | None = None  # rows of the score matrix per chunk; None = dense
+
+
+@dataclass
+class DataConfig:
+    """WebDataset input. Shard patterns use brace expansion; several sources join with `::`."""
+
+    train_shards: str | None = None  # e.g. "data/{00000..00127}.tar::other/{0..9}.tar"
+    train_weights: list[float] | None = None  # sampling weight per `::` source (resampled mode)
+    resampled: bool = False  # draw shards with replacement forever (epoch = samples_per_epoch)
+    samples_per_epoch: int | None = None  # epoch length in resampled mode
+    shuffle_buffer: int = 1000  # samples held for shuffling (0 = no sample shuffle)
+    num_workers: int = 2  # DataLoader worker processes per rank
+    image_size: int = 224  # side of the square crops fed to the image tower
+    image_mean: list[float] | None = None  # normalisation; None = the image tower's processor or CLIP's
+    image_std: list[float] | None = None
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop scale range
+    max_pixels: int = 89_478_485  # images above this are skipped (decompression bombs)
+    val_shards: str | None = None  # held-out image-caption shards (retrieval)
+
+
+@dataclass
+class RunConfig:
+    """A whole run. Only `model` is required."""
+
+    model: ModelConfig
+    objectives: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})  # weighted sum of losses
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = "runs/default"  # checkpoints, logs and the resolved config go here
+    seed: int = 0  # seeds model init, data order and augmentation
+
+
+KNOWN_OBJECTIVES = ("clip", "siglip")
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config, apply `key.sub=value` overrides and validate it.
+
+    Relative paths inside the file are resolved against the current working directory
+    (the way `deepspeed train.py` users run it from the repo root).
+    """
+    source = str(path)
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {source} does not exist.")
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML ({str(error).splitlines()[0]}).") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, not {type(raw).__name__}.")
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return from_dict(raw, source=source)
+    except ConfigError as error:
+        # Name the command line, not the file, when the offending key came from an override.
+        message = str(error)
+        for override in overrides:
+            parts = override.partition("=")[0].strip().split(".")
+            prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+            if any(f"'{prefix}'" in message for prefix in prefixes):
+                raise ConfigError(message.replace(f"{source}:", f"command-line override '{override}' (on {source}):", 1)) from None
+        raise
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Build and validate a RunConfig from plain data (as parsed from YAML)."""
+    config = _build(RunConfig, raw, key="", source=source)
+    _check_semantics(config, source)
+    return config
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in the nested dict `raw`; the value is parsed as YAML (so `3` is an int)."""
+    if "=" not in override:
+        raise ConfigError(f"command-line override '{override}' must look like key.sub=value.")
+    dotted, _, text = override.partition("=")
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"command-line override '{override}' has an empty key part.")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"command-line override '{override}': '{'.'.join(keys[:depth + 1])}' is a value, not a section."
+            )
+        node = child
+    node[keys[-1]] = value
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """Plain nested dicts/lists, ready for YAML or JSON."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML; `load_config(path)` returns an equal object."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _build(cls: type, raw: Any, key: str, source: str) -> Any:
+    """Validate `raw` against dataclass `cls` and construct it (recursively)."""
+    where = key or "the top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{where}' must be a mapping, got {_describe(raw)}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in fields:
+            suggestion = difflib.get_close_matches(str(name), list(fields), n=1)
+            hint = f" — did you mean '{_join(key, suggestion[0])}'?" if suggestion else f" (known keys: {', '.join(fields)})."
+            raise ConfigError(f"{source}: unknown key '{_join(key, str(name))}'{hint}")
+    values = {}
+    for name, spec in fields.items():
+        sub_key = _join(key, name)
+        if name not in raw:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: missing required key '{sub_key}'.")
+            continue
+        value = _coerce(raw[name], hints[name], sub_key, source)
+        if value is not None and (spec.metadata.get("path") or spec.metadata.get("model_path")):
+            _check_path(value, sub_key, source, hub_id_allowed=bool(spec.metadata.get("model_path")))
+        values[name] = value
+    return cls(**values)
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        candidates = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in candidates:
+            try:
+                return _coerce(value, candidate, key, source)
+            except ConfigError as error:
+                errors.append(error)
+        if len(candidates) == 1:
+            raise errors[0]
+        raise ConfigError(f"{source}: '{key}' must be {' or '.join(_type_name(a) for a in args)}, got {_describe(value)}.")
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key, source)
+    if origin is Literal:
+        if value not in args:
+            suggestion = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" — did you mean '{suggestion[0]}'?" if suggestion else "."
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(map(str, args))}, got {value!r}{hint}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {_describe(value)}.")
+        key_type, value_type = args or (Any, Any)
+        return {
+            _coerce(k, key_type, f"{key} (key {k!r})", source): _coerce(v, value_type, _join(key, str(k)), source)
+            for k, v in value.items()
+        }
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {_describe(value)}.")
+        item_type = args[0] if args else Any
+        return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {_describe(value)}.")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {_describe(value)}.")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {_describe(value)}.")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {_describe(value)}.")
+        return value
+    raise TypeError(f"config field '{key}' has an unsupported annotation {annotation!r}")  # a bug in this file
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+
+
+def _check_path(value: str, key: str, source: str, hub_id_allowed: bool) -> None:
+    """A local path must exist; with `hub_id_allowed`, `org/name` or `name` may be a hub id instead."""
+    if Path(value).expanduser().exists():
+        return
+    looks_local = value.startswith(("/", "./", "../", "~")) or value.count("/") > 1 or "\\" in value
+    if hub_id_allowed and not looks_local and _HUB_ID.match(value):
+        return
+    raise ConfigError(f"{source}: '{key}' points to '{value}', which does not exist.")
+
+
+def _check_semantics(config: RunConfig, source: str) -> None:
+    """Rules that span several keys."""
+    towers = [("model.image", config.model.image)]
+    if config.model.text is not None:
+        towers.append(("model.text", config.model.text))
+    for key, tower in towers:
+        if (tower.name_or_path is None) == (tower.config is None):
+            raise ConfigError(f"{source}: '{key}' needs exactly one of 'name_or_path' (pretrained) or 'config' (random init).")
+        if tower.config is not None and "model_type" not in tower.config:
+            raise ConfigError(f"{source}: '{key}.config' needs a 'model_type' (e.g. vit, bert, clip_vision_model).")
+        if tower.unlocked_layers < 0:
+            raise ConfigError(f"{source}: '{key}.unlocked_layers' must be >= 0, got {tower.unlocked_layers}.")
+        if tower.unlocked_layers and not tower.lock:
+            raise ConfigError(f"{source}: '{key}.unlocked_layers' only applies with '{key}.lock: true'.")
+    text = config.model.text
+    if text is not None and text.tokenizer is None and text.name_or_path is None:
+        raise ConfigError(f"{source}: 'model.text.tokenizer' is required when the text tower is built from an inline config.")
+    if text is not None and text.context_length < 1:
+        raise ConfigError(f"{source}: 'model.text.context_length' must be >= 1, got {text.context_length}.")
+    if config.model.embed_dim < 1:
+        raise ConfigError(f"{source}: 'model.embed_dim' must be >= 1, got {config.model.embed_dim}.")
+    if config.model.logit_scale_init <= 0 or config.model.logit_scale_max < config.model.logit_scale_init:
+        raise ConfigError(f"{source}: 'model.logit_scale_init' must be positive and at most 'model.logit_scale_max'.")
+    if not config.objectives:
+        raise ConfigError(f"{source}: 'objectives' must name at least one objective (e.g. clip: 1.0).")
+    for name, weight in config.objectives.items():
+        if name not in KNOWN_OBJECTIVES:
+            suggestion = difflib.get_close_matches(name, KNOWN_OBJECTIVES, n=1)
+            hint = f" — did you mean '{suggestion[0]}'?" if suggestion else f" (known: {', '.join(KNOWN_OBJECTIVES)})."
+            raise ConfigError(f"{source}: unknown objective 'objectives.{name}'{hint}")
+        if weight < 0:
+            raise ConfigError(f"{source}: 'objectives.{name}' weight must be >= 0, got {weight}.")
+        if name in ("clip", "siglip") and config.model.text is None:
+            raise ConfigError(f"{source}: objective '{name}' needs a text tower ('model.text').")
+    if "siglip" in config.objectives and config.model.logit_bias_init is None:
+        raise ConfigError(f"{source}: objective 'siglip' needs 'model.logit_bias_init' (SigLIP uses -10).")
+    if config.loss.chunk_size is not None and config.loss.chunk_size < 1:
+        raise ConfigError(f"{source}: 'loss.chunk_size' must be >= 1, got {config.loss.chunk_size}.")
+    data = config.data
+    if data.resampled and data.samples_per_epoch is None and data.train_shards is not None:
+        raise ConfigError(f"{source}: 'data.samples_per_epoch' is required with 'data.resampled: true'.")
+    if data.train_weights is not None and data.train_shards is not None:
+        sources = data.train_shards.count("::") + 1
+        if len(data.train_weights) != sources:
+            raise ConfigError(
+                f"{source}: 'data.train_weights' has {len(data.train_weights)} weights for {sources} '::'-joined sources."
+            )
+    if len(data.train_crop_scale) != 2 or not 0 < data.train_crop_scale[0] <= data.train_crop_scale[1] <= 1:
+        raise ConfigError(f"{source}: 'data.train_crop_scale' must be [min, max] with 0 < min <= max <= 1.")
+    for name in ("image_mean", "image_std"):
+        values = getattr(data, name)
+        if values is not None and len(values) != 3:
+            raise ConfigError(f"{source}: 'data.{name}' must have 3 values (R, G, B), got {len(values)}.")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is type(None):
+        return "null"
+    if typing.get_origin(annotation) is dict or dataclasses.is_dataclass(annotation):
+        return "a mapping"
+    if typing.get_origin(annotation) is list:
+        return "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(annotation, str(annotation))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) < 40 else text[:37] + '...'}"
