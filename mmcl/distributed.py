@@ -1,0 +1,86 @@
+"""Rank/world helpers and all-gather collectives for contrastive losses.
+
+Every helper is safe to call without a process group: it then behaves as a single
+process (rank 0 of a world of 1) and the gathers return their input unchanged.
+
+Gradient convention of `all_gather_with_grad`: the backward SUMS the incoming gradient
+over ranks and hands each rank its own slice. If every rank r computes a loss L_r from the
+gathered tensor, rank r therefore receives d(sum_s L_s)/dx_r. With per-rank losses whose
+mean is the global loss L (the local-loss form used in `mmcl.losses`), that is
+W * dL/dx_r, and the data-parallel engine's AVERAGE over ranks (DDP, DeepSpeed) turns it
+into exactly dL/dtheta for the parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """True when a default process group is initialised (even one of world size 1)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank in the default group; 0 without a process group."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    """Number of ranks in the default group; 1 without a process group."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_gather_no_grad(x: Tensor) -> Tensor:
+    """Concatenate `x` from all ranks along dim 0, without gradient.
+
+    x: [B, ...], the same shape on every rank. Returns [W*B, ...], rank r's rows at
+    [r*B:(r+1)*B]; detached. Returns `x` itself when the world size is 1.
+    """
+    world_size = get_world_size()
+    if world_size == 1:
+        return x
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: all-gather along dim 0. Backward: all-reduce (SUM), keep own slice."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rank, ctx.local_rows = rank, x.shape[0]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> Tensor:
+        # Every rank's loss may depend on our rows, so our gradient is the sum of all ranks'
+        # gradients w.r.t. the gathered tensor. all_reduce rather than reduce_scatter
+        # because gloo (the CPU backend) has no reduce_scatter.
+        grad = grad_output.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.local_rows
+        return grad[start : start + ctx.local_rows]
+
+
+def all_gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate `x` from all ranks along dim 0, keeping the gradient path to every rank.
+
+    x: [B, ...], the same shape on every rank (unequal batches are not supported).
+    Returns [W*B, ...] with rank r's rows at [r*B:(r+1)*B]. Backward: the gradient w.r.t.
+    the gathered tensor is summed over ranks and rank r receives rows [r*B:(r+1)*B] of that
+    sum, i.e. d(sum_s L_s)/dx_r where L_s is rank s's loss (see the module docstring for
+    why data-parallel averaging then gives the single-process gradient).
+    Returns `x` itself when the world size is 1.
+    """
+    if get_world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)

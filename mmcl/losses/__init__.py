@@ -1,0 +1,24 @@
+"""Training objectives: small nn.Modules plus their functional forms, and the registry
+that maps config names (`objectives: {clip: 1.0}`) to them."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mmcl.losses.clip import ClipLoss, clip_loss
+from mmcl.losses.siglip import SigLipLoss, siglip_loss
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "clip": ClipLoss,
+    "siglip": SigLipLoss,
+}
+
+
+def build_loss(name: str, **kwargs) -> nn.Module:
+    """Instantiate the registered loss `name` with `kwargs` (e.g. chunk_size=4096)."""
+    if name not in LOSSES:
+        raise ValueError(f"Unknown loss {name!r}; known losses are: {', '.join(sorted(LOSSES))}.")
+    return LOSSES[name](**kwargs)
+
+
+__all__ = ["LOSSES", "ClipLoss", "SigLipLoss", "build_loss", "clip_loss", "siglip_loss"]

@@ -1,0 +1,49 @@
+"""Run a function on W CPU ranks joined by a gloo process group; collect their results.
+
+The function must be importable (a module-level function) and return a dict of tensors;
+each rank saves it to a temp dir that the parent loads after all ranks exit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        torch.save(fn(rank, world_size, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo_ranks(fn: Callable, world_size: int, *args) -> list[dict[str, torch.Tensor]]:
+    """Call fn(rank, world_size, *args) on `world_size` spawned processes; return per-rank dicts."""
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the children: the CI box has 2 cores
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            mp.spawn(_rank_entry, args=(fn, world_size, _free_port(), out_dir, args), nprocs=world_size, join=True)
+            return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
+    finally:
+        if previous is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
