@@ -1,0 +1,173 @@
+"""The dual encoder: image tower (+ optional text tower) -> pooler -> projection -> unit vectors.
+
+Attribute names are stable so optimizers can group parameters by prefix: `image_tower`,
+`image_projection`, `text_tower`, `text_projection`, `logit_scale`, `logit_bias`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from mmcl.config import ModelConfig, TowerConfig
+from mmcl.models.locking import eval_frozen_modules, lock_tower
+from mmcl.models.pooling import pool, pooled_width, resolve_pooling
+from mmcl.models.projection import build_projection
+from mmcl.models.towers import build_tower
+
+
+class DualEncoder(nn.Module):
+    """CLIP-style model over `transformers` towers.
+
+    `logit_scale` is a learnable scalar stored as a log; the value returned by `forward`
+    is exp(min(logit_scale, ln(logit_scale_max))). Clamping in the forward pass (OpenCLIP
+    clamps the parameter in place after each step instead) holds whatever the optimizer and
+    however ZeRO partitions the parameter; above the cap the parameter gets no gradient.
+    """
+
+    def __init__(
+        self,
+        image_tower: PreTrainedModel,
+        image_projection: nn.Module,
+        image_pooling: str,
+        text_tower: PreTrainedModel | None = None,
+        text_projection: nn.Module | None = None,
+        text_pooling: str | None = None,
+        logit_scale_init: float = 1 / 0.07,
+        logit_scale_max: float = 100.0,
+        logit_bias_init: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_tower = image_tower
+        self.image_projection = image_projection
+        self.image_pooling = image_pooling
+        self.text_tower = text_tower
+        self.text_projection = text_projection
+        self.text_pooling = text_pooling
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+        self.logit_scale_max_log = math.log(logit_scale_max)
+        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor(float(logit_bias_init)))
+        self.train()  # from_pretrained leaves towers in eval mode; this also settles frozen parts
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> DualEncoder:
+        """Build towers, poolers and heads from `cfg`, then apply locking and checkpointing."""
+        image_tower, image_pooling, image_projection = _build_side(cfg.image, "image", cfg)
+        text_tower = text_pooling = text_projection = None
+        if cfg.text is not None:
+            text_tower, text_pooling, text_projection = _build_side(cfg.text, "text", cfg)
+            _check_context_length(text_tower, cfg.text.context_length)
+        return cls(
+            image_tower,
+            image_projection,
+            image_pooling,
+            text_tower,
+            text_projection,
+            text_pooling,
+            logit_scale_init=cfg.logit_scale_init,
+            logit_scale_max=cfg.logit_scale_max,
+            logit_bias_init=cfg.logit_bias_init,
+        )
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        """`nn.Module.train`, except that fully frozen submodules always stay in eval mode."""
+        super().train(mode)
+        if mode:
+            eval_frozen_modules(self)
+        return self
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """pixel_values [B, 3, H, W] -> image features [B, embed_dim] (unit rows if `normalize`)."""
+        outputs = self.image_tower(pixel_values=pixel_values)
+        features = self.image_projection(pool(outputs, self.image_pooling, "image"))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        """input_ids, attention_mask [B, L] -> text features [B, embed_dim] (unit rows if `normalize`).
+
+        A missing attention mask means no padding.
+        """
+        if self.text_tower is None:
+            raise ValueError("this model has no text tower (model.text is not set).")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        outputs = self.text_tower(input_ids=input_ids, attention_mask=attention_mask)
+        features = self.text_projection(pool(outputs, self.text_pooling, "text", attention_mask))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Encode what is given.
+
+        Returns `image_features` [B, D] (with pixel_values), `text_features` [B, D] (with
+        input_ids), `logit_scale` (scalar, already exponentiated and clamped) and `logit_bias`
+        (scalar, when configured).
+        """
+        out: dict[str, torch.Tensor] = {}
+        if pixel_values is not None:
+            out["image_features"] = self.encode_image(pixel_values)
+        if input_ids is not None:
+            out["text_features"] = self.encode_text(input_ids, attention_mask)
+        out["logit_scale"] = self.logit_scale.clamp(max=self.logit_scale_max_log).exp()
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+
+def build_model(cfg: ModelConfig) -> DualEncoder:
+    """`DualEncoder.from_config(cfg)`."""
+    return DualEncoder.from_config(cfg)
+
+
+def _build_side(tower_cfg: TowerConfig, kind: str, cfg: ModelConfig) -> tuple[PreTrainedModel, str, nn.Module]:
+    key = f"model.{kind}"
+    tower = build_tower(tower_cfg, kind, key)
+    try:
+        pooling = resolve_pooling(tower, kind, tower_cfg.pooling)
+        width = pooled_width(tower, pooling)
+    except ValueError as error:
+        raise ValueError(f"'{key}.pooling': {error}") from error
+    projection = build_projection(tower_cfg.projection, width, cfg.embed_dim, cfg.mlp_hidden_dim, key)
+    if tower_cfg.lock:
+        lock_tower(tower, tower_cfg.unlocked_layers, key)
+    if tower_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(tower, key)
+    return tower, pooling, projection
+
+
+def enable_gradient_checkpointing(tower: PreTrainedModel, key: str = "model.image") -> None:
+    """Recompute `tower`'s layer activations in backward (non-reentrant checkpointing)."""
+    if not tower.supports_gradient_checkpointing:
+        raise ValueError(
+            f"'{key}.gradient_checkpointing' is true but {type(tower).__name__} does not support gradient "
+            "checkpointing; set it to false."
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(tower, "activation_checkpointing_enable"):  # newer transformers deprecate the old name
+        tower.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _check_context_length(tower: PreTrainedModel, context_length: int) -> None:
+    """Fail at build time, not in the first step, when captions outrun the position table."""
+    limit = getattr(tower.config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return  # relative positions (T5) or none
+    padding_idx = getattr(getattr(tower, "embeddings", None), "padding_idx", None)
+    if isinstance(padding_idx, int):  # RoBERTa-style positions start after padding_idx
+        limit -= padding_idx + 1
+    if context_length > limit:
+        raise ValueError(
+            f"'model.text.context_length' = {context_length} exceeds the text tower's {limit} positions; "
+            f"lower it to {limit} or raise max_position_embeddings."
+        )
