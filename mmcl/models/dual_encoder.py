@@ -47,9 +47,10 @@ class DualEncoder(nn.Module):
         self.text_tower = text_tower
         self.text_projection = text_projection
         self.text_pooling = text_pooling
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+        # Shape [1], not []: DeepSpeed's parameter broadcast over gloo cannot handle 0-dim tensors.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(logit_scale_init)))
         self.logit_scale_max_log = math.log(logit_scale_max)
-        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor(float(logit_bias_init)))
+        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.full((1,), float(logit_bias_init)))
         self.train()  # from_pretrained leaves towers in eval mode; this also settles frozen parts
 
     @classmethod
@@ -117,9 +118,9 @@ class DualEncoder(nn.Module):
             out["image_features"] = self.encode_image(pixel_values)
         if input_ids is not None:
             out["text_features"] = self.encode_text(input_ids, attention_mask)
-        out["logit_scale"] = self.logit_scale.clamp(max=self.logit_scale_max_log).exp()
+        out["logit_scale"] = self.logit_scale.clamp(max=self.logit_scale_max_log).exp().squeeze(0)
         if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias
+            out["logit_bias"] = self.logit_bias.squeeze(0)
         return out
 
 
