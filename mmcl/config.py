@@ -92,6 +92,54 @@ class DataConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW with parameter groups and a schedule."""
+
+    lr: float = 5e-4  # peak learning rate of the projections, logit scale and fresh towers
+    image_lr: float | None = None  # image tower's learning rate (None = lr); pretrained towers often want less
+    text_lr: float | None = None  # text tower's learning rate (None = lr)
+    weight_decay: float = 0.2  # not applied to biases, norms, embeddings' position tables, logit scale/bias
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    schedule: Literal["cosine", "constant_cooldown", "constant"] = "cosine"  # all with linear warmup
+    warmup_steps: int = 0
+    cooldown_steps: int = 0  # constant_cooldown: linear decay to min_lr over the last N steps
+    min_lr_ratio: float = 0.0  # floor of the schedule, as a fraction of each group's peak
+    grad_clip: float | None = 1.0  # max global gradient norm (None = no clipping)
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, length, precision, and how often to log, evaluate and save."""
+
+    micro_batch_size: int = 32  # samples per rank per forward
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    global_batch_size: int | None = None  # optional check: must equal micro * accum * world size
+    accumulation: Literal["feature_cache", "plain"] = "feature_cache"  # contrastive accumulation method
+    steps: int | None = None  # optimizer steps to train (None = epochs * steps per epoch)
+    epochs: int = 1  # used when steps is None
+    precision: Literal["fp32", "bf16", "fp16"] | None = None  # None: as the DeepSpeed JSON says (fp32 if silent)
+    log_every: int = 10  # steps between log lines / monitor events
+    eval_every: int | None = None  # steps between evaluations (None = only at the end)
+    checkpoint_every: int | None = None  # steps between checkpoints (None = only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: str | None = None  # "latest" or a checkpoint directory
+    zero_stage: int | None = None  # ZeRO stage when no --deepspeed_config is given (default 2)
+    max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during and after training."""
+
+    zeroshot_shards: str | None = None  # shards with .cls labels
+    classnames: str | None = field(default=None, metadata=PATH)  # one class name per line
+    templates: str | None = field(default=None, metadata=PATH)  # JSON list of templates with {}
+    retrieval_shards: str | None = None  # shards with captions
+    batch_size: int = 256
+
+
+@dataclass
 class RunConfig:
     """A whole run. Only `model` is required."""
 
@@ -99,6 +147,9 @@ class RunConfig:
     objectives: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})  # weighted sum of losses
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"  # checkpoints, logs and the resolved config go here
     seed: int = 0  # seeds model init, data order and augmentation
 
