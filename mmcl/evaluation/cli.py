@@ -1,0 +1,309 @@
+"""Command-line evaluation: zero-shot classification, retrieval, kNN and linear probes.
+
+Each command loads one model (an mmcl model directory or an open_clip architecture with
+local weights), reads the data (shards, a saved `datasets` dataset, or an image folder),
+prints a table and, with --output, writes CLIP_benchmark's JSON layout:
+    {"dataset", "model", "pretrained", "task", "metrics": {...}, "language": "en", ...}
+Under torchrun (WORLD_SIZE > 1) the images are split over the ranks and rank 0 reports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mmcl.evaluation.prompts import builtin_prompt_sets, load_builtin, read_list_file
+
+BUILTIN_HELP = (
+    "Built-in prompt sets (mmcl/evaluation/prompts/*.json): " + ", ".join(builtin_prompt_sets()) +
+    ". Templates hold the class name as {c} or {}."
+)
+
+
+# ----------------------------------------------------------------------------- shared options
+
+
+def _parser(description: str, task: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, epilog=BUILTIN_HELP if task == "zeroshot_classification" else None)
+    model = parser.add_argument_group("model (exactly one)")
+    model.add_argument("--model", metavar="DIR", help="mmcl model directory (config.yaml + model.safetensors [+ tokenizer/])")
+    model.add_argument("--openclip-model", metavar="NAME", help="open_clip architecture name, e.g. ViT-B-32")
+    model.add_argument("--openclip-weights", metavar="FILE", help="local open_clip weights (.pt/.bin/.safetensors); omit for random init")
+    model.add_argument("--openclip-config", metavar="JSON", help="extra open_clip model config file to register (name = file stem)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (default 2)")
+    parser.add_argument("--split", default=None, help="split of a saved `datasets` DatasetDict (default: test/validation)")
+    parser.add_argument("--dataset-name", default=None, help="name written as 'dataset' in the JSON (default: from the data path)")
+    parser.add_argument("--output", metavar="FILE", default=None,
+                        help="write the JSON here; may use {dataset}, {model}, {pretrained}, {task}, {language}")
+    return parser
+
+
+def _setup_distributed(device_arg: str | None) -> torch.device:
+    """Join the torchrun process group if there is one; pick this rank's device."""
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg is None:
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if world_size > 1 else 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _model(args: argparse.Namespace, device: torch.device):
+    from mmcl.evaluation.loading import load_eval_model
+
+    return load_eval_model(args.model, args.openclip_model, args.openclip_weights, args.openclip_config, device)
+
+
+def _dataset_name(args: argparse.Namespace, data: str) -> str:
+    if args.dataset_name:
+        return args.dataset_name
+    path = Path(data.split("::")[0])
+    return (path if path.is_dir() else path.parent).name or str(path)
+
+
+def _report(args: argparse.Namespace, task: str, dataset: str, model, metrics: dict, extra: dict | None = None) -> dict:
+    """Print a table and write the JSON (rank 0 only). Returns the result dict."""
+    from mmcl.distributed import get_rank
+
+    result = {"dataset": dataset, "model": model.name, "pretrained": model.pretrained, "task": task,
+              "metrics": metrics, "language": "en", **(extra or {})}
+    if get_rank() != 0:
+        return result
+    print(format_table(result))
+    if args.output:
+        path = Path(args.output.format(dataset=dataset, model=model.name, task=task, language="en",
+                                       pretrained=Path(model.pretrained).name.replace("/", "_")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A readable two-column table of a result's metrics."""
+    rows = [(k, v) for k, v in result["metrics"].items() if not isinstance(v, list)]
+    width = max([len(k) for k, _ in rows] + [6])
+    lines = [f"{result['task']}  dataset={result['dataset']}  model={result['model']}  pretrained={result['pretrained']}",
+             f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows]
+    for key in ("num_samples", "num_train", "num_test", "num_captions"):
+        if key in result:
+            lines.append(f"{key:<{width}}  {result[key]}")
+    if result.get("skipped"):
+        lines.append(f"skipped samples: {result['skipped']}")
+    return "\n".join(lines)
+
+
+def _main(run: Callable[[list[str] | None], Any], argv: list[str] | None) -> int:
+    """Run a command; user errors become one line on stderr and exit status 2."""
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _resolve_list(value: str | None, what: str) -> Any:
+    """A built-in set's classnames/templates, or a user file's; None when not given."""
+    if value is None:
+        return None
+    if Path(value).exists():
+        return read_list_file(value, what)
+    if value in builtin_prompt_sets():
+        classnames, templates = load_builtin(value)
+        return classnames if what == "classnames" else templates
+    raise FileNotFoundError(f"--{what} '{value}' is neither a file nor a built-in set ({', '.join(builtin_prompt_sets())}).")
+
+
+def _skipped(*loaders) -> dict:
+    """Undecodable samples by reason, summed over loaders and ranks."""
+    total: dict[str, int] = {}
+    for loader in loaders:
+        for reason, count in loader.skipped.items():
+            total[reason] = total.get(reason, 0) + count
+    return _sum_over_ranks(total)
+
+
+def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Sum skip counters over ranks (all_gather_object: a handful of small dicts)."""
+    import torch.distributed as dist
+
+    from mmcl.distributed import get_world_size
+
+    if get_world_size() == 1:
+        return counts
+    parts: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(parts, counts)
+    total: dict[str, int] = {}
+    for part in parts:
+        for reason, count in part.items():
+            total[reason] = total.get(reason, 0) + count
+    return total
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def run_zeroshot(argv: list[str] | None = None) -> dict:
+    parser = _parser("Zero-shot classification (CLIP_benchmark 'zeroshot_classification').", "zeroshot_classification")
+    parser.add_argument("--data", required=True, help="labelled data: shards with .cls, a saved `datasets` dir, or an image folder")
+    parser.add_argument("--prompts", default=None, help=f"built-in set for both class names and templates ({', '.join(builtin_prompt_sets())})")
+    parser.add_argument("--classnames", default=None, help="built-in set name or FILE (.txt one per line, or .json list)")
+    parser.add_argument("--templates", default=None,
+                        help="built-in set name or FILE (.txt/.json list with {c}, or .json {classname: [prompts]} CuPL-style)")
+    parser.add_argument("--text-batch-size", type=int, default=256, help="prompts per text-encoder batch (default 256)")
+    parser.add_argument("--confusion", action="store_true", help="add the confusion matrix to the JSON metrics")
+    args = parser.parse_args(argv)
+
+    from mmcl.evaluation.data import build_eval_loader
+    from mmcl.evaluation.features import extract_features
+    from mmcl.evaluation.zeroshot import build_zeroshot_classifier, evaluate_zeroshot
+
+    device = _setup_distributed(args.device)
+    model = _model(args, device)
+    loader = build_eval_loader(args.data, model.transform, args.batch_size, args.workers, args.split)
+    classnames, templates = (load_builtin(args.prompts) if args.prompts else (None, None))
+    classnames = _resolve_list(args.classnames, "classnames") or classnames or loader.classnames
+    templates = _resolve_list(args.templates, "templates") or templates or loader.templates
+    if classnames is None:
+        raise ValueError("no class names: pass --classnames FILE or a built-in set with --prompts, or put classnames.txt beside the shards.")
+    if templates is None:
+        templates = ["a photo of a {c}."]
+        print("no templates given; using 'a photo of a {c}.'", file=sys.stderr)
+    classifier = build_zeroshot_classifier(model.encode_text, classnames, templates, args.text_batch_size)
+    images = extract_features(loader, model.encode_image, device=device, desc="images")
+    if "label" not in images:
+        raise ValueError(f"{args.data} has no class labels (.cls / label column); zero-shot classification needs them.")
+    metrics = evaluate_zeroshot(images["features"], images["label"], classifier, args.confusion)
+    dataset = args.dataset_name or args.prompts or _dataset_name(args, args.data)
+    extra = {"num_samples": int(images["features"].shape[0]), "skipped": _skipped(loader)}
+    return _report(args, "zeroshot_classification", dataset, model, metrics, extra)
+
+
+def run_retrieval(argv: list[str] | None = None) -> dict:
+    parser = _parser("Zero-shot image-text retrieval (CLIP_benchmark 'zeroshot_retrieval').", "zeroshot_retrieval")
+    parser.add_argument("--data", required=True, help="image-caption data: shards with .txt (one caption or a JSON list), or a saved `datasets` dir")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall@k values (default 1 5 10)")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="queries per score block (memory bound; default 1024)")
+    args = parser.parse_args(argv)
+
+    from mmcl.evaluation.data import build_eval_loader
+    from mmcl.evaluation.retrieval import encode_retrieval_data, retrieval_metrics
+
+    device = _setup_distributed(args.device)
+    model = _model(args, device)
+    loader = build_eval_loader(args.data, model.transform, args.batch_size, args.workers, args.split)
+    data = encode_retrieval_data(loader, model.encode_image, model.encode_text, device)
+    metrics = retrieval_metrics(
+        data["image_features"].to(device), data["text_features"].to(device), data["text_to_image"], args.ks,
+        query_chunk=args.chunk_size, item_chunk=max(args.chunk_size, 16384),
+    )
+    extra = {"num_samples": int(data["image_features"].shape[0]), "num_captions": int(data["text_features"].shape[0]),
+             "skipped": _skipped(loader)}
+    return _report(args, "zeroshot_retrieval", _dataset_name(args, args.data), model, metrics, extra)
+
+
+def _train_test_parser(description: str, task: str) -> argparse.ArgumentParser:
+    parser = _parser(description, task)
+    parser.add_argument("--train-data", required=True, help="labelled training data (shards with .cls, `datasets` dir, or image folder)")
+    parser.add_argument("--test-data", required=True, help="labelled test data, same forms")
+    parser.add_argument("--confusion", action="store_true", help="add the confusion matrix to the JSON metrics")
+    return parser
+
+
+def _labelled_features(args, model, device, source: str, desc: str):
+    from mmcl.evaluation.data import build_eval_loader
+    from mmcl.evaluation.features import extract_features
+
+    loader = build_eval_loader(source, model.transform, args.batch_size, args.workers, args.split)
+    out = extract_features(loader, model.encode_image, device=device, desc=desc)
+    if "label" not in out:
+        raise ValueError(f"{source} has no class labels (.cls / label column).")
+    return out, loader
+
+
+def run_knn(argv: list[str] | None = None) -> dict:
+    parser = _train_test_parser("Weighted kNN classification on frozen image features (solo-learn style).", "knn")
+    parser.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos / T) (default 0.07)")
+    args = parser.parse_args(argv)
+
+    from mmcl.evaluation.knn import evaluate_knn
+
+    device = _setup_distributed(args.device)
+    model = _model(args, device)
+    train, train_loader = _labelled_features(args, model, device, args.train_data, "train images")
+    test, test_loader = _labelled_features(args, model, device, args.test_data, "test images")
+    metrics = evaluate_knn(train["features"].to(device), train["label"], test["features"].to(device), test["label"],
+                           k=args.k, temperature=args.temperature, with_confusion=args.confusion)
+    extra = {"num_train": int(train["features"].shape[0]), "num_test": int(test["features"].shape[0]),
+             "k": args.k, "temperature": args.temperature, "skipped": _skipped(train_loader, test_loader)}
+    return _report(args, "knn", _dataset_name(args, args.test_data), model, metrics, extra)
+
+
+def run_linear_probe(argv: list[str] | None = None) -> dict:
+    parser = _train_test_parser("Linear probe (logistic regression, C chosen on a validation split) on frozen image features.", "linear_probe")
+    parser.add_argument("--val-data", default=None, help="labelled validation data; default: --val-fraction of the training data")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of the training data held out to pick C (default 0.2)")
+    parser.add_argument("--cs", type=float, nargs="+", default=None, help="inverse regularisation strengths to try (default 0.01 ... 1000)")
+    parser.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split (default 0)")
+    args = parser.parse_args(argv)
+
+    from mmcl.distributed import get_rank
+    from mmcl.evaluation.linear_probe import DEFAULT_CS, evaluate_linear_probe
+
+    device = _setup_distributed(args.device)
+    model = _model(args, device)
+    train, train_loader = _labelled_features(args, model, device, args.train_data, "train images")
+    test, test_loader = _labelled_features(args, model, device, args.test_data, "test images")
+    loaders = [train_loader, test_loader]
+    val = {"features": None, "label": None}
+    if args.val_data:
+        val, val_loader = _labelled_features(args, model, device, args.val_data, "val images")
+        loaders.append(val_loader)
+    skipped = _skipped(*loaders)
+    if get_rank() != 0:  # the fit is single-process (scikit-learn); other ranks are done
+        return {}
+    metrics = evaluate_linear_probe(train["features"], train["label"], test["features"], test["label"],
+                                    val["features"], val["label"], cs=args.cs or DEFAULT_CS,
+                                    val_fraction=args.val_fraction, seed=args.seed, max_iter=args.max_iter,
+                                    with_confusion=args.confusion)
+    extra = {"num_train": int(train["features"].shape[0]), "num_test": int(test["features"].shape[0]), "skipped": skipped}
+    return _report(args, "linear_probe", _dataset_name(args, args.test_data), model, metrics, extra)
+
+
+def zeroshot_main(argv: Sequence[str] | None = None) -> int:
+    """`mmcl-zeroshot`: zero-shot classification."""
+    return _main(run_zeroshot, list(argv) if argv is not None else None)
+
+
+def retrieval_main(argv: Sequence[str] | None = None) -> int:
+    """`mmcl-retrieval`: image-text retrieval recall@k."""
+    return _main(run_retrieval, list(argv) if argv is not None else None)
+
+
+def knn_main(argv: Sequence[str] | None = None) -> int:
+    """`mmcl-knn`: kNN classification on frozen image features."""
+    return _main(run_knn, list(argv) if argv is not None else None)
+
+
+def linear_probe_main(argv: Sequence[str] | None = None) -> int:
+    """`mmcl-linear-probe`: logistic-regression probe on frozen image features."""
+    return _main(run_linear_probe, list(argv) if argv is not None else None)

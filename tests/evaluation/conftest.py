@@ -1,0 +1,1 @@
+from eval_helpers import tiny_openclip  # noqa: F401  (fixture)
