@@ -1,0 +1,398 @@
+"""Train and eval loaders over WebDataset shards, with exact, resumable stream state.
+
+    loader = build_train_loader(cfg.data, tokenizer, context_length=77, batch_size=256, seed=cfg.seed)
+    loader.load_state_dict(saved)              # optional: resume (this rank's state)
+    total_steps = loader.steps_per_epoch * epochs
+    while loader.epoch < epochs:
+        for batch in loader:                   # one epoch (the rest of it after a resume)
+            ...                                # pixel_values, input_ids, attention_mask, keys[, labels, views]
+            saved = loader.state_dict()        # with every checkpoint, one per rank
+            log(loader.skip_counts())          # {reason: count}, cumulative on this rank
+
+Design (pipeline.py has one worker's stream, shards.py the data split):
+
+- Every batch is a deterministic function of (seed, epoch, rank, worker, position in the
+  worker's stream): shard order, shard draws, shuffle buffers, caption choice, augmentation.
+- Epoch mode splits each epoch exactly over the `world_size * num_workers` consumers (equal
+  contiguous index ranges with `sizes.json`, else whole shards, else samples within shards);
+  resampled mode draws shards with replacement per consumer, `samples_per_epoch` per epoch.
+- The DataLoader hands out work round-robin over its workers and skips finished ones, so the
+  sequence of batches a rank sees is fixed by the workers' batch sequences. Each batch carries
+  its worker's position; the loader keeps, per worker, the position after the last batch the
+  trainer received, the worker due next, and the skip counts: that is `state_dict()`.
+- Resume: a fresh DataLoader whose worker `i` plays logical worker `(i + next) % W`, each
+  fast-forwarded to its saved position without decoding (local shards: tar headers only).
+  The next batches equal those of an uninterrupted run, with any `num_workers` (the same value
+  as when the state was saved: the data split depends on it). The DataLoader gets its own
+  torch generator, and in-process loading restores the RNG it touches, so the trainer's RNG
+  streams are not disturbed either.
+
+Equal steps per rank. Ranks must run the same number of steps (collectives), so by default each
+worker yields a fixed quota of full batches per epoch: `steps_per_epoch = total // (batch_size *
+world_size)` split over the workers, with `total = samples_per_epoch` in resampled mode and
+the shard sizes (`sizes.json`, else `data.samples_per_epoch`) in epoch mode. Leftover samples
+(fewer than a batch per worker) are not seen that epoch; a worker that runs short (bad samples,
+missing shards) tops up with repeated samples of the epoch (`repeated_samples()`). With
+`exhaust=True` (coverage, evaluation) every sample is yielded exactly once and each worker's
+last batch may be partial; ranks may then see different numbers of batches.
+
+Skips (`samples.SKIP_REASONS`): missing_image, missing_caption, empty_caption,
+bad_caption_encoding, bad_label, corrupt_image, image_too_large, transform_error (per sample)
+and unreadable_shard, truncated_shard (per shard event). Nothing is raised for bad data; an
+epoch without a single usable sample raises `NoDataError` naming the counts.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..distributed import get_rank, get_world_size
+from .pipeline import StreamConfig, WorkerState, worker_batches
+from .samples import SampleSpec
+from .shards import expand_shards, read_shard_sizes, split_evenly
+from .tokenize import CaptionTokenizer
+from .transforms import CLIP_MEAN, CLIP_STD, clip_eval_transform, clip_train_transform
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class NoDataError(RuntimeError):
+    """The pipeline produced no usable sample in a whole epoch."""
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to their rank, which finishes its step, saves and stops them.
+
+    A launcher signals the whole process tree; a worker dying first would make the rank's
+    next batch fetch raise instead of letting it save.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _EpochDataset(IterableDataset):
+    """The DataLoader's view: each worker runs its logical worker's stream for one epoch."""
+
+    def __init__(self, cfg: StreamConfig, epoch: int, starts: list[WorkerState], rotation: int):
+        super().__init__()
+        self.cfg, self.epoch, self.starts, self.rotation = cfg, epoch, starts, rotation
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (physical + self.rotation) % self.cfg.workers_per_rank
+        return worker_batches(self.cfg, self.epoch, logical, self.starts[logical])
+
+
+class ShardLoader:
+    """Iterate one epoch per `for` loop; `state_dict()` / `load_state_dict()` resume exactly.
+
+    steps_per_epoch: batches per epoch on this rank (the same on every rank), or None when it
+    is only known at the end (exhaust mode, or epoch mode without sizes on one rank).
+    """
+
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        steps_per_epoch: int | None,
+        train: bool = True,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ):
+        self.cfg = cfg
+        self.steps_per_epoch = steps_per_epoch
+        self.train = train
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.epoch = 0
+        self._finished_skips: dict[str, int] = {}
+        self._finished_repeated = 0
+        self._reset_position()
+
+    # ------------------------------------------------------------------ iteration
+
+    def _reset_position(self) -> None:
+        self._workers = [WorkerState() for _ in range(self.cfg.workers_per_rank)]
+        self._next_worker = 0
+        self._batches_in_epoch = 0
+
+    def __len__(self) -> int:
+        if self.steps_per_epoch is None:
+            raise TypeError("this loader's epoch length is unknown (no shard sizes); iterate to the end instead")
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch
+        dataset = _EpochDataset(self.cfg, epoch, [WorkerState.from_dict(w.to_dict()) for w in self._workers],
+                                self._next_worker)
+        if self.cfg.num_workers == 0:
+            source: Any = iter(dataset)
+        else:
+            # Own generator: the DataLoader draws its workers' base seed from it, which would
+            # otherwise advance the trainer's global torch RNG (and make a resumed run differ).
+            source = iter(DataLoader(
+                dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch_factor, persistent_workers=False,  # in order (the default)
+                generator=torch.Generator().manual_seed(self.cfg.seed), worker_init_fn=_ignore_stop_signals,
+            ))
+        try:
+            for item in source:
+                meta = item.pop("_meta")
+                self._workers[meta["worker"]] = WorkerState(meta["cursor"], meta["batches"], meta["skips"], meta["repeated"])
+                self._next_worker = (meta["worker"] + 1) % self.cfg.workers_per_rank
+                if not meta["data"]:
+                    continue
+                self._batches_in_epoch += 1
+                if self.steps_per_epoch is not None and self._batches_in_epoch >= self.steps_per_epoch:
+                    self._finish_epoch()  # before the yield, so a state saved after this batch says "next epoch"
+                    yield item
+                    return
+                yield item
+        finally:
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        if self._batches_in_epoch == 0 and self.train:
+            raise NoDataError(
+                f"the training data gave no usable sample in epoch {epoch} on rank {self.cfg.rank} "
+                f"(skipped so far: {self.skip_counts() or 'nothing'}); check data.train_shards and the shards' contents."
+            )
+        if self.steps_per_epoch is not None and self._batches_in_epoch < self.steps_per_epoch:
+            log.warning("rank %d: epoch %d ended after %d of %d batches: too little usable data",
+                        self.cfg.rank, epoch, self._batches_in_epoch, self.steps_per_epoch)
+        self._finish_epoch()
+
+    def _finish_epoch(self) -> None:
+        for worker in self._workers:
+            for reason, n in worker.skips.items():
+                self._finished_skips[reason] = self._finished_skips.get(reason, 0) + n
+            self._finished_repeated += worker.repeated
+        if self.train:
+            self.epoch += 1
+        self._reset_position()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning on the next iteration."""
+        self.epoch = int(epoch)
+        self._reset_position()
+
+    # ------------------------------------------------------------------ counters
+
+    def skip_counts(self) -> dict[str, int]:
+        """Cumulative skipped samples/events by reason on this rank, as of the last batch received."""
+        totals = dict(self._finished_skips)
+        for worker in self._workers:
+            for reason, n in worker.skips.items():
+                totals[reason] = totals.get(reason, 0) + n
+        return {reason: n for reason, n in sorted(totals.items()) if n}
+
+    def repeated_samples(self) -> int:
+        """Samples delivered a second time within an epoch to keep steps equal across ranks."""
+        return self._finished_repeated + sum(w.repeated for w in self._workers)
+
+    # ------------------------------------------------------------------ state
+
+    def _identity(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"resampled": cfg.resampled, "seed": cfg.seed, "rank": cfg.rank, "world_size": cfg.world_size,
+                "num_workers": cfg.workers_per_rank, "batch_size": cfg.batch_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state of this rank's stream (each rank saves its own)."""
+        return {
+            "version": STATE_VERSION,
+            **self._identity(),
+            "epoch": self.epoch,
+            "batches_in_epoch": self._batches_in_epoch,
+            "next_worker": self._next_worker,
+            "workers": [w.to_dict() for w in self._workers],
+            "finished_skips": dict(self._finished_skips),
+            "finished_repeated": self._finished_repeated,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Continue exactly where `state` was saved.
+
+        The stream layout must match (seed, mode, rank, world size, workers, batch size). With a
+        mismatch, `strict=True` raises ValueError; `strict=False` logs a warning and starts the
+        epoch after the saved one from its beginning (no sample of it repeats; the rest of the
+        interrupted epoch is skipped).
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {state.get('version')} is not {STATE_VERSION}")
+        self._finished_skips = {k: int(v) for k, v in state["finished_skips"].items()}
+        self._finished_repeated = int(state.get("finished_repeated", 0))
+        mismatched = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        if mismatched:
+            details = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in mismatched.items())
+            if strict:
+                raise ValueError(
+                    f"cannot resume the data stream exactly ({details}); use the saved values, "
+                    "or load with strict=False to restart at the next epoch."
+                )
+            log.warning("data stream changed (%s): resuming at the start of epoch %d", details, state["epoch"] + 1)
+            self.set_epoch(int(state["epoch"]) + 1)
+            return
+        self.epoch = int(state["epoch"])
+        self._batches_in_epoch = int(state["batches_in_epoch"])
+        self._next_worker = int(state["next_worker"])
+        self._workers = [WorkerState.from_dict(w) for w in state["workers"]]
+
+
+# ---------------------------------------------------------------------------- builders
+
+
+def _mean_std(explicit: Sequence[float] | None, fallback: Sequence[float] | None, default: Sequence[float]) -> tuple:
+    values = explicit if explicit is not None else fallback if fallback is not None else default
+    return tuple(float(v) for v in values)
+
+
+def build_train_loader(
+    data_cfg: Any,
+    tokenizer: Callable[..., Any] | None,
+    context_length: int = 77,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    image_transform: Callable | None = None,
+    view_transforms: Sequence[Callable] | None = None,
+    pixel_values: bool = True,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    exhaust: bool = False,
+    caption_key: str = "txt",
+    pin_memory: bool = False,
+) -> ShardLoader:
+    """The training loader for `data_cfg` (a `mmcl.config.DataConfig`).
+
+    tokenizer: `transformers` tokenizer or callable (see tokenize.py); None = image-only shards,
+        batches without input_ids/attention_mask and no caption required.
+    image_transform: uint8 [3,H,W] -> [3,S,S] for `pixel_values`; default CLIP's RandomResizedCrop
+        at `data_cfg.image_size` with `data_cfg.train_crop_scale`. `pixel_values=False` drops it.
+    view_transforms: e.g. two independent SSL augmentations -> batch["views"] = [v1, v2].
+    image_mean / image_std: the image tower's normalisation, used when `data_cfg.image_mean/std`
+        are unset; CLIP's when both are None. Applied to uint8 transform outputs, per batch.
+    exhaust: every sample once per epoch, partial last batches, no equal-steps guarantee.
+    rank / world_size: default to the process group's (single process without one).
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if data_cfg.train_shards is None:
+        raise ValueError("data.train_shards is not set; point it at the training shards, e.g. 'data/{00000..00127}.tar'.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sources = expand_shards(data_cfg.train_shards)
+    urls = [u for s in sources for u in s]
+    if image_transform is None and pixel_values:
+        image_transform = clip_train_transform(data_cfg.image_size, data_cfg.train_crop_scale)
+    if not pixel_values:
+        image_transform = None
+    if image_transform is None and not view_transforms:
+        raise ValueError("the loader needs an image transform or view transforms")
+    workers = max(1, data_cfg.num_workers)
+    global_batch = batch_size * world_size
+    sizes = None if data_cfg.resampled else read_shard_sizes(urls)
+    quotas, steps = None, None
+    drop_last = not exhaust  # training batches are full (all ranks gather the same shapes)
+    if data_cfg.resampled:
+        if data_cfg.samples_per_epoch is None:
+            raise ValueError("data.samples_per_epoch is required with data.resampled: true.")
+        total = data_cfg.samples_per_epoch
+    else:
+        if data_cfg.train_weights is not None:
+            log.warning("data.train_weights only applies with data.resampled: true; epoch mode reads every shard once")
+        total = sum(sizes) if sizes is not None else data_cfg.samples_per_epoch
+    if data_cfg.resampled or not exhaust:
+        if total is None and world_size > 1:
+            raise ValueError(
+                f"epoch mode on {world_size} ranks needs the dataset size to give every rank the same number "
+                f"of steps: put a sizes.json next to the shards of '{data_cfg.train_shards}' or set "
+                "data.samples_per_epoch (or use data.resampled: true)."
+            )
+        if total is not None:  # else one rank without sizes: run to the end of the data, full batches only
+            steps = total // global_batch
+            if steps == 0:
+                raise ValueError(
+                    f"an epoch of {total} samples is smaller than one global batch ({batch_size} x {world_size} ranks); "
+                    "lower the batch size or add data."
+                )
+            quotas = split_evenly(steps, workers)
+    cfg = StreamConfig(
+        sources=sources,
+        weights=list(data_cfg.train_weights) if data_cfg.resampled and data_cfg.train_weights else None,
+        sizes=sizes,
+        resampled=bool(data_cfg.resampled),
+        shuffle=True,
+        shuffle_buffer=int(data_cfg.shuffle_buffer),
+        seed=int(seed),
+        rank=rank,
+        world_size=world_size,
+        num_workers=int(data_cfg.num_workers),
+        batch_size=int(batch_size),
+        quotas=quotas,
+        drop_last=drop_last,
+        sample=SampleSpec(
+            image_transform=image_transform,
+            view_transforms=list(view_transforms) if view_transforms else None,
+            caption_key=caption_key if tokenizer is not None else None,
+            max_pixels=int(data_cfg.max_pixels),
+        ),
+        tokenize=CaptionTokenizer(tokenizer, context_length) if tokenizer is not None else None,
+        mean=_mean_std(data_cfg.image_mean, image_mean, CLIP_MEAN),
+        std=_mean_std(data_cfg.image_std, image_std, CLIP_STD),
+    )
+    return ShardLoader(cfg, steps, train=True, pin_memory=pin_memory)
+
+
+def build_eval_loader(
+    shards: str,
+    tokenizer: Callable[..., Any] | None = None,
+    context_length: int = 77,
+    *,
+    batch_size: int,
+    image_size: int = 224,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    num_workers: int = 0,
+    max_pixels: int = 89_478_485,
+    rank: int | None = None,
+    world_size: int | None = None,
+    transform: Callable | None = None,
+    caption_key: str = "txt",
+    pin_memory: bool = False,
+) -> ShardLoader:
+    """Evaluation loader: shards in listed order, no shuffling, CLIP's eval transform by default.
+
+    Each sample is yielded once across all ranks (rank r gets its share; the last batches may be
+    partial). Batches keep `labels` from `.cls` and, with a tokenizer, `input_ids` /
+    `attention_mask` of the first caption plus `captions` (all captions of each image, for
+    retrieval). Without a tokenizer, captions are not required (classification shards).
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    sources = expand_shards(shards)
+    urls = [u for s in sources for u in s]
+    cfg = StreamConfig(
+        sources=sources, weights=None, sizes=read_shard_sizes(urls), resampled=False, shuffle=False,
+        shuffle_buffer=0, seed=0, rank=rank, world_size=world_size, num_workers=int(num_workers),
+        batch_size=int(batch_size), quotas=None, drop_last=False,
+        sample=SampleSpec(
+            image_transform=transform if transform is not None else clip_eval_transform(image_size),
+            caption_key=caption_key if tokenizer is not None else None,
+            max_pixels=int(max_pixels),
+            all_captions=tokenizer is not None,
+        ),
+        tokenize=CaptionTokenizer(tokenizer, context_length) if tokenizer is not None else None,
+        mean=_mean_std(image_mean, None, CLIP_MEAN),
+        std=_mean_std(image_std, None, CLIP_STD),
+    )
+    return ShardLoader(cfg, None, train=False, pin_memory=pin_memory)

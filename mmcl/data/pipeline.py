@@ -1,0 +1,196 @@
+"""One consumer's batches for one epoch: a pure function of (config, epoch, worker, start state).
+
+A consumer is one DataLoader worker of one rank (`consumer = rank * W + worker`,
+`W = max(1, num_workers)`). Its stream, for epoch `e`:
+
+    epoch mode:      shards in epoch order (seeded by seed, e; the same on every rank)
+                     -> this consumer's pieces (shards.assign_pieces) -> sample shuffle buffer
+                     [-> fill: whole shards of the epoch, cycling, when a quota is set]
+    resampled mode:  shards drawn with replacement (seeded by seed, e, consumer) -> shuffle buffer
+
+    -> position p = number of raw samples taken so far
+    -> decode + transform, with every random choice seeded by (seed, e, consumer, p)
+    -> batches of `batch_size` good samples, each carrying `_meta` (worker, cursor = p after the
+       batch, batches so far, cumulative skip counts) for the loader's state.
+
+Bad samples are skipped and counted by reason. A consumer stops at its quota (batches per
+epoch), when its data ends, or — for the infinite streams — when nothing usable comes out any
+more: a whole fill cycle without a good sample, or `resample_patience(shards)` shard draws in a
+row without one (with a single good shard among them that has probability < e^-10).
+
+Resume: `start.cursor` raw samples are taken from the stream without decoding, which puts
+shard readers and the shuffle buffer in exactly the state they had; counters restart from
+`start` instead of being recounted. For seekable (local) shards only tar headers are read while
+fast-forwarding; the few samples still in the shuffle buffer afterwards load their bytes on
+use. Non-seekable streams (pipe:, http) are re-read, still without decoding.
+
+Fill: with a quota (equal steps per rank), a consumer whose own samples run short — the
+quota is rounded up, or samples were bad, or a shard is missing — continues with the epoch's
+shards read whole from a consumer-specific offset. Those repeated samples are counted in
+`repeated`; their skips are not counted again (each shard's owner already counted them).
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch.utils.data import get_worker_info
+
+from .decode import BadSample
+from .samples import Sample, SampleSpec, collate, decode_sample
+from .shards import assign_pieces, derive_seed
+from .stream import (
+    CYCLE_END,
+    StreamContext,
+    fill_source,
+    materialize,
+    pieces_source,
+    resample_patience,
+    resampled_source,
+    shuffled,
+)
+from .tokenize import CaptionTokenizer
+
+
+@dataclass
+class StreamConfig:
+    """Everything a consumer needs; fixed for the lifetime of a loader (pickled into workers)."""
+
+    sources: list[list[str]]  # shard URLs per `::` source
+    weights: list[float] | None  # per source, resampled mode
+    sizes: list[int] | None  # per shard of the flattened sources; None = unknown
+    resampled: bool
+    shuffle: bool  # shard order per epoch + sample buffer
+    shuffle_buffer: int
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int
+    batch_size: int
+    quotas: list[int] | None  # batches per worker per epoch; None = until the data ends
+    drop_last: bool  # without quotas: drop each worker's final partial batch
+    sample: SampleSpec
+    tokenize: CaptionTokenizer | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def workers_per_rank(self) -> int:
+        return max(1, self.num_workers)
+
+    @property
+    def urls(self) -> list[str]:
+        return [url for urls in self.sources for url in urls]
+
+
+@dataclass
+class WorkerState:
+    """Where one worker is within the epoch, as of the last batch the trainer received from it."""
+
+    cursor: int = 0  # raw samples taken from the worker's stream
+    batches: int = 0  # batches produced this epoch
+    skips: dict[str, int] = field(default_factory=dict)  # cumulative this epoch
+    repeated: int = 0  # fill samples delivered this epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorkerState:
+        return cls(int(data["cursor"]), int(data["batches"]), dict(data["skips"]), int(data.get("repeated", 0)))
+
+
+def raw_stream(cfg: StreamConfig, epoch: int, worker: int, context: StreamContext) -> Iterator[Any]:
+    """The consumer's raw samples for the epoch (plus CYCLE_END markers in the fill part)."""
+    consumer = cfg.rank * cfg.workers_per_rank + worker
+    buffer_rng = random.Random(derive_seed(cfg.seed, "sample-order", epoch, consumer))
+    buffer = cfg.shuffle_buffer if cfg.shuffle else 0
+    if cfg.resampled:
+        shard_rng = random.Random(derive_seed(cfg.seed, "resample", epoch, consumer))
+        return shuffled(resampled_source(cfg.sources, cfg.weights, shard_rng, context), buffer, buffer_rng)
+    urls, sizes = cfg.urls, cfg.sizes
+    order = list(range(len(urls)))
+    if cfg.shuffle:
+        random.Random(derive_seed(cfg.seed, "shard-order", epoch)).shuffle(order)
+    ordered = [urls[i] for i in order]
+    num_consumers = cfg.world_size * cfg.workers_per_rank
+    pieces = assign_pieces(ordered, [sizes[i] for i in order] if sizes is not None else None, consumer, num_consumers)
+    own = shuffled(pieces_source(pieces, context), buffer, buffer_rng)
+    if cfg.quotas is None:
+        return own
+    return itertools.chain(own, fill_source(ordered, consumer * len(ordered) // num_consumers, context))
+
+
+def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerState) -> Iterator[dict[str, Any]]:
+    """Batches of logical worker `worker` for `epoch`, continuing from `start`.
+
+    Yields batch dicts (see samples.collate) with an extra `_meta` entry; a final item holding
+    only `_meta` reports skips that happened after the last batch.
+    """
+    consumer = cfg.rank * cfg.workers_per_rank + worker
+    quota = cfg.quotas[worker] if cfg.quotas is not None else None
+    if quota is not None and start.batches >= quota:
+        return
+    context = StreamContext(start.skips)
+    context.fast_forward = True
+    items = iter(raw_stream(cfg, epoch, worker, context))
+    position = 0
+    while position < start.cursor:  # fast-forward: no decoding
+        item = next(items, None)
+        if item is None:
+            break
+        if item is not CYCLE_END:
+            position += 1
+    context.fast_forward = False
+    restore_rng = get_worker_info() is None  # main process: leave the trainer's RNG state alone
+    batches, repeated = start.batches, start.repeated
+    pending: list[Sample] = []
+    reported = (context.snapshot(), repeated)
+    good_this_cycle = True  # optimistic after a fast-forward: the guards only need to trip eventually
+    last_good_draw, patience = None, resample_patience(len(cfg.urls))
+
+    def meta(has_data: bool) -> dict[str, Any]:
+        return {"worker": worker, "epoch": epoch, "cursor": position, "batches": batches,
+                "skips": context.snapshot(), "repeated": repeated, "data": has_data}
+
+    for item in items:
+        if item is CYCLE_END:
+            if not good_this_cycle:
+                break  # a whole pass over the data gave nothing usable
+            good_this_cycle = False
+            continue
+        seed = derive_seed(cfg.seed, "sample", epoch, consumer, position)
+        position += 1
+        fill, draw = item.get("__fill__", False), item.get("__draw__")
+        if last_good_draw is None:
+            last_good_draw = draw
+        try:
+            sample = decode_sample(materialize(item), cfg.sample, seed, restore_rng)
+        except BadSample as error:
+            if not fill:
+                context.add(error.reason)
+            if draw is not None and draw - last_good_draw >= patience:
+                break  # resampling keeps drawing shards with nothing usable in them
+            continue
+        good_this_cycle, last_good_draw = True, draw
+        repeated += int(fill)
+        pending.append(sample)
+        if len(pending) == cfg.batch_size:
+            batches += 1
+            batch = collate(pending, cfg.tokenize, cfg.mean, cfg.std)
+            batch["_meta"] = meta(True)
+            reported = (context.snapshot(), repeated)
+            pending = []
+            yield batch
+            if quota is not None and batches >= quota:
+                return
+    if pending and not cfg.drop_last:
+        batches += 1
+        batch = collate(pending, cfg.tokenize, cfg.mean, cfg.std)
+        batch["_meta"] = meta(True)
+        yield batch
+    elif (context.snapshot(), repeated) != reported:
+        yield {"_meta": meta(False)}

@@ -1,0 +1,253 @@
+"""From a raw sample (bytes) to tensors, and from a list of samples to a batch.
+
+Order of work per sample, cheapest checks first so bad samples cost little: image present,
+caption decoded (UTF-8, one of a JSON list chosen by the sample's seed), label parsed, image
+header checked against `max_pixels`, image decoded, transforms applied.
+
+Image decoding returns RGB `uint8 [3, H, W]`: plain RGB/grey JPEGs go through
+`torchvision.io.decode_jpeg` (libjpeg-turbo straight into a tensor); large JPEGs whose
+transforms allow it are decoded at reduced size through PIL's draft mode; everything else
+(PNG, WebP, CMYK, palette, alpha, 16-bit, or anything the fast path refuses) goes through
+`decode.decode_image`, which also classifies failures.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from .decode import IMAGE_EXTENSIONS, BadSample, decode_caption, decode_image
+from .transforms import normalize_uint8
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = (
+    "missing_image",
+    "missing_caption",
+    "empty_caption",
+    "bad_caption_encoding",
+    "bad_label",
+    "corrupt_image",
+    "image_too_large",
+    "transform_error",
+    "unreadable_shard",
+    "truncated_shard",
+)
+
+
+@dataclass
+class SampleSpec:
+    """What to make of each raw sample.
+
+    image_transform: uint8 [3,H,W] -> [3,S,S] for `pixel_values` (None: no pixel_values).
+    view_transforms: transforms for `views` (e.g. two SimCLR augmentations), or None.
+    caption_key: tar extension holding the caption ("txt"); None = image-only, no caption needed.
+    all_captions: keep every caption of a JSON list (evaluation) in `captions`.
+    """
+
+    image_transform: Callable[[Tensor], Tensor] | None
+    view_transforms: Sequence[Callable[[Tensor], Tensor]] | None = None
+    caption_key: str | None = "txt"
+    max_pixels: int = 89_478_485
+    all_captions: bool = False
+
+
+@dataclass
+class Sample:
+    key: str
+    image: Tensor | None
+    views: list[Tensor] | None
+    caption: str | None
+    captions: list[str] | None
+    label: int | None
+
+
+@contextmanager
+def seeded_rngs(seed: int, restore: bool):
+    """Seed torch's CPU generator and `random` for one sample; restore them afterwards when
+    `restore` (in the main process, so the trainer's own RNG streams are left untouched)."""
+    if restore:
+        torch_state, py_state = torch.default_generator.get_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        if restore:
+            torch.default_generator.set_state(torch_state)
+            random.setstate(py_state)
+
+
+def _transforms(spec: SampleSpec) -> list[Callable]:
+    found = [spec.image_transform] if spec.image_transform is not None else []
+    return found + list(spec.view_transforms or [])
+
+
+def decode_image_tensor(
+    data: bytes, max_pixels: int, max_reduction: Callable[[int, int], int] | None = None
+) -> Tensor:
+    """Image bytes -> RGB uint8 [3, H', W'].
+
+    [H', W'] is the full size, or ceil(H/k), ceil(W/k) for a JPEG when
+    `max_reduction(W, H) >= k`, k in 2, 4, 8. Raises `BadSample` like `decode_image`.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            header = Image.open(io.BytesIO(data))
+        width, height = header.size
+        fmt, mode = header.format, header.mode
+    except Image.DecompressionBombError as error:
+        raise BadSample("image_too_large", str(error)) from error
+    except Exception as error:
+        raise BadSample("corrupt_image", f"{type(error).__name__}: {error}") from error
+    if width * height > max_pixels:
+        raise BadSample("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+    allowed = max_reduction(width, height) if max_reduction is not None and fmt == "JPEG" else 1
+    factor = 8 if allowed >= 8 else 4 if allowed >= 4 else 2 if allowed >= 2 else 1
+    if fmt == "JPEG" and factor > 1:
+        image = decode_image(data, max_pixels, draft_size=(width // factor, height // factor))
+        return _pil_to_tensor(image)
+    # The EOI check keeps truncated files away from libjpeg, which would pad them with grey.
+    if fmt == "JPEG" and mode in ("RGB", "L") and data[-2:] == b"\xff\xd9":
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # let PIL decide (and classify the failure)
+    return _pil_to_tensor(decode_image(data, max_pixels))
+
+
+def _pil_to_tensor(image: Image.Image) -> Tensor:
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng: bool) -> Sample:
+    """Raw sample -> Sample, or raise `BadSample(reason)`. `seed` drives caption choice and augmentation."""
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if image_ext is None:
+        raise BadSample("missing_image")
+    caption = captions = None
+    if spec.caption_key is not None:
+        if spec.caption_key not in raw:
+            raise BadSample("missing_caption")
+        caption = decode_caption(raw[spec.caption_key], random.Random(seed))
+        if spec.all_captions:
+            captions = _all_captions(raw[spec.caption_key])
+    label = None
+    if "cls" in raw:
+        try:
+            label = int(raw["cls"].decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError) as error:
+            raise BadSample("bad_label", str(error)) from error
+    try:
+        image = decode_image_tensor(raw[image_ext], spec.max_pixels, _reduction_fn(_transforms(spec)))
+    except BadSample:
+        raise
+    except Exception as error:  # a decoder failure nobody classified: still just a bad image
+        raise BadSample("corrupt_image", f"{type(error).__name__}: {error}") from error
+    with seeded_rngs(seed, restore_rng):
+        try:
+            main = spec.image_transform(image) if spec.image_transform is not None else None
+            views = [t(image) for t in spec.view_transforms] if spec.view_transforms else None
+        except Exception as error:
+            _log_first_transform_error(error)
+            raise BadSample("transform_error", f"{type(error).__name__}: {error}") from error
+    return Sample(str(raw["__key__"]), main, views, caption, captions, label)
+
+
+_transform_error_logged = False
+
+
+def _log_first_transform_error(error: Exception) -> None:
+    # Skipped like any bad sample, but a transform that fails on everything is a bug: show it once.
+    global _transform_error_logged
+    if not _transform_error_logged:
+        _transform_error_logged = True
+        log.warning("an image transform failed; skipping such samples (counted as transform_error)", exc_info=error)
+
+
+def _reduction_fn(transforms: list[Callable]) -> Callable[[int, int], int] | None:
+    """How much every transform lets the decoder shrink a (W, H) image; None if one cannot say."""
+    fns = [getattr(t, "max_reduction", None) for t in transforms]
+    if not fns or any(fn is None for fn in fns):
+        return None
+    return lambda width, height: min(fn(width, height) for fn in fns)
+
+
+def _all_captions(data: bytes) -> list[str]:
+    text = data.decode("utf-8").strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            return [c.strip() for c in json.loads(text) if isinstance(c, str) and c.strip()]
+        except json.JSONDecodeError:
+            pass
+    return [text]
+
+
+def _stack(tensors: list[Tensor], in_worker: bool) -> Tensor:
+    """Stack per-sample images; uint8 stays uint8, float goes to shared memory in a worker."""
+    first = tensors[0]
+    if first.dtype == torch.uint8 or not in_worker:
+        return torch.stack(tensors)
+    return torch.stack(tensors, out=_shared_empty((len(tensors), *first.shape), first.dtype))
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    # Like default_collate: allocate in shared memory so sending it to the main process is free.
+    try:
+        numel = int(np.prod(shape))
+        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+        return torch.empty(0, dtype=dtype).new(storage).view(shape)
+    except (AttributeError, RuntimeError):  # private API moved: the DataLoader copies to shared memory itself
+        return torch.empty(shape, dtype=dtype)
+
+
+def _images(tensors: list[Tensor], mean: Sequence[float], std: Sequence[float], in_worker: bool) -> Tensor:
+    stacked = _stack(tensors, in_worker)
+    if stacked.dtype != torch.uint8:
+        return stacked.float()
+    out = _shared_empty(tuple(stacked.shape), torch.float32) if in_worker else None
+    return normalize_uint8(stacked, mean, std, out=out)
+
+
+def collate(
+    samples: list[Sample],
+    tokenize: Callable[[list[str]], tuple[Tensor, Tensor]] | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> dict[str, Any]:
+    """Samples -> batch dict.
+
+    pixel_values [B,3,S,S] float (when an image transform is set), views: list of [B,3,S,S]
+    float (when view transforms are set), input_ids / attention_mask [B,L] long (when captions
+    are read), labels [B] long (when any sample has `.cls`; -1 where missing), keys: list[str],
+    captions: list[list[str]] (evaluation with all captions).
+    """
+    in_worker = get_worker_info() is not None
+    batch: dict[str, Any] = {"keys": [s.key for s in samples]}
+    if samples[0].image is not None:
+        batch["pixel_values"] = _images([s.image for s in samples], mean, std, in_worker)
+    if samples[0].views is not None:
+        batch["views"] = [
+            _images([s.views[v] for s in samples], mean, std, in_worker) for v in range(len(samples[0].views))
+        ]
+    if tokenize is not None and samples[0].caption is not None:
+        batch["input_ids"], batch["attention_mask"] = tokenize([s.caption for s in samples])
+    if any(s.label is not None for s in samples):
+        batch["labels"] = torch.tensor([-1 if s.label is None else s.label for s in samples], dtype=torch.long)
+    if samples[0].captions is not None:
+        batch["captions"] = [s.captions for s in samples]
+    return batch
