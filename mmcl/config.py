@@ -140,6 +140,16 @@ class EvalConfig:
 
 
 @dataclass
+class PushConfig:
+    """Upload the exported model to the Hugging Face Hub at the end of training (rank 0)."""
+
+    repo_id: str  # "org/name"
+    private: bool = False
+    revision: str | None = None  # branch; None = main
+    commit_message: str | None = None
+
+
+@dataclass
 class RunConfig:
     """A whole run. Only `model` is required."""
 
@@ -150,6 +160,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    push_to_hub: PushConfig | None = None  # export + upload when training ends
     output_dir: str = "runs/default"  # checkpoints, logs and the resolved config go here
     seed: int = 0  # seeds model init, data order and augmentation
 
@@ -309,6 +320,8 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be an integer, got {_describe(value)}.")
         return value
     if annotation is float:
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            return float(value)  # PyYAML reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {_describe(value)}.")
         return float(value)
@@ -319,6 +332,7 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
     raise TypeError(f"config field '{key}' has an unsupported annotation {annotation!r}")  # a bug in this file
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 
 

@@ -1,0 +1,153 @@
+"""Checkpoints that survive a kill at any moment, and exact resume.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    step_00000100/            DeepSpeed's files (any ZeRO stage) + trainer_state_rank{r}.pt
+    step_00000200/
+    latest                    the tag of the newest COMPLETE checkpoint
+
+A checkpoint is written aside under its own tag; only when every rank has finished is
+`latest` switched, by an atomic rename of a fully written temporary file. A kill while
+writing therefore leaves `latest` pointing at the previous good checkpoint, and the
+half-written folder is removed on the next save. Retention deletes older tags only after
+the switch. Per-rank trainer state (data-stream position, RNG states) is loaded with
+`torch.load(weights_only=True)`: nothing is unpickled.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmcl.distributed import get_rank, get_world_size
+
+LATEST = "latest"
+
+
+class ResumeError(ValueError):
+    """The requested checkpoint cannot be resumed from."""
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict[str, Any],
+                    rank_state: dict[str, Any], keep: int) -> Path:
+    """Save engine + trainer state as tag step_{step}; switch `latest`; prune to `keep` tags."""
+    root = checkpoint_root(output_dir)
+    tag = tag_for(step)
+    if get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / tag).exists():  # left over by a kill during an earlier save of this step
+            shutil.rmtree(root / tag)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    state_path = root / tag / f"trainer_state_rank{get_rank()}.pt"
+    temporary = state_path.with_suffix(".tmp")
+    torch.save(rank_state, temporary)
+    os.replace(temporary, state_path)
+    _barrier()
+    if get_rank() == 0:
+        atomic_write_text(root / LATEST, tag)
+        _prune(root, keep, current=tag)
+    _barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in tags[: max(0, len(tags) - max(keep, 1))]:
+        if old != current:
+            shutil.rmtree(root / old, ignore_errors=True)
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> tuple[Path, str] | None:
+    """(checkpoint root, tag) for `resume` = "latest" or a checkpoint folder; None if "latest" has none yet."""
+    if resume == LATEST:
+        root = checkpoint_root(output_dir)
+        if not (root / LATEST).is_file():
+            return None
+        tag = (root / LATEST).read_text().strip()
+        if not (root / tag).is_dir():
+            raise ResumeError(f"{root / LATEST} names checkpoint '{tag}', which is missing; pass train.resume=<checkpoint folder>.")
+        return root, tag
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise ResumeError(f"train.resume points to '{resume}', which is not a checkpoint folder.")
+    return folder.parent, folder.name
+
+
+def load_rank_state(root: Path, tag: str) -> dict[str, Any]:
+    path = root / tag / f"trainer_state_rank{get_rank()}.pt"
+    saved_ranks = len(list((root / tag).glob("trainer_state_rank*.pt")))
+    if saved_ranks != get_world_size():
+        raise ResumeError(
+            f"checkpoint {root / tag} was written by {saved_ranks} ranks but this run has {get_world_size()}; "
+            "exact resume needs the same number of ranks."
+        )
+    return torch.load(path, weights_only=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG this process draws from, in a form `torch.load(weights_only=True)` accepts."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuples(value: Any) -> Any:
+    """random.setstate needs tuples back where serialisation may have produced lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The DualEncoder's full fp32 state dict from a checkpoint folder of any ZeRO stage.
+
+    Uses DeepSpeed's zero_to_fp32 path (no process group needed) and strips the task
+    module's `model.` prefix, so the result loads with `DualEncoder.load_state_dict`.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = Path(checkpoint_dir)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    return {name[len("model."):]: tensor for name, tensor in state.items() if name.startswith("model.")}

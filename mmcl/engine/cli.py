@@ -1,0 +1,46 @@
+"""`deepspeed train.py --config RUN.yaml [--deepspeed_config DS.json] [key=value ...]`.
+
+Also runs under `torchrun` and as plain `python train.py` (one process). Installed as the
+`mmcl-train` console script.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="train.py", description="Train a CLIP-style model with mmcl under DeepSpeed.")
+    parser.add_argument("--config", required=True, help="run YAML (see README.md / configs/)")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                        help="DeepSpeed JSON (configs/ds/*.json); batch sizes and precision come from the run YAML")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of run-config keys")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from mmcl.engine.runtime import select_accelerator
+
+    select_accelerator()  # before anything imports deepspeed
+    from mmcl.config import ConfigError, load_config
+    from mmcl.data.loader import NoDataError
+    from mmcl.data.shards import NoShardsError
+    from mmcl.engine.checkpoint import ResumeError
+    from mmcl.engine.ds_config import DeepSpeedConfigError, read_deepspeed_json
+    from mmcl.engine.runtime import TrainingError, exit_with_error
+    from mmcl.engine.trainer import train
+    from mmcl.models import TokenizerLoadError, TowerLoadError
+
+    user_errors = (ConfigError, NoDataError, NoShardsError, DeepSpeedConfigError, ResumeError, TrainingError, TokenizerLoadError, TowerLoadError)
+    try:
+        cfg = load_config(args.config, args.overrides)  # every config mistake surfaces here, on every rank
+        train(cfg, read_deepspeed_json(args.deepspeed_config), args.deepspeed_config or "DeepSpeed config")
+    except user_errors as error:
+        exit_with_error(error)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""The trainer's side of the data pipeline: fail-fast checks, the loader, an endless batch stream."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+from mmcl.config import RunConfig
+from mmcl.data.loader import ShardLoader, build_train_loader
+from mmcl.data.shards import expand_shards, is_local
+from mmcl.engine.runtime import TrainingError
+
+
+def check_shards(cfg: RunConfig) -> None:
+    """Every local shard the pattern names must exist (checked on every rank, before any work).
+
+    The pipeline itself tolerates a shard that disappears mid-run (it is skipped and counted);
+    at start-up a missing one is almost always a typo in the range, so it is an error here.
+    """
+    if cfg.data.train_shards is None:
+        raise TrainingError("data.train_shards is not set; point it at WebDataset shards, e.g. 'data/{00000..00127}.tar'.")
+    for urls in expand_shards(cfg.data.train_shards):
+        missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
+        if missing:
+            raise TrainingError(
+                f"{len(missing)} of the {len(urls)} shards named by data.train_shards do not exist "
+                f"(first: {missing[0]}); fix the {{start..end}} range."
+            )
+
+
+def build(cfg: RunConfig, tokenizer, rank: int, world_size: int) -> ShardLoader:
+    context_length = cfg.model.text.context_length if cfg.model.text is not None else 77
+    return build_train_loader(cfg.data, tokenizer, context_length, batch_size=cfg.train.micro_batch_size,
+                              seed=cfg.seed, rank=rank, world_size=world_size)
+
+
+def steps_per_epoch(loader: ShardLoader, cfg: RunConfig, world_size: int) -> int:
+    """Optimizer steps in one epoch (micro-batches per rank per epoch // accumulation)."""
+    if loader.steps_per_epoch is None:
+        raise TrainingError(
+            "the epoch length is unknown (no sizes.json beside the shards); set train.steps or data.samples_per_epoch."
+        )
+    return loader.steps_per_epoch // cfg.train.grad_accum_steps
+
+
+def endless(loader: ShardLoader) -> Iterator[dict[str, Any]]:
+    """Batches across epoch boundaries; the loader's own state says where it is."""
+    while True:
+        yield from loader
+
+
+def skip_counts(loader: ShardLoader) -> dict[str, int]:
+    return loader.skip_counts()

@@ -1,0 +1,60 @@
+"""AdamW parameter groups and learning-rate schedules."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from torch import nn
+
+from mmcl.config import OptimConfig
+
+# Parameters that conventionally get no weight decay besides every 1-D tensor (biases,
+# norm weights, logit scale/bias): learned position tables and class/register tokens.
+NO_DECAY_NAME_PARTS = ("position_embedding", "position_embeddings", "pos_embed", "cls_token", "class_embedding", "mask_token")
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig, prefix: str = "") -> list[dict]:
+    """Split trainable parameters into (tower × decay) groups with per-tower learning rates.
+
+    Groups carry a `name` ("image_tower/decay", "text_tower/no_decay", "heads/decay", ...)
+    so logs can show each group's learning rate. Frozen parameters are left out entirely.
+    Tower membership is read from the dual encoder's attribute names (`image_tower.`,
+    `text_tower.`); `prefix` is prepended when the model sits inside a task module.
+    """
+    lrs = {"image_tower": cfg.image_lr if cfg.image_lr is not None else cfg.lr,
+           "text_tower": cfg.text_lr if cfg.text_lr is not None else cfg.lr,
+           "heads": cfg.lr}
+    groups: dict[str, dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        local = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        part = local.split(".", 1)[0] if local.split(".", 1)[0] in ("image_tower", "text_tower") else "heads"
+        decay = parameter.ndim >= 2 and not any(p in local for p in NO_DECAY_NAME_PARTS)
+        key = f"{part}/{'decay' if decay else 'no_decay'}"
+        group = groups.setdefault(key, {"name": key, "params": [], "lr": lrs[part],
+                                        "weight_decay": cfg.weight_decay if decay else 0.0})
+        group["params"].append(parameter)
+    return list(groups.values())
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of each group's peak LR at optimizer step `step` (0-based), warmup included."""
+    warmup = max(cfg.warmup_steps, 0)
+    floor = cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        if cfg.schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        cooldown_start = total_steps - cfg.cooldown_steps  # constant_cooldown
+        if step < cooldown_start:
+            return 1.0
+        progress = min(1.0, (step - cooldown_start + 1) / max(1, cfg.cooldown_steps))
+        return 1.0 - (1.0 - floor) * progress
+
+    return factor

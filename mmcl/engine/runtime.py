@@ -1,0 +1,85 @@
+"""Process-level plumbing for the trainer: process group, devices, rank-0 printing, fast checks."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mmcl.distributed import get_rank
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue; the message is one sentence for the user."""
+
+
+def say(message: str) -> None:
+    """Print on rank 0 only (other ranks stay quiet so output is not duplicated)."""
+    if get_rank() == 0:
+        print(f"[mmcl] {message}", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_process_group() -> None:
+    """One process group for `deepspeed`, `torchrun` and plain `python` launches.
+
+    CUDA + NCCL when GPUs are present, gloo (with DeepSpeed's CPU accelerator) otherwise. A
+    plain `python train.py` gets a world of one on a free loopback port.
+    """
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend="nccl")
+    else:
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+def select_accelerator() -> None:
+    """Tell DeepSpeed to use its CPU accelerator when there is no GPU (before it is imported)."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """The output directory must be creatable and writable (checked on every rank, before any work)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise TrainingError(f"output_dir '{output_dir}' is not writable ({error.strerror or error}); choose another output_dir.") from error
+
+
+def move_batch(batch: dict, engine) -> dict:
+    """Tensors to the engine's device; images to the engine's compute dtype."""
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+    moved = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(engine.device, non_blocking=True)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+        moved[key] = value
+    return moved
+
+
+def exit_with_error(error: BaseException) -> None:
+    print(f"mmcl: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)

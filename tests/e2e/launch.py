@@ -1,0 +1,94 @@
+"""Shared pieces of the end-to-end tests: a tiny run config and the real launchers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_run_config(data: Path, output_dir: Path, **train) -> dict:
+    """A run over the demo digits (16-px images) with 2-layer, 32-wide towers."""
+    return {
+        "model": {
+            "image": {"config": dict(model_type="vit", image_size=16, patch_size=4, **ENCODER), "pooling": "cls"},
+            "text": {"config": dict(model_type="bert", vocab_size=256, max_position_embeddings=16, **ENCODER),
+                     "tokenizer": str(data / "tokenizer"), "context_length": 16, "pooling": "mean"},
+            "embed_dim": 32,
+        },
+        "data": {"train_shards": str(data / "train" / "{00000..00003}.tar"), "image_size": 16,
+                 "shuffle_buffer": 64, "num_workers": 1},
+        "optim": {"lr": 2e-3, "warmup_steps": 2},
+        "train": {"micro_batch_size": 16, "steps": 8, "log_every": 1, **train},
+        "output_dir": str(output_dir),
+        "seed": 0,
+    }
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def deepspeed_command(config: Path, ds_json: str | None = "configs/ds/zero2.json", ranks: int = 2, *overrides: str) -> list[str]:
+    command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+               str(REPO / "train.py"), "--config", str(config)]
+    if ds_json:
+        command += ["--deepspeed_config", str(REPO / ds_json)]
+    return command + list(overrides)
+
+
+def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start(command: list[str]) -> subprocess.Popen:
+    """Start in a new session, so the whole tree (launcher + ranks + workers) can be signalled."""
+    return subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for(predicate, timeout: float = 240, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def latest_tag(output_dir: Path) -> str | None:
+    path = output_dir / "checkpoints" / "latest"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def kill_tree(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    os.killpg(process.pid, sig)
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    """step -> logged loss (metrics.jsonl; one record per step with log_every 1)."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}

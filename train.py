@@ -1,0 +1,5 @@
+"""Entry point: `deepspeed train.py --config configs/demo.yaml [--deepspeed_config configs/ds/zero2.json] [key=value ...]`."""
+from mmcl.engine.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
