@@ -34,7 +34,8 @@ def error_of(tmp_path: Path, data: dict, overrides: tuple[str, ...] = ()) -> str
 def test_overrides_are_typed_and_nested(tmp_path):
     config = load_config(write(tmp_path, BASE), ["model.embed_dim=128", "model.image.config.num_hidden_layers=3",
                                                  "objectives={clip: 1.0, siglip: 0.5}", "model.logit_bias_init=-10",
-                                                 "data.train_crop_scale=[0.5, 1.0]"])
+                                                 "data.train_crop_scale=[0.5, 1.0]", "optim.lr=2e-3"])
+    assert config.optim.lr == 0.002  # PyYAML reads 2e-3 as a string; floats accept it
     assert isinstance(config, RunConfig)
     assert config.model.embed_dim == 128
     assert config.model.image.config == {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 3}
