@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch and torchvision come first: DeepSpeed builds from source and imports torch while building.
-TORCH_SPEC ?= torch>=2.4,<3 torchvision>=0.19
+# The upper bounds are the newest builds this machine kind keeps on local disk (no multi-GB download).
+TORCH_SPEC ?= "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1"
 STAMP := $(VENV)/.mmcl-installed
 PYTEST_ARGS ?=
 
