@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -60,55 +59,25 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 def iter_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {field: bytes}) for each sample of a tar shard, in file order.
 
-    Raises `ShardError("unreadable")` when the file cannot be opened as a tar and
-    `ShardError("truncated")` when it ends inside a member or lacks the end-of-archive
-    marker (a write that did not finish); samples before the damage are yielded first.
+    The tar parsing is the training pipeline's own (`mmcl.data.stream.iter_tar_samples`), so
+    this tool judges a shard exactly as training will read it. Raises
+    `ShardError("unreadable")` when nothing can be read and `ShardError("truncated")` when the
+    file ends inside a member or lacks the end-of-archive marker; samples before the damage
+    are yielded first.
     """
+    from mmcl.data.stream import BrokenTar, iter_tar_samples
+
     try:
-        tar = tarfile.open(path, "r:*")
-    except FileNotFoundError:
-        raise ShardError("unreadable", "file not found") from None
-    except tarfile.ReadError:
-        raise ShardError("unreadable", "not a tar file (or an empty one)") from None
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise ShardError("unreadable", f"{type(error).__name__}: {error}") from None
-    with tar:
-        key, fields = None, {}
-        end_of_data = 0
+        stream = open(path, "rb")
+    except OSError as error:
+        raise ShardError("unreadable", error.strerror or type(error).__name__) from None
+    with stream:
         try:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                parts = split_member_name(member.name)
-                if parts is None or os.path.basename(member.name).startswith("."):
-                    continue
-                handle = tar.extractfile(member)
-                data = handle.read() if handle is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError("unexpected end of data")
-                end_of_data = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                if parts[0] != key:
-                    if key is not None:
-                        yield key, fields
-                    key, fields = parts[0], {}
-                fields[parts[1]] = data
-        except (tarfile.TarError, OSError, EOFError) as error:
-            if key is not None:
-                yield key, fields  # the last complete members still form a (possibly partial) sample
-            raise ShardError("truncated", str(error) or type(error).__name__) from None
-        if key is not None:
-            yield key, fields
-        # tarfile stops quietly when a file is cut between members; the two zero blocks
-        # that end every finished archive tell (checked on uncompressed files only).
-        if not _compressed(path) and os.path.getsize(path) < end_of_data + 2 * tarfile.BLOCKSIZE:
-            raise ShardError("truncated", "missing end-of-archive marker")
-
-
-def _compressed(path: str | os.PathLike) -> bool:
-    """gzip, bzip2 or xz magic bytes at the start of the file."""
-    with open(path, "rb") as handle:
-        head = handle.read(6)
-    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
+            for raw in iter_tar_samples(stream, str(path), keep=lambda index: True):
+                fields = {name: data for name, data in raw.items() if not name.startswith("__")}
+                yield raw["__key__"], fields
+        except BrokenTar as error:
+            raise ShardError("unreadable" if error.reason == "unreadable_shard" else "truncated", str(error)) from None
 
 
 def require_shards(urls: list[str], spec: str | list[str]) -> list[str]:

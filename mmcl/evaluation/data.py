@@ -113,6 +113,10 @@ class ShardDataset(IterableDataset):
             if by_shard and shard % slots != slot:
                 continue
             for position, files in enumerate(_tar_samples(url)):
+                if _BAD in files:  # a damaged shard: counted once, by its owner or by slot 0
+                    if by_shard or slot == 0:
+                        yield files
+                    continue
                 counter += 1
                 if not by_shard and (counter - 1) % slots != slot:
                     continue
@@ -127,23 +131,18 @@ class ShardDataset(IterableDataset):
 
 
 def _tar_samples(url: str) -> Iterator[dict[str, bytes]]:
-    """Group a tar's members by key (path up to the first '.' of the basename), in order."""
+    """The samples of one shard, {extension: bytes}, in tar order (the training pipeline's tar
+    reader); a damaged shard ends with one `{_BAD: reason}` marker instead of an exception."""
     from webdataset.gopen import gopen
-    from webdataset.tariterators import tar_file_iterator
 
-    current_key, files = None, {}
-    with gopen(url) as stream:
-        for member in tar_file_iterator(stream):
-            directory, base = os.path.split(member["fname"])
-            key, _, ext = base.partition(".")
-            key = os.path.join(directory, key)
-            if key != current_key and files:
-                yield files
-                files = {}
-            current_key = key
-            files[ext.lower()] = member["data"]
-    if files:
-        yield files
+    from mmcl.data.stream import BrokenTar, iter_tar_samples
+
+    try:
+        with gopen(url) as stream:
+            for raw in iter_tar_samples(stream, url, keep=lambda index: True):
+                yield {ext.lower(): data for ext, data in raw.items() if not ext.startswith("__")}
+    except (BrokenTar, OSError) as error:
+        yield {_BAD: getattr(error, "reason", "unreadable_shard")}
 
 
 class MapDataset(Dataset):
