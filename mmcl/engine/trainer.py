@@ -70,10 +70,11 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     tokenizer = build_tokenizer(cfg.model.text) if cfg.model.text is not None else None
     model = build_model(cfg.model)
 
+    # Checked before the process group exists, so a contradiction stops every rank at once.
+    ds_config = build_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), ds_user_config, ds_source)
+    ds_config.update(_monitor_config(output_dir))
     init_process_group()
     rank, world_size = get_rank(), get_world_size()
-    ds_config = build_deepspeed_config(cfg, world_size, ds_user_config, ds_source)
-    ds_config.update(_monitor_config(output_dir))
     loader = data_stream.build(cfg, tokenizer, rank, world_size)
     total_steps = cfg.train.steps or cfg.train.epochs * data_stream.steps_per_epoch(loader, cfg, world_size)
     if total_steps < 1:

@@ -1,0 +1,317 @@
+"""DualEncoder -> a `transformers` model, and an honest account of what that model reproduces.
+
+Image-text models become a `VisionTextDualEncoderModel` (or a `CLIPModel` when both towers
+are CLIP towers with linear or no heads). Its `get_image_features` / `get_text_features`
+run the tower, take the tower's `pooler_output` and apply one bias-free Linear. mmcl's own
+encoders run the tower, apply the configured pooling, then the projection head. The two
+agree exactly only when the pooling *is* the pooler_output and the head is linear (or none,
+stored as an identity matrix). Where mmcl can make them agree without changing the
+embeddings, it does:
+
+- ViT/DeiT with `cls` pooling: the pooler's activation is configurable (`pooler_act`), so
+  the export sets it to `linear` and the pooler's dense layer to the identity; pooler_output
+  is then exactly the class token. (BERT's pooler hard-wires tanh; that cannot be undone.)
+- CLIP text with `eos` pooling: CLIP's pooler picks the first `eos_token_id` of each row;
+  the export sets that id to the tokenizer's EOS, which the tokenizer appends last.
+- towers without `hidden_size` (ConvNeXt): it is set to the pooled width, which
+  VisionTextDualEncoderModel sizes its projection from.
+
+Whether a side is exact is then *measured*, not assumed: both models encode probe inputs
+and the side is exact when they agree to 1e-5 (relative to the features' scale). A side that
+is not exact gets a NaN projection in the transformers model, so `get_*_features` cannot
+silently return different embeddings; `mmcl.export.load_exported` reproduces it from the
+tower weights, the recorded pooling and the head in `mmcl_heads.safetensors`.
+
+Image-only (SSL) models export the image tower alone (`AutoModel`); the head goes to
+`mmcl_heads.safetensors`, and "exact" then means pooler_output equals mmcl's pooled features.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+TOLERANCE = 1e-5
+PROBE_TEXTS = (
+    "a photo of a cat.",
+    "handwritten 7",
+    "a long caption " + " ".join(["that keeps going"] * 40) + " until it is truncated",
+)
+_TANH_POOLER = "adds a dense layer with a hard-wired tanh"
+
+
+@dataclass
+class SideReport:
+    """How one tower is exported and whether plain transformers reproduces it."""
+
+    tower_class: str  # the class mmcl trained (and the loader rebuilds)
+    model_type: str
+    pooling: str  # mmcl's pooling, made concrete ("auto" resolved)
+    projection: str  # linear / mlp / none
+    features: str = "embeddings"  # what `exact` is about: "embeddings", or "pooled" for image-only exports
+    exact: bool = False  # plain transformers reproduces `features` (measured)
+    max_diff: float | None = None  # measured relative max abs difference on the probes
+    adjustments: list[str] = field(default_factory=list)  # what the export changed to make it exact
+    reason: str | None = None  # why it is not exact
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def probe_inputs(config, tokenizer) -> dict[str, torch.Tensor]:
+    """Fixed random pixels [2, 3, S, S] and tokenized probe captions [3, L] for the agreement checks."""
+    from mmcl.models import tokenize
+
+    generator = torch.Generator().manual_seed(0)
+    size = config.data.image_size
+    probes = {"pixel_values": torch.randn(2, 3, size, size, generator=generator)}
+    if tokenizer is not None and config.model.text is not None:
+        probes.update(tokenize(tokenizer, list(PROBE_TEXTS), config.model.text.context_length))
+    return probes
+
+
+def relative_diff(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """max |a - b| / max(1, max |a|): absolute for unit-scale features, relative for large ones."""
+    reference, other = reference.detach().float(), other.detach().float()
+    if reference.shape != other.shape:
+        return math.inf
+    return ((reference - other).abs().max() / reference.abs().max().clamp(min=1.0)).item()
+
+
+def concrete_pooling(model, pixel_values: torch.Tensor) -> str:
+    """The image pooling, with `auto` (decided per forward for unknown towers) made explicit."""
+    if model.image_pooling != "auto":
+        return model.image_pooling
+    with torch.no_grad():
+        outputs = model.image_tower(pixel_values=pixel_values[:1])
+    if outputs.last_hidden_state.ndim == 4:
+        return "mean"
+    return "pooler_output" if getattr(outputs, "pooler_output", None) is not None else "cls"
+
+
+def projection_kind(head: nn.Module) -> str:
+    if isinstance(head, nn.Identity):
+        return "none"
+    if isinstance(head, nn.Linear) and head.bias is None:
+        return "linear"
+    return "mlp"
+
+
+# ----------------------------------------------------------------------------- adjustments
+
+
+def adapt_image_tower(tower: nn.Module, pooling: str) -> list[str]:
+    """Make pooler_output equal mmcl's pooling where the tower's config allows it (in place)."""
+    from transformers.activations import ACT2FN
+
+    pooler = getattr(tower, "pooler", None)
+    dense = getattr(pooler, "dense", None)
+    if pooling == "cls" and hasattr(tower.config, "pooler_act") and isinstance(dense, nn.Linear) \
+            and dense.in_features == dense.out_features:
+        tower.config.pooler_act = "linear"
+        pooler.activation = ACT2FN["linear"]
+        with torch.no_grad():
+            dense.weight.copy_(torch.eye(dense.in_features))
+            if dense.bias is not None:
+                dense.bias.zero_()
+        return ["the pooler is set to the identity (pooler_act linear, dense weight I, bias 0), so pooler_output is the class token"]
+    return []
+
+
+def adapt_text_tower(tower: nn.Module, pooling: str, tokenizer) -> list[str]:
+    """CLIP text: let pooler_output pick the tokenizer's EOS, which is mmcl's `eos` token (in place)."""
+    notes = []
+    if tower.config.model_type != "clip_text_model" or tokenizer is None:
+        return notes
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if pooling == "eos" and eos is not None and tower.config.eos_token_id != eos:
+        tower.config.eos_token_id = eos
+        inner = getattr(tower, "text_model", None)
+        if inner is not None and hasattr(inner, "eos_token_id"):
+            inner.eos_token_id = eos
+        notes.append(f"eos_token_id is set to the tokenizer's EOS id {eos}, so pooler_output is the last kept token")
+    # CLIP's default special ids (49406, 49407) lie outside a smaller vocabulary, which transformers warns
+    # about on every load; they only matter to the eos pooler handled above, so they follow the tokenizer.
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value, wanted = getattr(tower.config, name, None), getattr(tokenizer, name, None)
+        if isinstance(value, int) and value >= tower.config.vocab_size and wanted is not None:
+            setattr(tower.config, name, wanted)
+    return notes
+
+
+def rebuilt_class(config, kind: str) -> type | None:
+    """The tower class VisionTextDualEncoderModel builds from `config` when it is loaded."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    if kind == "image" and isinstance(config, CLIPVisionConfig):
+        return CLIPVisionModel
+    try:
+        return MODEL_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def expected_reason(kind: str, tower: nn.Module, pooling: str, projection: str) -> str | None:
+    """Why transformers' features should differ from mmcl's, by the rules; None if they should agree."""
+    name = type(tower).__name__
+    rebuilt = rebuilt_class(tower.config, kind)
+    if rebuilt is not type(tower):
+        built = rebuilt.__name__ if rebuilt else "no known class"
+        return f"transformers rebuilds this tower as {built}, but mmcl trained {name}"
+    if projection == "mlp":
+        return "the mlp projection head (Linear, GELU, Linear) does not fit VisionTextDualEncoderModel's single bias-free Linear"
+    if pooling == "pooler_output":
+        return None
+    pooler = getattr(tower, "pooler", None)
+    # BERT-style poolers hard-wire tanh; ViT-style ones read `pooler_act` (and adapt_image_tower resets it).
+    tanh = isinstance(getattr(pooler, "activation", None), nn.Tanh) and not hasattr(tower.config, "pooler_act")
+    if pooling == "mean":
+        what = "the tokens kept by the attention mask" if kind == "text" else "all tokens"
+        return f"mmcl averages {what}, while transformers uses {name}'s pooler_output"
+    if pooling == "cls" and tower.config.model_type == "clip_vision_model":
+        return "mmcl pools the class token before CLIP's post-layernorm, transformers' pooler_output after it"
+    if pooling == "cls":
+        how = _TANH_POOLER if tanh else "is computed differently"
+        return f"mmcl pools the first token's last hidden state, while {name}'s pooler_output {how}"
+    if pooling == "eos":
+        return f"mmcl takes the last token kept by the attention mask, while {name}'s pooler_output is computed differently"
+    return f"mmcl's '{pooling}' pooling is not what {name}'s pooler_output computes"
+
+
+def _ensure_hidden_size(config, width: int) -> list[str]:
+    if isinstance(getattr(config, "hidden_size", None), int):
+        return []
+    config.hidden_size = width  # VisionTextDualEncoderModel sizes its projection from hidden_size
+    return [f"hidden_size is set to the pooled width {width} for VisionTextDualEncoderModel"]
+
+
+def _poison(linear: nn.Linear) -> None:
+    with torch.no_grad():
+        linear.weight.fill_(float("nan"))
+
+
+def _fill_projection(target: nn.Linear, head: nn.Module, kind: str) -> bool:
+    """Copy mmcl's head into the bias-free Linear `target`; False when it does not fit."""
+    with torch.no_grad():
+        if kind == "linear" and head.weight.shape == target.weight.shape:
+            target.weight.copy_(head.weight)
+            return True
+        if kind == "none" and target.in_features == target.out_features:
+            target.weight.copy_(torch.eye(target.in_features))  # exact: x @ I adds only zeros
+            return True
+    _poison(target)
+    return False
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def convert(model, config, tokenizer) -> tuple[nn.Module, dict[str, SideReport], dict[str, torch.Tensor]]:
+    """(transformers model in eval mode, {"image"/"text": SideReport}, probes) for a DualEncoder in eval mode."""
+    probes = probe_inputs(config, tokenizer)
+    if model.text_tower is None:
+        hf, reports = _image_only(model, probes)
+    else:
+        hf, reports = _dual(model, config, tokenizer, probes)
+    return hf.eval(), reports, probes
+
+
+def _image_only(model, probes) -> tuple[nn.Module, dict[str, SideReport]]:
+    from mmcl.models import pool
+
+    pixels = probes["pixel_values"]
+    pooling = concrete_pooling(model, pixels)
+    tower = copy.deepcopy(model.image_tower).float().eval()
+    report = SideReport(type(tower).__name__, tower.config.model_type, pooling, projection_kind(model.image_projection),
+                        features="pooled")
+    report.adjustments += adapt_image_tower(tower, pooling)
+    with torch.no_grad():
+        reference = pool(model.image_tower(pixel_values=pixels), pooling, "image")
+        pooled = getattr(tower(pixel_values=pixels), "pooler_output", None)
+    report.max_diff = relative_diff(reference, pooled.flatten(1)) if pooled is not None else math.inf
+    # AutoModel must rebuild the very class that was measured (a *WithProjection tower would lose its head).
+    report.exact = rebuilt_class(tower.config, "image") is type(tower) and report.max_diff <= TOLERANCE
+    if not report.exact:
+        report.reason = expected_reason("image", tower, pooling, "linear") \
+            or f"the tower's pooler_output differs from mmcl's pooled features by {report.max_diff:.1e}"
+    return tower, {"image": report}
+
+
+def _dual(model, config, tokenizer, probes) -> tuple[nn.Module, dict[str, SideReport]]:
+    from transformers import VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+    from mmcl.models import pooled_width
+
+    vision = copy.deepcopy(model.image_tower).float().eval()
+    text = copy.deepcopy(model.text_tower).float().eval()
+    image_pooling = concrete_pooling(model, probes["pixel_values"])
+    reports = {
+        "image": SideReport(type(vision).__name__, vision.config.model_type, image_pooling, projection_kind(model.image_projection)),
+        "text": SideReport(type(text).__name__, text.config.model_type, model.text_pooling, projection_kind(model.text_projection)),
+    }
+    reasons = {
+        "image": expected_reason("image", vision, image_pooling, reports["image"].projection),
+        "text": expected_reason("text", text, model.text_pooling, reports["text"].projection),
+    }
+    reports["image"].adjustments += adapt_image_tower(vision, image_pooling)
+    reports["text"].adjustments += adapt_text_tower(text, model.text_pooling, tokenizer)
+    reports["image"].adjustments += _ensure_hidden_size(vision.config, pooled_width(model.image_tower, image_pooling))
+
+    scale_log = min(model.logit_scale.item(), model.logit_scale_max_log)  # mmcl clamps in the forward pass
+    hf_config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision.config, text.config, projection_dim=config.model.embed_dim, logit_scale_init_value=scale_log)
+    hf = VisionTextDualEncoderModel(hf_config, vision_model=vision, text_model=text)
+    with torch.no_grad():
+        hf.logit_scale.fill_(scale_log)
+    fitted = {
+        "image": _fill_projection(hf.visual_projection, model.image_projection, reports["image"].projection),
+        "text": _fill_projection(hf.text_projection, model.text_projection, reports["text"].projection),
+    }
+    hf = _as_clip_model(hf) or hf
+    _measure(model, hf.eval(), probes, reports, reasons, fitted)
+    return hf, reports
+
+
+def _as_clip_model(hf) -> nn.Module | None:
+    """The same weights as a CLIPModel, when both towers are plain CLIP towers."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionModel
+
+    if type(hf.vision_model) is not CLIPVisionModel or type(hf.text_model) is not CLIPTextModel:
+        return None
+    config = CLIPConfig(
+        text_config=hf.config.text_config.to_dict(), vision_config=hf.config.vision_config.to_dict(),
+        projection_dim=hf.config.projection_dim, logit_scale_init_value=hf.config.logit_scale_init_value)
+    clip = CLIPModel(config)
+    clip.load_state_dict(hf.state_dict(), strict=True)
+    return clip
+
+
+def _measure(model, hf, probes, reports, reasons, fitted) -> None:
+    """Encode the probes with both models; mark each side exact, or poison its projection."""
+    pixels, ids, mask = probes["pixel_values"], probes["input_ids"], probes["attention_mask"]
+    sides = {
+        "image": (lambda: model.encode_image(pixels, normalize=False),
+                  lambda: hf.get_image_features(pixel_values=pixels).pooler_output, hf.visual_projection),
+        "text": (lambda: model.encode_text(ids, mask, normalize=False),
+                 lambda: hf.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, hf.text_projection),
+    }
+    for kind, (ours, theirs, head) in sides.items():
+        report = reports[kind]
+        if fitted[kind] and "rebuilds" not in (reasons[kind] or ""):  # a rebuilt class is never exact
+            try:
+                with torch.no_grad():
+                    report.max_diff = relative_diff(ours(), theirs())
+            except Exception as error:  # a tower whose outputs do not fit the transformers class
+                reasons[kind] = reasons[kind] or f"transformers cannot encode with this tower ({type(error).__name__})"
+        report.exact = report.max_diff is not None and report.max_diff <= TOLERANCE
+        if not report.exact:
+            report.reason = reasons[kind] or f"transformers' features differ from mmcl's by {report.max_diff:.1e} on probe inputs"
+            _poison(head)

@@ -1,0 +1,223 @@
+"""Write an export: a folder `transformers` loads offline, with everything needed to trust it.
+
+    <out>/
+      config.json, model.safetensors   VisionTextDualEncoderModel / CLIPModel (image-text runs)
+                                       or the image tower's own class (image-only runs): AutoModel
+      processor_config.json            VisionTextDualEncoderProcessor: CLIPImageProcessor + tokenizer
+      preprocessor_config.json         the image processor alone (AutoImageProcessor, older transformers)
+      tokenizer.json, tokenizer_config.json, ...
+      mmcl_export.json                 poolings, heads, what plain transformers reproduces, transform, source
+      mmcl_heads.safetensors           mmcl's projection heads, logit scale and bias
+      mmcl_config.yaml                 the run's config (named so the folder is not mistaken for an mmcl model dir)
+      metrics.json, training.png       the run's final metrics and plot, when the run has them
+      README.md                        the model card
+
+The folder is written aside and renamed into place only after `load_exported` has reproduced
+the model's embeddings from it, so an export that exists is an export that works.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+
+from mmcl.export.errors import ExportError
+from mmcl.export.hf_loader import HEADS_FILE, INFO_FILE
+from mmcl.export.source import RunFacts, Source, load_model, locate, read_facts
+
+FORMAT_VERSION = 1
+CONFIG_COPY = "mmcl_config.yaml"
+
+
+def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+               license: str | None = None, datasets: Sequence[str] | None = None) -> Path:
+    """Export a run directory, one of its checkpoints or its model/ folder to `out_dir`; returns the folder.
+
+    license: the card's license id (default "other"); datasets: Hub dataset ids for the card
+    (default: names taken from the run's shard paths).
+    """
+    out = _check_out_dir(out_dir, overwrite)
+    source = locate(run_or_checkpoint)
+    model, config, tokenizer = load_model(source)
+    return export_model(model, config, tokenizer, out, facts=read_facts(source), source=source, overwrite=overwrite,
+                        license=license, datasets=datasets)
+
+
+def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFacts | None = None,
+                 source: Source | None = None, overwrite: bool = False, license: str | None = None,
+                 datasets: Sequence[str] | None = None) -> Path:
+    """Export an in-memory DualEncoder built from the RunConfig `config` (with its tokenizer, or None).
+
+    The model is put in float32 eval mode on the CPU in place; pass a copy to keep yours as it is.
+    """
+    from mmcl.config import config_to_dict
+    from mmcl.export.card import render_card
+    from mmcl.export.convert import convert
+
+    out = _check_out_dir(out_dir, overwrite)
+    facts = facts or RunFacts(config=config_to_dict(config))
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        model = model.float().eval().cpu()
+        hf, reports, probes = convert(model, config, tokenizer)
+        hf.save_pretrained(str(staging))
+        _save_processor(staging, config, tokenizer)
+        _save_heads(staging, model)
+        info = _info(model, config, hf, reports, source)
+        info["processor_check"] = processor_check(staging, info["image_transform"])
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (staging / CONFIG_COPY).write_text(yaml.safe_dump(facts.config or config_to_dict(config), sort_keys=False))
+        if facts.metrics is not None:
+            (staging / "metrics.json").write_text(json.dumps(facts.metrics, indent=2) + "\n")
+        if facts.plot is not None:
+            shutil.copyfile(facts.plot, staging / "training.png")
+        files = sorted(p.name for p in staging.iterdir()) + ["README.md"]
+        (staging / "README.md").write_text(render_card(info, facts, str(out), files, license=license, datasets=datasets))
+        verify(staging, model, probes, info)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"export folder {out} already exists and is not empty; choose a new --out or pass --overwrite.")
+    return out
+
+
+def _save_processor(folder: Path, config, tokenizer):
+    """CLIPImageProcessor set to mmcl's eval transform (+ the tokenizer, padded to context_length)."""
+    from transformers import CLIPImageProcessor, VisionTextDualEncoderProcessor
+
+    from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
+
+    size = config.data.image_size
+    image_processor = CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": size}, resample=3,  # PIL.Image.BICUBIC, as torchvision's Resize
+        do_center_crop=True, crop_size={"height": size, "width": size},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True,
+        image_mean=list(config.data.image_mean or CLIP_MEAN), image_std=list(config.data.image_std or CLIP_STD),
+    )
+    image_processor.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.model_max_length = config.model.text.context_length  # truncation=True then cuts where mmcl did
+        VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(folder))
+    return image_processor
+
+
+def _save_heads(folder: Path, model) -> None:
+    from safetensors.torch import save_file
+
+    keep = ("image_projection.", "text_projection.")
+    state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in model.state_dict().items()
+             if name.startswith(keep) or name in ("logit_scale", "logit_bias")}
+    save_file(state, str(folder / HEADS_FILE), metadata={"format": "pt"})
+
+
+def _info(model, config, hf, reports, source: Source | None) -> dict[str, Any]:
+    import mmcl
+    from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
+
+    dual = model.text_tower is not None
+    info: dict[str, Any] = {
+        "format": "mmcl-export",
+        "format_version": FORMAT_VERSION,
+        "mmcl_version": mmcl.__version__,
+        "architecture": type(hf).__name__ if dual else "image_tower",
+        "embed_dim": config.model.embed_dim,
+        **{kind: report.to_dict() for kind, report in reports.items()},
+        "logit_scale": float(model.logit_scale.detach().clamp(max=model.logit_scale_max_log).exp()),
+        "logit_scale_max": config.model.logit_scale_max,
+        "logit_bias": None if model.logit_bias is None else float(model.logit_bias.detach()),
+        "image_transform": {
+            "image_size": config.data.image_size,
+            "resize": "shorter side to image_size, bicubic (PIL)",
+            "crop": "center, image_size x image_size",
+            "mean": list(config.data.image_mean or CLIP_MEAN),
+            "std": list(config.data.image_std or CLIP_STD),
+        },
+        "source": {
+            "path": str(source.weights.resolve()) if source else None,
+            "kind": ("model_dir" if source.model_dir is not None else "checkpoint") if source else "in_memory",
+            "step": source.step if source else None,
+        },
+    }
+    for kind, tower in (("image", model.image_tower), ("text", model.text_tower)):
+        if kind in info:  # sizes for the card
+            info[kind]["parameters"] = sum(p.numel() for p in tower.parameters())
+            info[kind]["hidden_size"] = getattr(tower.config, "hidden_size", None)
+            info[kind]["num_hidden_layers"] = getattr(tower.config, "num_hidden_layers", None)
+    if dual:
+        info["text_inputs"] = {"context_length": config.model.text.context_length, "padding": "max_length", "truncation": True}
+    return info
+
+
+def processor_check(folder: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """Max |difference| between the saved processor and mmcl's eval transform on a probe image, per backend."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from mmcl.evaluation.loading import eval_transform
+
+    size = spec["image_size"]
+    height, width = 2 * size + 3, 3 * size + 1
+    # torchvision's CenterCrop rounds a half-pixel offset to even, transformers floors it: they
+    # differ by one pixel when the resized long side exceeds image_size by 3 (mod 4). Probe an
+    # image where they agree, so the number measures the resize and arithmetic alone.
+    while (int(size * width / height) - size) % 4 == 3:
+        width += 1
+    array = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(array)
+    reference = eval_transform(size, spec["mean"], spec["std"])(image)
+    result = {"probe_image": [width, height]}
+    for backend in ("pil", "torchvision"):
+        processor = AutoImageProcessor.from_pretrained(str(folder), backend=backend)
+        pixels = processor(images=image, return_tensors="pt")["pixel_values"][0]
+        result[f"{backend}_max_abs_diff"] = float((pixels - reference).abs().max())
+    return result
+
+
+def verify(folder: Path, model, probes: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Reload `folder` and check it reproduces `model`: always through load_exported, and through
+    plain transformers for every side the export calls exact. Raises ExportError otherwise."""
+    from mmcl.export.convert import TOLERANCE, relative_diff
+    from mmcl.export.hf_loader import load_exported
+    from mmcl.models import pool
+
+    exported = load_exported(folder)
+    pixels = probes["pixel_values"]
+    with torch.no_grad():
+        checks = [("image embeddings (mmcl loader)", model.encode_image(pixels, normalize=False),
+                   exported.encode_image(pixels, normalize=False))]
+        if "text" in info:
+            ids, mask = probes["input_ids"], probes["attention_mask"]
+            reference = model.encode_text(ids, mask, normalize=False)
+            checks.append(("text embeddings (mmcl loader)", reference, exported.encode_text(ids, mask, normalize=False)))
+            if info["text"]["exact"]:
+                checks.append(("text embeddings (transformers)", reference,
+                               exported.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output))
+            if info["image"]["exact"]:
+                checks.append(("image embeddings (transformers)", checks[0][1],
+                               exported.model.get_image_features(pixel_values=pixels).pooler_output))
+        elif info["image"]["exact"]:
+            pooled = pool(model.image_tower(pixel_values=pixels), info["image"]["pooling"], "image")
+            checks.append(("pooled image features (transformers)", pooled, exported.model(pixel_values=pixels).pooler_output.flatten(1)))
+    for what, expected, got in checks:
+        difference = relative_diff(expected, got)
+        if not difference <= TOLERANCE:
+            raise ExportError(f"the export in {folder} does not reproduce the model's {what} (difference {difference:.1e}); this is a bug in mmcl's export, please report it.")
