@@ -13,59 +13,20 @@ the same gradients at W times the compute and memory; see tests/losses for issue
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from mmcl.distributed import all_gather_with_grad, get_rank
-
-# fn(queries [c, D], keys [N, D], logit_scale, logit_bias, label_offset) -> (loss sum, #correct)
-RowFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", int], "tuple[Tensor, Tensor]"]
+from mmcl.losses.tiled import tiled_infonce
 
 
-def sum_over_row_chunks(
-    fn: RowFn,
-    queries: Tensor,
-    keys: Tensor,
-    logit_scale: Tensor,
-    logit_bias: Tensor | None,
-    label_offset: int,
-    chunk_size: int | None,
-) -> tuple[Tensor, Tensor]:
-    """Sum `fn` over row chunks of `queries` ([B, D]) scored against all `keys` ([N, D]).
-
-    With `chunk_size` set, each chunk runs under activation checkpointing, so only one
-    chunk's [chunk_size, N] logits are alive at a time in forward and in backward (the
-    chunk is recomputed there); the value and gradients equal the dense computation.
-    Query row i has its positive at key row label_offset + i.
-    """
-    n = queries.shape[0]
-    if chunk_size is None or chunk_size >= n:
-        return fn(queries, keys, logit_scale, logit_bias, label_offset)
-    loss_sum, correct = queries.new_zeros(()), torch.zeros((), dtype=torch.long, device=queries.device)
-    for start in range(0, n, chunk_size):
-        chunk_loss, chunk_correct = checkpoint(
-            fn, queries[start : start + chunk_size], keys, logit_scale, logit_bias,
-            label_offset + start, use_reentrant=False,
-        )
-        loss_sum, correct = loss_sum + chunk_loss, correct + chunk_correct
-    return loss_sum, correct
-
-
-def _infonce_rows(
-    queries: Tensor, keys: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, label_offset: int
-) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy of queries [c, D] over keys [N, D], and the top-1 hit count."""
+def _dense_rows(queries: Tensor, keys: Tensor, logit_scale: Tensor, label_offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(logits [B, N], summed cross-entropy of queries [B, D] over keys [N, D], top-1 hits)."""
     logits = logit_scale * queries @ keys.T
-    if logit_bias is not None:
-        logits = logits + logit_bias
     labels = torch.arange(queries.shape[0], device=queries.device) + label_offset
     loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-    correct = (logits.detach().argmax(dim=1) == labels).sum()
-    return loss_sum, correct
+    return logits, loss_sum, (logits.detach().argmax(dim=1) == labels).sum()
 
 
 def _clip_terms(
@@ -74,19 +35,48 @@ def _clip_terms(
     all_image_features: Tensor,
     all_text_features: Tensor,
     logit_scale: Tensor,
-    logit_bias: Tensor | None,
     label_offset: int,
     chunk_size: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, i2t hits, t2i hits) for local rows against all columns."""
-    i2t_sum, i2t_correct = sum_over_row_chunks(
-        _infonce_rows, image_features, all_text_features, logit_scale, logit_bias, label_offset, chunk_size
-    )
-    t2i_sum, t2i_correct = sum_over_row_chunks(
-        _infonce_rows, text_features, all_image_features, logit_scale, logit_bias, label_offset, chunk_size
-    )
+    """(loss, i2t hits, t2i hits) for local rows against all columns.
+
+    When the "all" features are the local ones (one process), both directions come from
+    one score matrix, image rows x text columns: its rows give i2t, its columns t2i.
+    Across ranks the two directions are different matrices (local images x all texts,
+    local texts x all images) and are computed separately.
+    """
+    symmetric = all_image_features is image_features and all_text_features is text_features and label_offset == 0
+    if chunk_size is not None and symmetric:
+        i2t_sum, t2i_sum, i2t_correct, t2i_correct = tiled_infonce(
+            image_features, text_features, logit_scale, tile=chunk_size, columns=True
+        )
+    elif chunk_size is not None:
+        i2t_sum, _, i2t_correct, _ = tiled_infonce(
+            image_features, all_text_features, logit_scale, label_offset=label_offset, tile=chunk_size
+        )
+        t2i_sum, _, t2i_correct, _ = tiled_infonce(
+            text_features, all_image_features, logit_scale, label_offset=label_offset, tile=chunk_size
+        )
+    elif symmetric:
+        logits, i2t_sum, i2t_correct = _dense_rows(image_features, text_features, logit_scale, 0)
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        t2i_sum = F.cross_entropy(logits.T, labels, reduction="sum")
+        t2i_correct = (logits.detach().argmax(dim=0) == labels).sum()
+    else:
+        _, i2t_sum, i2t_correct = _dense_rows(image_features, all_text_features, logit_scale, label_offset)
+        _, t2i_sum, t2i_correct = _dense_rows(text_features, all_image_features, logit_scale, label_offset)
     loss = (i2t_sum + t2i_sum) / (2 * image_features.shape[0])
     return loss, i2t_correct, t2i_correct
+
+
+def _with_bias(loss: Tensor, logit_bias: Tensor | None) -> Tensor:
+    """The loss, with a given bias kept in the graph at its true gradient, exactly 0.
+
+    Softmax is shift-invariant, so the bias changes neither value nor any gradient; it is
+    never added to the logits. It stays in the graph so that a learnable bias gets a
+    zero gradient instead of none (data-parallel engines flag parameters without one).
+    """
+    return loss if logit_bias is None else loss + 0.0 * logit_bias
 
 
 def _check_pair(image_features: Tensor, text_features: Tensor) -> None:
@@ -112,23 +102,24 @@ def clip_loss(
 
     image_features, text_features: [B, D], L2-normalised, row i of each is a pair.
     logit_scale: scalar, the already-exponentiated multiplier (e.g. 1/0.07).
-    logit_bias: optional scalar added to every logit (no effect on the value: softmax is
-    shift-invariant; accepted for parity with OpenCLIP).
+    logit_bias: optional scalar added to every logit, which changes nothing (softmax is
+    shift-invariant): accepted for parity with OpenCLIP, its gradient is exactly 0.
     With the defaults this is the single-process loss over the batch. For the local-loss
     form pass the gathered [N, D] features as all_*_features and label_offset = rank * B:
     local row i's positive is then column label_offset + i.
-    chunk_size: score local rows in checkpointed chunks of this many rows (memory
-    O(chunk_size * N) for the logits), same value and gradients.
+    chunk_size: None for the dense loss (holds the [B, N] logits); a tile side to compute
+    the same value and gradients over [chunk_size, chunk_size] tiles of the logits without
+    ever holding them (`mmcl.losses.tiled`; memory O(chunk_size^2 + (B + N) * D)).
+    `mmcl.losses.tiled.recommended_chunk_size` says when to tile.
     Returns a scalar: the mean over the B local rows.
     """
     _check_pair(image_features, text_features)
     all_image_features = image_features if all_image_features is None else all_image_features
     all_text_features = text_features if all_text_features is None else all_text_features
     loss, _, _ = _clip_terms(
-        image_features, text_features, all_image_features, all_text_features,
-        logit_scale, logit_bias, label_offset, chunk_size,
+        image_features, text_features, all_image_features, all_text_features, logit_scale, label_offset, chunk_size
     )
-    return loss
+    return _with_bias(loss, logit_bias)
 
 
 class ClipLoss(nn.Module):
@@ -142,6 +133,9 @@ class ClipLoss(nn.Module):
     gradient convention: mean over ranks of L_r is the global loss). The accuracies are
     this rank's in-batch top-1 retrieval accuracies against all W*B candidates, detached;
     their mean over ranks is the global accuracy.
+    chunk_size: None for the dense loss, else the side of the score tiles of the exact
+    tiled loss (see `clip_loss`); the trainer picks it with
+    `mmcl.losses.tiled.recommended_chunk_size(local_batch, global_batch)`.
     """
 
     def __init__(self, chunk_size: int | None = None):
@@ -163,10 +157,10 @@ class ClipLoss(nn.Module):
         all_text_features = all_gather_with_grad(text_features)
         loss, i2t_correct, t2i_correct = _clip_terms(
             image_features, text_features, all_image_features, all_text_features,
-            logit_scale, logit_bias, get_rank() * batch, self.chunk_size,
+            logit_scale, get_rank() * batch, self.chunk_size,
         )
         return {
-            "loss": loss,
+            "loss": _with_bias(loss, logit_bias),
             "i2t_acc": i2t_correct.float() / batch,
             "t2i_acc": t2i_correct.float() / batch,
         }

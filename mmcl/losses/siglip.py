@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmcl.distributed import all_gather_no_grad, all_gather_with_grad, get_rank
-from mmcl.losses.clip import _check_pair, sum_over_row_chunks
+from mmcl.losses.clip import _check_pair
+from mmcl.losses.tiled import tiled_sigmoid, tiled_top1_hits
 
 
-def _sigmoid_rows(
-    queries: Tensor, keys: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, label_offset: int
-) -> tuple[Tensor, Tensor]:
-    """Summed pairwise sigmoid loss of image rows [c, D] against texts [N, D], and top-1 hits."""
+def _dense_sigmoid(
+    queries: Tensor, keys: Tensor, logit_scale: Tensor, logit_bias: Tensor, label_offset: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(logits [B, N], summed pairwise sigmoid loss of images [B, D] against texts [N, D], i2t hits)."""
     logits = logit_scale * queries @ keys.T + logit_bias
     rows = torch.arange(queries.shape[0], device=queries.device)
     positives = rows + label_offset
@@ -30,20 +31,7 @@ def _sigmoid_rows(
     labels[rows, positives] = 1.0
     loss_sum = -F.logsigmoid(labels * logits).sum()
     correct = (logits.detach().argmax(dim=1) == positives).sum()
-    return loss_sum, correct
-
-
-@torch.no_grad()
-def _top1_hits(queries: Tensor, keys: Tensor, label_offset: int, chunk_size: int | None) -> Tensor:
-    """How many query rows [B, D] rank their positive key (row label_offset + i of [N, D]) first."""
-    n = queries.shape[0]
-    step = n if chunk_size is None else chunk_size
-    hits = torch.zeros((), dtype=torch.long, device=queries.device)
-    for start in range(0, n, step):
-        best = (queries[start : start + step] @ keys.T).argmax(dim=1)
-        target = torch.arange(start, min(start + step, n), device=queries.device) + label_offset
-        hits += (best == target).sum()
-    return hits
+    return logits, loss_sum, correct
 
 
 def siglip_loss(
@@ -63,14 +51,18 @@ def siglip_loss(
     With the defaults this is the single-process loss. For the distributed form pass the
     gathered texts [N, D] as all_text_features and label_offset = rank * B (image i's
     positive is text label_offset + i); text_features is then unused.
-    chunk_size: score images in checkpointed chunks of this many rows, same result.
+    chunk_size: None for the dense loss, else the side of the [chunk_size, chunk_size]
+    score tiles of the exact tiled loss (`mmcl.losses.tiled`), same value and gradients.
     Returns a scalar: -sum_{i, j} logsigmoid(label_ij * logit_ij) / B.
     """
     _check_pair(image_features, text_features)
     keys = text_features if all_text_features is None else all_text_features
-    loss_sum, _ = sum_over_row_chunks(
-        _sigmoid_rows, image_features, keys, logit_scale, logit_bias, label_offset, chunk_size
-    )
+    if chunk_size is None:
+        _, loss_sum, _ = _dense_sigmoid(image_features, keys, logit_scale, logit_bias, label_offset)
+    else:
+        loss_sum, _, _ = tiled_sigmoid(
+            image_features, keys, logit_scale, logit_bias, label_offset=label_offset, tile=chunk_size
+        )
     return loss_sum / image_features.shape[0]
 
 
@@ -84,6 +76,8 @@ class SigLipLoss(nn.Module):
     loss; gradient convention in the module docstring). Accuracies are top-1 in-batch
     retrieval, detached: i2t of local images among all texts, t2i of local texts among
     all images (images gathered without gradient, for the metric only).
+    chunk_size: None for the dense loss, else the side of the score tiles of the exact
+    tiled loss (see `siglip_loss`).
     """
 
     def __init__(self, chunk_size: int | None = None):
@@ -105,11 +99,19 @@ class SigLipLoss(nn.Module):
         batch = image_features.shape[0]
         offset = get_rank() * batch
         all_text_features = all_gather_with_grad(text_features)
-        loss_sum, i2t_correct = sum_over_row_chunks(
-            _sigmoid_rows, image_features, all_text_features, logit_scale, logit_bias, offset, self.chunk_size
-        )
-        all_image_features = all_gather_no_grad(image_features)
-        t2i_correct = _top1_hits(text_features, all_image_features, offset, self.chunk_size)
+        single = all_text_features is text_features
+        if self.chunk_size is None:
+            logits, loss_sum, i2t_correct = _dense_sigmoid(image_features, all_text_features, logit_scale, logit_bias, offset)
+            if single:  # one process: the t2i scores are the columns of the same matrix
+                t2i_correct = (logits.detach().argmax(dim=0) == torch.arange(batch, device=logits.device)).sum()
+        else:
+            loss_sum, i2t_correct, t2i_correct = tiled_sigmoid(
+                image_features, all_text_features, logit_scale, logit_bias,
+                label_offset=offset, tile=self.chunk_size, columns=single,
+            )
+        if not single:  # local texts against all images: a metric only, so no gradient
+            all_image_features = all_gather_no_grad(image_features)
+            t2i_correct = tiled_top1_hits(text_features, all_image_features, offset, self.chunk_size or batch)
         return {
             "loss": loss_sum / batch,
             "i2t_acc": i2t_correct.float() / batch,

@@ -14,6 +14,8 @@ from mmcl.losses import ClipLoss, SigLipLoss, clip_loss
 
 GLOBAL_BATCH, DIM, SEED = 16, 8, 1234
 GATHER_ROWS = 3
+# Tile side of the tiled forms: divides none of the local batches (16, 8, 4) nor the 16 columns.
+TILE = 3
 
 
 def make_batch(n: int = GLOBAL_BATCH, d: int = DIM, seed: int = SEED) -> dict[str, Tensor]:
@@ -47,12 +49,12 @@ def gather_input(rank: int) -> Tensor:
     return (rank + 1.0) * torch.arange(GATHER_ROWS * 2, dtype=torch.float64).view(GATHER_ROWS, 2)
 
 
-def _leaves(batch: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
+def _leaves(batch: dict[str, Tensor], rows: slice, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
     return {
-        "img": batch["img"][rows].clone().requires_grad_(),
-        "txt": batch["txt"][rows].clone().requires_grad_(),
-        "scale": batch["scale"].clone().requires_grad_(),
-        "bias": batch["bias"].clone().requires_grad_(),
+        "img": batch["img"][rows].to(dtype, copy=True).requires_grad_(),
+        "txt": batch["txt"][rows].to(dtype, copy=True).requires_grad_(),
+        "scale": batch["scale"].to(dtype, copy=True).requires_grad_(),
+        "bias": batch["bias"].to(dtype, copy=True).requires_grad_(),
     }
 
 
@@ -73,13 +75,15 @@ def loss_case(rank: int, world_size: int) -> dict[str, Tensor]:
     rows = slice(rank * local, (rank + 1) * local)
 
     modules = {
-        "clip": ClipLoss(), "clip_chunked": ClipLoss(chunk_size=3),
-        "siglip": SigLipLoss(), "siglip_chunked": SigLipLoss(chunk_size=3),
+        "clip": ClipLoss(), "clip_tiled": ClipLoss(chunk_size=TILE),
+        "siglip": SigLipLoss(), "siglip_tiled": SigLipLoss(chunk_size=TILE),
     }
-    for name, module in modules.items():
-        x = _leaves(batch, rows)
-        res = module(x["img"], x["txt"], x["scale"], x["bias"] if name.startswith("siglip") else None)
-        _record(out, name, res["loss"], x, {"i2t_acc": res["i2t_acc"], "t2i_acc": res["t2i_acc"]})
+    for dtype, suffix in ((torch.float64, ""), (torch.float32, "_f32")):
+        for name, module in modules.items():
+            x = _leaves(batch, rows, dtype)
+            # The bias goes to the CLIP loss too: it must get its (exactly zero) gradient.
+            res = module(x["img"], x["txt"], x["scale"], x["bias"])
+            _record(out, name + suffix, res["loss"], x, {"i2t_acc": res["i2t_acc"], "t2i_acc": res["t2i_acc"]})
 
     # Issue #616: the global loss on every rank over features gathered with gradient ...
     x = _leaves(batch, rows)
@@ -94,7 +98,7 @@ def loss_case(rank: int, world_size: int) -> dict[str, Tensor]:
     _record(out, "global_spliced", clip_loss(spliced[0], spliced[1], x["scale"]), x)
 
     hot = one_hot_batch()
-    for name, module in {"clip": ClipLoss(), "siglip": SigLipLoss()}.items():
+    for name, module in modules.items():
         res = module(hot["img"][rows], hot["txt"][rows], hot["scale"], hot["bias"])
         out[f"onehot_{name}/i2t_acc"], out[f"onehot_{name}/t2i_acc"] = res["i2t_acc"], res["t2i_acc"]
 

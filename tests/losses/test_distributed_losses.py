@@ -1,7 +1,8 @@
 """Losses across gloo CPU ranks equal the single-process loss over the concatenated batch.
 
 Convention under test (see mmcl/losses/clip.py): mean_r L_r == L; rank r's feature grad
-== W * dL/dx_r; mean over ranks of the scale/bias grads == dL/d(scale, bias).
+== W * dL/dx_r; mean over ranks of the scale/bias grads == dL/d(scale, bias). Every loss
+runs dense and tiled (`chunk_size=TILE`, a tile that divides no batch), on 1, 2 and 4 ranks.
 """
 
 import pytest
@@ -17,7 +18,10 @@ TOL = 1e-10
 MAX_GRAD_DIFF: dict[tuple[str, int], float] = {}
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")
+FORMS = ["clip", "clip_tiled", "siglip", "siglip_tiled"]
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"W{w}")
 def ranks(request):
     """(world size, per-rank result dicts) from one spawn per world size."""
     return request.param, run_on_gloo_ranks(loss_case, request.param)
@@ -39,7 +43,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("form", ["clip", "clip_chunked", "siglip", "siglip_chunked"])
+@pytest.mark.parametrize("form", FORMS)
 def test_mean_of_rank_losses_equals_single_process_loss(ranks, form):
     world_size, results = ranks
     ref = _single_process(form.split("_")[0])
@@ -47,7 +51,7 @@ def test_mean_of_rank_losses_equals_single_process_loss(ranks, form):
     assert _max_diff(mean_loss, ref["loss"]) < TOL
 
 
-@pytest.mark.parametrize("form", ["clip", "clip_chunked", "siglip", "siglip_chunked"])
+@pytest.mark.parametrize("form", FORMS)
 def test_rank_grads_match_single_process_grads(ranks, form):
     world_size, results = ranks
     ref = _single_process(form.split("_")[0])
@@ -67,7 +71,7 @@ def test_rank_grads_match_single_process_grads(ranks, form):
     assert ref["img_grad"].abs().max() > 1e-3 and ref["scale_grad"].abs() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", FORMS)
 def test_rank_accuracies_use_global_candidates_and_rank_offset_labels(ranks, kind):
     world_size, results = ranks
     batch, local = make_batch(), GLOBAL_BATCH // world_size
@@ -81,9 +85,50 @@ def test_rank_accuracies_use_global_candidates_and_rank_offset_labels(ranks, kin
         assert res[f"{kind}/t2i_acc"].item() == pytest.approx(t2i_hit[rows].mean().item(), abs=1e-7)
     # One-hot features with pair 0 and pair N-1 swapped across the first and last rank.
     for rank, res in enumerate(results):
-        expected = (local - 1) / local if rank in (0, world_size - 1) else 1.0
+        misses = (rank == 0) + (rank == world_size - 1)  # both on rank 0 when W == 1
+        expected = (local - misses) / local
         assert res[f"onehot_{kind}/i2t_acc"].item() == pytest.approx(expected, abs=1e-7)
         assert res[f"onehot_{kind}/t2i_acc"].item() == pytest.approx(expected, abs=1e-7)
+
+
+def _as_single_process(results: list[dict[str, torch.Tensor]], form: str) -> dict[str, torch.Tensor]:
+    """The ranks' results mapped to what one process computes: mean loss, feature grads / W
+    concatenated, mean scale/bias grads (the data-parallel average), all in float64."""
+    world_size = len(results)
+    out = {"loss": torch.stack([r[f"{form}/loss"] for r in results]).mean()}
+    for key in ("img", "txt"):
+        out[f"{key}_grad"] = torch.cat([r[f"{form}/{key}_grad"] for r in results]) / world_size
+    for key in ("scale", "bias"):
+        out[f"{key}_grad"] = torch.stack([r[f"{form}/{key}_grad"] for r in results]).mean(0)
+    return {k: v.double() for k, v in out.items()}
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("dtype, tol", [("", 1e-10), ("_f32", 1e-5)], ids=["float64", "float32"])
+def test_tiled_loss_equals_dense_loss_in_value_and_grads(ranks, kind, dtype, tol):
+    world_size, results = ranks
+    tiled = _as_single_process(results, f"{kind}_tiled{dtype}")
+    dense = _as_single_process(results, f"{kind}{dtype}")
+    exact = _single_process(kind)  # float64, one process, dense
+    keys = ["loss", "img_grad", "txt_grad", "scale_grad"] + (["bias_grad"] if kind == "siglip" else [])
+    for key in keys:
+        assert _rel_err(tiled[key], dense[key]) < tol, key
+        assert _rel_err(tiled[key], exact[key]) < tol, key
+    if kind == "clip":  # softmax ignores the bias: its gradient is exactly zero, not noise
+        assert tiled["bias_grad"].item() == 0.0 and dense["bias_grad"].item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("dtype", ["", "_f32"], ids=["float64", "float32"])
+def test_tiled_accuracies_equal_dense_accuracies(ranks, kind, dtype):
+    world_size, results = ranks
+    for res in results:
+        for metric in ("i2t_acc", "t2i_acc"):
+            assert res[f"{kind}_tiled{dtype}/{metric}"].item() == res[f"{kind}{dtype}/{metric}"].item()
 
 
 def test_issue_616_global_loss_with_gather_grad_gives_world_size_times_feature_grads(ranks):
@@ -121,7 +166,8 @@ def test_all_gather_with_grad_concatenates_and_sums_grads(ranks):
         own = weights_sum[rank * GATHER_ROWS : (rank + 1) * GATHER_ROWS]
         torch.testing.assert_close(res["gather/grad"], own, rtol=0, atol=0)
         torch.testing.assert_close(res["gather_no_grad/values"], expected_values, rtol=0, atol=0)
-        assert not res["gather_no_grad/requires_grad"].item()
+        if world_size > 1:  # at W == 1 the helper returns its input itself (documented)
+            assert not res["gather_no_grad/requires_grad"].item()
 
 
 def test_helpers_without_process_group_act_as_one_rank():
