@@ -65,6 +65,10 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
             f"output_dir '{output_dir}' already holds a run; set train.resume=latest to continue it, or choose a new output_dir."
         )
     data_stream.check_shards(cfg)
+    if cfg.push_to_hub is not None:
+        from mmcl.export import check_push_config
+
+        check_push_config(cfg)  # no token or no network: say so now, not after a long run
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     tokenizer = build_tokenizer(cfg.model.text) if cfg.model.text is not None else None
@@ -160,6 +164,10 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
             say(f"zero-shot top-1 on {cfg.eval.zeroshot_shards}: {final_metrics['zeroshot/acc1']:.1%}")
         say(f"done: metrics {output_dir / 'metrics.json'}, plot {plot}, model {output_dir / 'model'}, "
             f"checkpoints {output_dir / 'checkpoints'}, TensorBoard logs {output_dir / 'tensorboard'}")
+        if cfg.push_to_hub is not None:
+            from mmcl.export import push_after_training
+
+            say(f"pushed to the Hub: {push_after_training(cfg, output_dir)}")
     return final_metrics
 
 
