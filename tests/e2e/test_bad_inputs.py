@@ -75,3 +75,10 @@ def test_output_dir_holding_a_run_needs_resume(config, capsys, tmp_path):
     (tmp_path / "out" / "checkpoints" / "latest").write_text("step_00000004")
     err = fails_with(capsys, config)
     assert "already holds a run; set train.resume=latest" in err
+
+
+def test_push_to_hub_that_cannot_happen_fails_before_training(config, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    err = fails_with(capsys, config, "push_to_hub={repo_id: someone/tiny-clip}")
+    assert err.startswith("mmcl: error:") and len(err.strip().splitlines()) == 1
+    assert "offline" in err.lower() or "token" in err.lower()
