@@ -65,7 +65,8 @@ def deepspeed_command(config: Path, ds_json: str | None = "configs/ds/zero2.json
     return command + list(overrides)
 
 
-def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    # Generous: the first DeepSpeed launch of a fresh environment compiles its CPU comm op (~2 min).
     return subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -75,7 +76,7 @@ def start(command: list[str]) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
-def wait_for(predicate, timeout: float = 240, what: str = "condition") -> None:
+def wait_for(predicate, timeout: float = 600, what: str = "condition") -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
