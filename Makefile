@@ -14,6 +14,9 @@ export TRANSFORMERS_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed compiles a CPU op on first launch; one build cache per environment, so two
+# checkouts never rebuild over each other.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup test demo clean
 
