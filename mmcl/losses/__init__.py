@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from mmcl.losses.byol import BYOLLoss, byol_loss
 from mmcl.losses.clip import ClipLoss, clip_loss
+from mmcl.losses.ntxent import NTXentLoss, ntxent_loss
 from mmcl.losses.siglip import SigLipLoss, siglip_loss
 
 LOSSES: dict[str, type[nn.Module]] = {
     "clip": ClipLoss,
     "siglip": SigLipLoss,
+    "ntxent": NTXentLoss,
+    "byol": BYOLLoss,
 }
 
 
@@ -21,4 +25,7 @@ def build_loss(name: str, **kwargs) -> nn.Module:
     return LOSSES[name](**kwargs)
 
 
-__all__ = ["LOSSES", "ClipLoss", "SigLipLoss", "build_loss", "clip_loss", "siglip_loss"]
+__all__ = [
+    "LOSSES", "BYOLLoss", "ClipLoss", "NTXentLoss", "SigLipLoss", "build_loss", "byol_loss", "clip_loss",
+    "ntxent_loss", "siglip_loss",
+]

@@ -1,5 +1,7 @@
 """Models: `transformers` towers -> pooling -> projection -> normalised features."""
 from mmcl.models.dual_encoder import DualEncoder, build_model, enable_gradient_checkpointing
+from mmcl.models.ema import cosine_momentum, ema_update_, frozen_copy
+from mmcl.models.heads import FloatBatchNorm1d, MLPHead
 from mmcl.models.locking import eval_frozen_modules, find_layer_stack, lock_tower
 from mmcl.models.pooling import AUTO_POOLING, POOLINGS, pool, pooled_width, resolve_pooling
 from mmcl.models.projection import build_projection
@@ -10,6 +12,8 @@ __all__ = [
     "AUTO_POOLING",
     "POOLINGS",
     "DualEncoder",
+    "FloatBatchNorm1d",
+    "MLPHead",
     "TokenizerLoadError",
     "TowerLoadError",
     "build_model",
@@ -17,9 +21,12 @@ __all__ = [
     "build_tokenizer",
     "build_tower",
     "check_tokenizer_fits",
+    "cosine_momentum",
+    "ema_update_",
     "enable_gradient_checkpointing",
     "eval_frozen_modules",
     "find_layer_stack",
+    "frozen_copy",
     "lock_tower",
     "pool",
     "pooled_width",

@@ -1,0 +1,63 @@
+"""MLP heads of the self-supervised objectives (SimCLR projector, BYOL projector and predictor).
+
+    MLPHead(in_dim, hidden_dim, out_dim, num_layers):
+        [B, in_dim] -> (Linear -> BatchNorm1d -> ReLU) x (num_layers - 1) -> Linear -> [B, out_dim]
+
+SimCLR's projector is 2 layers (2048 -> 128 here by default), SLIP's 3 (4096 -> 256); BYOL's
+projector and predictor are 2 layers (4096 -> 256). The hidden Linear layers have no bias
+(BatchNorm follows them). lightly's `heads.py` and solo-learn use the same shapes.
+
+BatchNorm normalises with the statistics of this rank's batch (the recipes synchronise it
+over all devices; torch's SyncBatchNorm needs CUDA). It computes in float32 whatever the
+parameter dtype, because DeepSpeed casts parameters to bf16/fp16 but keeps buffers (the
+running statistics) in float32, which torch's batch_norm refuses to mix.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FloatBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d computed in float32 (input, affine parameters, statistics); output in the input's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        out = F.batch_norm(
+            x.float(),
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight.float() if self.weight is not None else None,
+            self.bias.float() if self.bias is not None else None,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+        return out.to(x.dtype)
+
+
+class MLPHead(nn.Module):
+    """[B, in_dim] -> [B, out_dim]; see the module docstring. Input is cast to the weights' dtype."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"an MLP head needs at least 1 layer, got {num_layers}.")
+        layers: list[nn.Module] = []
+        width = in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(width, hidden_dim, bias=False), FloatBatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            width = hidden_dim
+        layers.append(nn.Linear(width, out_dim))
+        self.layers = nn.Sequential(*layers)
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x.to(self.layers[0].weight.dtype))
