@@ -15,9 +15,11 @@ from .transforms import (
     PILInput,
     RandomResizedCropU8,
     ResizeCenterCropU8,
+    SSLViewU8,
     clip_eval_transform,
     clip_train_transform,
     normalize_uint8,
+    ssl_view_pair,
     torchvision_eval_transform,
     torchvision_train_transform,
 )
@@ -26,7 +28,7 @@ __all__ = [
     "BadSample", "decode_caption", "decode_image",
     "NoDataError", "ShardLoader", "build_eval_loader", "build_train_loader",
     "SKIP_REASONS", "NoShardsError", "expand_shards", "read_shard_sizes", "CaptionTokenizer",
-    "CLIP_MEAN", "CLIP_STD", "PILInput", "RandomResizedCropU8", "ResizeCenterCropU8",
+    "CLIP_MEAN", "CLIP_STD", "PILInput", "RandomResizedCropU8", "ResizeCenterCropU8", "SSLViewU8", "ssl_view_pair",
     "clip_eval_transform", "clip_train_transform", "normalize_uint8",
     "torchvision_eval_transform", "torchvision_train_transform",
 ]

@@ -18,6 +18,10 @@ Randomness: transforms draw from the global `torch` (and `random`) generators, w
 pipeline re-seeds for every sample from (seed, epoch, rank, worker, position), so any
 torchvision transform is deterministic and resume is exact. Transforms written for PIL
 images (e.g. a `Compose` starting with PIL-only ops) are wrapped in `PILInput`.
+
+`SSLViewU8` is SimCLR's augmentation (random resized crop, flip, colour jitter, grayscale,
+Gaussian blur, and BYOL's solarize) on uint8 tensors; `ssl_view_pair` builds the two views of
+SimCLR (symmetric) or BYOL (asymmetric blur and solarize) for the loader's `view_transforms`.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ __all__ = [
     "RandomResizedCropU8",
     "ResizeCenterCropU8",
     "PILInput",
+    "SSLViewU8",
+    "ssl_view_pair",
     "clip_train_transform",
     "clip_eval_transform",
     "torchvision_train_transform",
@@ -105,6 +111,96 @@ class PILInput:
 
     def __repr__(self) -> str:
         return f"PILInput({self.transform!r})"
+
+
+class SSLViewU8:
+    """uint8 [3, H, W] -> uint8 [3, size, size]: one self-supervised view (SimCLR's recipe, BYOL's solarize).
+
+    In order: RandomResizedCrop(size, crop_scale) (bicubic, antialiased); horizontal flip with
+    `flip_p`; with `color_jitter_p`, brightness/contrast/saturation/hue jitter of strengths
+    `color_jitter` in random order (torchvision's ColorJitter); grey with `grayscale_p`;
+    Gaussian blur with `blur_p`, sigma uniform in `blur_sigma` and a kernel of 10% of the side
+    (odd, >= 3; 23 px at 224 as in SimCLR); solarize (invert values >= 128) with `solarize_p`.
+    Every random draw comes from the global torch generator, which the pipeline seeds per sample.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        flip_p: float = 0.5,
+        color_jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p: float = 0.5,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        solarize_p: float = 0.0,
+    ):
+        self.crop = RandomResizedCropU8(size, scale=crop_scale)
+        self.flip_p, self.color_jitter_p, self.grayscale_p = float(flip_p), float(color_jitter_p), float(grayscale_p)
+        self.blur_p, self.solarize_p = float(blur_p), float(solarize_p)
+        brightness, contrast, saturation, hue = (float(v) for v in color_jitter)
+        self.jitter = T.ColorJitter(brightness, contrast, saturation, hue)
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.blur_kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        image = self.crop(image)
+        if torch.rand(()) < self.flip_p:
+            image = F.horizontal_flip(image)
+        if torch.rand(()) < self.color_jitter_p:
+            order, brightness, contrast, saturation, hue = T.ColorJitter.get_params(
+                self.jitter.brightness, self.jitter.contrast, self.jitter.saturation, self.jitter.hue
+            )
+            for index in order.tolist():
+                if index == 0 and brightness is not None:
+                    image = F.adjust_brightness(image, brightness)
+                elif index == 1 and contrast is not None:
+                    image = F.adjust_contrast(image, contrast)
+                elif index == 2 and saturation is not None:
+                    image = F.adjust_saturation(image, saturation)
+                elif index == 3 and hue is not None:
+                    image = F.adjust_hue(image, hue)
+        if torch.rand(()) < self.grayscale_p:
+            image = F.rgb_to_grayscale(image, num_output_channels=3)
+        if torch.rand(()) < self.blur_p:
+            sigma = float(torch.empty(()).uniform_(*self.blur_sigma))
+            image = F.gaussian_blur(image, [self.blur_kernel, self.blur_kernel], [sigma, sigma])
+        if torch.rand(()) < self.solarize_p:
+            image = F.solarize(image, 128)
+        return image
+
+    def max_reduction(self, width: int, height: int) -> int:
+        return self.crop.max_reduction(width, height)
+
+    def __repr__(self) -> str:
+        return (f"SSLViewU8(size={self.crop.size}, crop_scale={self.crop.scale}, flip_p={self.flip_p}, "
+                f"jitter={self.jitter}, color_jitter_p={self.color_jitter_p}, grayscale_p={self.grayscale_p}, "
+                f"blur_p={self.blur_p}, blur_sigma={self.blur_sigma}, solarize_p={self.solarize_p})")
+
+
+def ssl_view_pair(
+    size: int,
+    recipe: str = "simclr",
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    flip_p: float = 0.5,
+    color_jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
+    color_jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
+    blur_p: Sequence[float] | None = None,
+    blur_sigma: Sequence[float] = (0.1, 2.0),
+    solarize_p: Sequence[float] | None = None,
+) -> tuple[SSLViewU8, SSLViewU8]:
+    """The two view transforms of `recipe`: "simclr" (blur 0.5/0.5, no solarize) or "byol"
+    (blur 1.0/0.1, solarize 0/0.2). `blur_p` / `solarize_p` (one value per view) override them."""
+    if recipe not in ("simclr", "byol"):
+        raise ValueError(f"unknown view recipe {recipe!r}; use simclr or byol.")
+    blur = list(blur_p) if blur_p is not None else ([1.0, 0.1] if recipe == "byol" else [0.5, 0.5])
+    solarize = list(solarize_p) if solarize_p is not None else ([0.0, 0.2] if recipe == "byol" else [0.0, 0.0])
+    return tuple(  # type: ignore[return-value]
+        SSLViewU8(size, crop_scale, flip_p, color_jitter, color_jitter_p, grayscale_p, blur[v], blur_sigma, solarize[v])
+        for v in (0, 1)
+    )
 
 
 def clip_train_transform(image_size: int = 224, scale: Sequence[float] = (0.9, 1.0)) -> RandomResizedCropU8:
