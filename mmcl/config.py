@@ -74,6 +74,53 @@ class LossConfig:
 
 
 @dataclass
+class ViewsConfig:
+    """The two augmented views of each image for the self-supervised objectives (SimCLR's recipe).
+
+    Per-view settings are lists of two values (view 1, view 2). Their defaults depend on the
+    run: SimCLR's symmetric views, or BYOL's asymmetric ones when `byol` is an objective.
+    """
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    flip_p: float = 0.5  # horizontal flip probability
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
+    color_jitter_p: float = 0.8  # probability of applying the colour jitter
+    grayscale_p: float = 0.2  # probability of converting to grey
+    blur_p: list[float] | None = None  # Gaussian blur probability per view; None = [0.5, 0.5], BYOL [1.0, 0.1]
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # blur sigma range (pixels); kernel = 10% of the side
+    solarize_p: list[float] | None = None  # solarize probability per view; None = [0, 0], BYOL [0, 0.2]
+
+
+@dataclass
+class SimCLRConfig:
+    """SimCLR: an MLP projector on the pooled image-tower features and NT-Xent over 2N views."""
+
+    temperature: float | None = None  # NT-Xent temperature; None = 0.1 beside clip/siglip (SLIP), 0.2 alone
+    hidden_dim: int = 2048  # projector hidden width
+    out_dim: int = 128  # projector output width
+    num_layers: int = 2  # projector depth (SimCLR 2, SLIP 3)
+
+
+@dataclass
+class BYOLConfig:
+    """BYOL: online tower + projector + predictor, EMA target tower + projector."""
+
+    base_momentum: float = 0.99  # target EMA momentum at the first step (BYOL: 0.996 for long runs)
+    final_momentum: float = 1.0  # momentum at the last step; cosine schedule in between
+    hidden_dim: int = 4096  # projector and predictor hidden width
+    out_dim: int = 256  # projector and predictor output width
+
+
+@dataclass
+class SSLConfig:
+    """Settings of the self-supervised objectives (used when `objectives` names simclr or byol)."""
+
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+
+
+@dataclass
 class DataConfig:
     """WebDataset input. Shard patterns use brace expansion; several sources join with `::`."""
 
@@ -136,6 +183,11 @@ class EvalConfig:
     classnames: str | None = field(default=None, metadata=PATH)  # one class name per line
     templates: str | None = field(default=None, metadata=PATH)  # JSON list of templates with {}
     retrieval_shards: str | None = None  # shards with captions
+    knn_train_shards: str | None = None  # labelled (.cls) shards whose image features are the kNN neighbours
+    knn_test_shards: str | None = None  # labelled shards classified by kNN (and the linear probe)
+    knn_k: int = 20  # neighbours that vote
+    knn_temperature: float = 0.07  # vote weight exp(cos / T)
+    linear_probe: bool = False  # also fit a logistic-regression probe on the kNN train features
     batch_size: int = 256
 
 
@@ -154,8 +206,9 @@ class RunConfig:
     """A whole run. Only `model` is required."""
 
     model: ModelConfig
-    objectives: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})  # weighted sum of losses
+    objectives: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})  # weighted sum: clip, siglip, simclr, byol
     loss: LossConfig = field(default_factory=LossConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)  # simclr / byol settings
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -165,7 +218,9 @@ class RunConfig:
     seed: int = 0  # seeds model init, data order and augmentation
 
 
-KNOWN_OBJECTIVES = ("clip", "siglip")
+KNOWN_OBJECTIVES = ("clip", "siglip", "simclr", "byol")
+CONTRASTIVE_OBJECTIVES = ("clip", "siglip")  # image-text objectives: need the text tower
+SSL_OBJECTIVES = ("simclr", "byol")  # image-only objectives on two augmented views
 
 # ----------------------------------------------------------------------------- loading
 
@@ -380,6 +435,10 @@ def _check_semantics(config: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: 'objectives.{name}' weight must be >= 0, got {weight}.")
         if name in ("clip", "siglip") and config.model.text is None:
             raise ConfigError(f"{source}: objective '{name}' needs a text tower ('model.text').")
+    contrastive = [name for name in config.objectives if name in CONTRASTIVE_OBJECTIVES]
+    if not contrastive:
+        _check_image_only(config, source)
+    _check_ssl(config, source)
     if "siglip" in config.objectives and config.model.logit_bias_init is None:
         raise ConfigError(f"{source}: objective 'siglip' needs 'model.logit_bias_init' (SigLIP uses -10).")
     if config.loss.chunk_size is not None and config.loss.chunk_size < 1:
@@ -399,6 +458,67 @@ def _check_semantics(config: RunConfig, source: str) -> None:
         values = getattr(data, name)
         if values is not None and len(values) != 3:
             raise ConfigError(f"{source}: 'data.{name}' must have 3 values (R, G, B), got {len(values)}.")
+
+
+def _check_image_only(config: RunConfig, source: str) -> None:
+    """Runs without clip/siglip (SimCLR, BYOL alone) train the image tower only."""
+    names = ", ".join(config.objectives)
+    if config.model.text is not None:
+        raise ConfigError(
+            f"{source}: 'model.text' is set but no objective uses a text tower ({names}); remove model.text "
+            "for an image-only run or add clip/siglip to 'objectives'."
+        )
+    if config.model.image.projection != "none":
+        raise ConfigError(
+            f"{source}: 'model.image.projection' is {config.model.image.projection} but nothing trains it without "
+            "clip/siglip; set model.image.projection: none (and model.embed_dim to the tower's width) so the "
+            "exported encoder gives the pooled tower features."
+        )
+    width = (config.model.image.config or {}).get("hidden_size")  # the pooled width of ViT-like towers
+    if config.model.image.pooling != "embeds" and isinstance(width, int) and width != config.model.embed_dim:
+        raise ConfigError(
+            f"{source}: 'model.embed_dim' is {config.model.embed_dim} but the image tower's width is {width} and "
+            f"an image-only run has no projection; set model.embed_dim to {width}."
+        )
+    for key in ("zeroshot_shards", "retrieval_shards"):
+        if getattr(config.eval, key) is not None:
+            raise ConfigError(f"{source}: 'eval.{key}' needs a text tower; image-only runs evaluate with eval.knn_train_shards / eval.knn_test_shards.")
+
+
+def _check_ssl(config: RunConfig, source: str) -> None:
+    views, simclr, byol = config.ssl.views, config.ssl.simclr, config.ssl.byol
+    if len(views.crop_scale) != 2 or not 0 < views.crop_scale[0] <= views.crop_scale[1] <= 1:
+        raise ConfigError(f"{source}: 'ssl.views.crop_scale' must be [min, max] with 0 < min <= max <= 1.")
+    if len(views.color_jitter) != 4 or any(v < 0 for v in views.color_jitter) or views.color_jitter[3] > 0.5:
+        raise ConfigError(f"{source}: 'ssl.views.color_jitter' must be [brightness, contrast, saturation, hue] >= 0 with hue <= 0.5.")
+    if len(views.blur_sigma) != 2 or not 0 < views.blur_sigma[0] <= views.blur_sigma[1]:
+        raise ConfigError(f"{source}: 'ssl.views.blur_sigma' must be [min, max] with 0 < min <= max.")
+    probabilities = {"flip_p": [views.flip_p], "color_jitter_p": [views.color_jitter_p], "grayscale_p": [views.grayscale_p],
+                     "blur_p": views.blur_p or [], "solarize_p": views.solarize_p or []}
+    for key, values in probabilities.items():
+        if key in ("blur_p", "solarize_p") and values and len(values) != 2:
+            raise ConfigError(f"{source}: 'ssl.views.{key}' must have 2 values (view 1, view 2), got {len(values)}.")
+        if any(not 0 <= v <= 1 for v in values):
+            raise ConfigError(f"{source}: 'ssl.views.{key}' must be probabilities in [0, 1], got {values}.")
+    if simclr.temperature is not None and simclr.temperature <= 0:
+        raise ConfigError(f"{source}: 'ssl.simclr.temperature' must be positive, got {simclr.temperature}.")
+    for key, value in (("ssl.simclr.hidden_dim", simclr.hidden_dim), ("ssl.simclr.out_dim", simclr.out_dim),
+                       ("ssl.simclr.num_layers", simclr.num_layers), ("ssl.byol.hidden_dim", byol.hidden_dim),
+                       ("ssl.byol.out_dim", byol.out_dim), ("eval.knn_k", config.eval.knn_k)):
+        if value < 1:
+            raise ConfigError(f"{source}: '{key}' must be >= 1, got {value}.")
+    if not 0 <= byol.base_momentum <= byol.final_momentum <= 1:
+        raise ConfigError(
+            f"{source}: 'ssl.byol.base_momentum' and 'ssl.byol.final_momentum' must satisfy 0 <= base <= final <= 1, "
+            f"got {byol.base_momentum} and {byol.final_momentum}."
+        )
+    knn = (config.eval.knn_train_shards, config.eval.knn_test_shards)
+    if (knn[0] is None) != (knn[1] is None):
+        raise ConfigError(f"{source}: 'eval.knn_train_shards' and 'eval.knn_test_shards' go together; set both or neither.")
+    if config.eval.linear_probe and knn[0] is None:
+        raise ConfigError(f"{source}: 'eval.linear_probe' needs 'eval.knn_train_shards' and 'eval.knn_test_shards'.")
+    if config.eval.knn_temperature <= 0:
+        raise ConfigError(f"{source}: 'eval.knn_temperature' must be positive, got {config.eval.knn_temperature}.")
 
 
 def _join(prefix: str, name: str) -> str:

@@ -3,6 +3,7 @@
 Layout under `<output_dir>/checkpoints/`:
 
     step_00000100/            DeepSpeed's files (any ZeRO stage) + trainer_state_rank{r}.pt
+                              (+ task_state.safetensors: state outside DeepSpeed, e.g. BYOL's target)
     step_00000200/
     latest                    the tag of the newest COMPLETE checkpoint
 
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from mmcl.distributed import get_rank, get_world_size
 
 LATEST = "latest"
+TASK_STATE = "task_state.safetensors"
 
 
 class ResumeError(ValueError):
@@ -57,8 +59,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict[str, Any],
-                    rank_state: dict[str, Any], keep: int) -> Path:
-    """Save engine + trainer state as tag step_{step}; switch `latest`; prune to `keep` tags."""
+                    rank_state: dict[str, Any], keep: int, task_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save engine + trainer state as tag step_{step}; switch `latest`; prune to `keep` tags.
+
+    task_state: tensors DeepSpeed does not hold (the same on every rank), written once by rank 0
+    as safetensors.
+    """
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     if get_rank() == 0:
@@ -71,6 +77,12 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
     temporary = state_path.with_suffix(".tmp")
     torch.save(rank_state, temporary)
     os.replace(temporary, state_path)
+    if task_state and get_rank() == 0:
+        from safetensors.torch import save_file
+
+        temporary = root / tag / f".{TASK_STATE}.tmp"
+        save_file({name: t.detach().cpu().contiguous().clone() for name, t in task_state.items()}, str(temporary))
+        os.replace(temporary, root / tag / TASK_STATE)
     _barrier()
     if get_rank() == 0:
         atomic_write_text(root / LATEST, tag)
@@ -111,6 +123,16 @@ def load_rank_state(root: Path, tag: str) -> dict[str, Any]:
             "exact resume needs the same number of ranks."
         )
     return torch.load(path, weights_only=True)
+
+
+def load_task_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The task state saved beside a checkpoint ({} when it has none)."""
+    path = root / tag / TASK_STATE
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def capture_rng() -> dict[str, Any]:

@@ -7,6 +7,8 @@ from typing import Any, Iterator
 from mmcl.config import RunConfig
 from mmcl.data.loader import ShardLoader, build_train_loader
 from mmcl.data.shards import expand_shards, is_local
+from mmcl.data.transforms import ssl_view_pair
+from mmcl.engine.objectives import needs_of
 from mmcl.engine.runtime import TrainingError
 
 
@@ -28,9 +30,23 @@ def check_shards(cfg: RunConfig) -> None:
 
 
 def build(cfg: RunConfig, tokenizer, rank: int, world_size: int) -> ShardLoader:
+    """The training loader, yielding what the objectives need: the CLIP view (`pixel_values`) and
+    captions for clip/siglip, two SSL views (`views`) for simclr/byol."""
+    needs = needs_of(cfg.objectives)
     context_length = cfg.model.text.context_length if cfg.model.text is not None else 77
-    return build_train_loader(cfg.data, tokenizer, context_length, batch_size=cfg.train.micro_batch_size,
-                              seed=cfg.seed, rank=rank, world_size=world_size)
+    return build_train_loader(cfg.data, tokenizer if "text" in needs else None, context_length,
+                              batch_size=cfg.train.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
+                              view_transforms=ssl_views(cfg) if "views" in needs else None,
+                              pixel_values="pixel_values" in needs)
+
+
+def ssl_views(cfg: RunConfig):
+    """The two view transforms from `ssl.views`: BYOL's asymmetric recipe when byol is an objective, else SimCLR's."""
+    views = cfg.ssl.views
+    return ssl_view_pair(cfg.data.image_size, "byol" if "byol" in cfg.objectives else "simclr",
+                         crop_scale=views.crop_scale, flip_p=views.flip_p, color_jitter=views.color_jitter,
+                         color_jitter_p=views.color_jitter_p, grayscale_p=views.grayscale_p, blur_p=views.blur_p,
+                         blur_sigma=views.blur_sigma, solarize_p=views.solarize_p)
 
 
 def steps_per_epoch(loader: ShardLoader, cfg: RunConfig, world_size: int) -> int:

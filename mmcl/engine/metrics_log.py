@@ -40,26 +40,35 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+ACCURACIES = {"zeroshot/acc1": ("zero-shot top-1", "tab:orange"), "knn/acc1": ("kNN top-1", "tab:green"),
+              "linear_probe/acc1": ("linear-probe top-1", "tab:red")}
+
+
 def plot_history(records: list[dict], out_path: str | Path) -> Path | None:
-    """PNG with the loss (left axis) and zero-shot top-1 (right axis) over steps."""
+    """PNG with the loss (left axis) and the evaluation top-1 accuracies (right axis) over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    accuracy = [(r["step"], r["zeroshot/acc1"]) for r in records if "zeroshot/acc1" in r]
+    accuracies = {key: [(r["step"], r[key]) for r in records if key in r] for key in ACCURACIES}
+    accuracies = {key: points for key, points in accuracies.items() if points}
     if not losses:
         return None
     figure, left = plt.subplots(figsize=(7, 4))
     left.plot(*zip(*losses), color="tab:blue", label="loss")
     left.set_xlabel("step")
     left.set_ylabel("loss", color="tab:blue")
-    if accuracy:
+    if accuracies:
         right = left.twinx()
-        right.plot(*zip(*accuracy), color="tab:orange", marker="o", label="zero-shot top-1")
-        right.set_ylabel("zero-shot top-1", color="tab:orange")
+        for key, points in accuracies.items():
+            label, color = ACCURACIES[key]
+            right.plot(*zip(*points), color=color, marker="o", label=label)
+        right.set_ylabel("top-1" if len(accuracies) > 1 else ACCURACIES[next(iter(accuracies))][0])
         right.set_ylim(0, 1)
+        if len(accuracies) > 1:
+            right.legend(loc="center right")
     figure.tight_layout()
     figure.savefig(out_path, dpi=100)
     plt.close(figure)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -20,9 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mmcl.config import RunConfig, save_config
+from mmcl.config import KNOWN_OBJECTIVES, RunConfig, save_config
 from mmcl.distributed import get_rank, get_world_size
-from mmcl.engine.checkpoint import (capture_rng, load_rank_state, resolve_resume, restore_rng,
+from mmcl.engine.checkpoint import (capture_rng, load_rank_state, load_task_state, resolve_resume, restore_rng,
                                     save_checkpoint)
 from mmcl.engine.ds_config import build_deepspeed_config
 from mmcl.engine.metrics_log import MetricsLog, plot_history
@@ -30,7 +29,7 @@ from mmcl.engine.optim import lr_lambda, parameter_groups
 from mmcl.engine.runtime import (TrainingError, check_output_dir, init_process_group, move_batch,
                                  say)
 from mmcl.engine.steps import feature_cache_step, plain_step
-from mmcl.engine.task import ContrastiveTask
+from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model, build_tokenizer
 
 
@@ -70,9 +69,10 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
 
         check_push_config(cfg)  # no token or no network: say so now, not after a long run
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    torch.manual_seed(cfg.seed)  # identical initial weights (and SSL heads, BYOL target) on every rank
     tokenizer = build_tokenizer(cfg.model.text) if cfg.model.text is not None else None
     model = build_model(cfg.model)
+    task = TrainingTask(model, cfg.objectives, cfg.loss.chunk_size, cfg)
 
     # Checked before the process group exists, so a contradiction stops every rank at once.
     ds_config = build_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), ds_user_config, ds_source)
@@ -84,8 +84,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     if total_steps < 1:
         raise TrainingError("the run has 0 steps: the data is smaller than one global batch; lower train.micro_batch_size.")
 
-    task = ContrastiveTask(model, cfg.objectives, cfg.loss.chunk_size)
-    groups = parameter_groups(task.model, cfg.optim)
+    groups = parameter_groups(task, cfg.optim, prefix="model.")  # towers by name; SSL heads with the heads
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -100,6 +99,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
             root, tag = found
             _, client_state = engine.load_checkpoint(str(root), tag=tag)
             step, samples_seen = client_state["step"], client_state["samples_seen"]
+            task.load_extra_state(load_task_state(root, tag))
             rank_state = load_rank_state(root, tag)
             loader.load_state_dict(rank_state["data"])
             restore_rng(rank_state["rng"])
@@ -109,6 +109,11 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     log.truncate_after(step)
     stop = StopRequested()
     use_cache = cfg.train.accumulation == "feature_cache" and cfg.train.grad_accum_steps > 1
+    if use_cache and not task.cacheable:
+        say(f"objectives {', '.join(cfg.objectives)}: plain gradient accumulation (feature caching applies to "
+            "clip/siglip alone)")
+        use_cache = False
+    gather = _gatherer(engine)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
     nonfinite_in_row, nonfinite_total = 0, 0
     progress = _progress_bar(total_steps, step, rank)
@@ -120,6 +125,8 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
         micro_batches = [move_batch(next(batches), engine) for _ in range(cfg.train.grad_accum_steps)]
         metrics, nonfinite = (feature_cache_step if use_cache else plain_step)(engine, micro_batches)
         step += 1
+        if metrics is not None:  # the optimizer stepped: per-step updates (BYOL's EMA target)
+            metrics.update({k: torch.tensor(v) for k, v in task.after_optimizer_step(step, total_steps, gather).items()})
         samples_seen += global_batch
         window_samples += global_batch
         nonfinite_total += nonfinite
@@ -146,7 +153,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
             _evaluate_and_log(engine, cfg, tokenizer, log, step, samples_seen)
         stopping = stop.any_rank()
         if stopping or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == total_steps:
-            _save(engine, loader, cfg, step, samples_seen)
+            _save(engine, loader, cfg, step, samples_seen, task)
         if stopping:
             say(f"stop requested: saved step {step}; resume with train.resume=latest")
             progress.close()
@@ -162,6 +169,11 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
         plot = plot_history(log.records(), output_dir / "training.png")
         if "zeroshot/acc1" in final_metrics:
             say(f"zero-shot top-1 on {cfg.eval.zeroshot_shards}: {final_metrics['zeroshot/acc1']:.1%}")
+        if "knn/acc1" in final_metrics:
+            say(f"kNN top-1 on {cfg.eval.knn_test_shards} (neighbours {cfg.eval.knn_train_shards}): "
+                f"{final_metrics['knn/acc1']:.1%}")
+        if "linear_probe/acc1" in final_metrics:
+            say(f"linear-probe top-1 on {cfg.eval.knn_test_shards}: {final_metrics['linear_probe/acc1']:.1%}")
         say(f"done: metrics {output_dir / 'metrics.json'}, plot {plot}, model {output_dir / 'model'}, "
             f"checkpoints {output_dir / 'checkpoints'}, TensorBoard logs {output_dir / 'tensorboard'}")
         if cfg.push_to_hub is not None:
@@ -178,11 +190,23 @@ def _monitor_config(output_dir: Path) -> dict[str, Any]:
     }
 
 
-def _save(engine, loader, cfg: RunConfig, step: int, samples_seen: int) -> None:
+def _save(engine, loader, cfg: RunConfig, step: int, samples_seen: int, task: TrainingTask) -> None:
     client_state = {"step": step, "samples_seen": samples_seen}
     rank_state = {"data": loader.state_dict(), "rng": capture_rng()}
-    path = save_checkpoint(engine, cfg.output_dir, step, client_state, rank_state, cfg.train.keep_checkpoints)
+    path = save_checkpoint(engine, cfg.output_dir, step, client_state, rank_state, cfg.train.keep_checkpoints,
+                           task_state=task.extra_state())
     say(f"checkpoint {path}")
+
+
+def _gatherer(engine):
+    """params -> context in which ZeRO-3-partitioned parameters are whole (read-only); a no-op below stage 3."""
+    if engine.zero_optimization_stage() != 3:
+        from mmcl.engine.objectives import no_gather
+
+        return no_gather
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _reduce_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -197,8 +221,13 @@ def _reduce_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def _log_line(step: int, total: int, values: dict[str, float]) -> str:
     parts = [f"step {step}/{total}", f"loss {values['loss']:.4f}"]
+    objectives = [k for k in values if k in KNOWN_OBJECTIVES]
+    if len(objectives) > 1:
+        parts += [f"{k} {values[k]:.4f}" for k in objectives]
     parts += [f"{k} {v:.3f}" for k, v in values.items() if k.endswith("_acc")]
-    parts += [f"scale {values.get('logit_scale', math.nan):.2f}", f"{values['samples_per_s']:.1f} samples/s"]
+    if "logit_scale" in values:
+        parts.append(f"scale {values['logit_scale']:.2f}")
+    parts.append(f"{values['samples_per_s']:.1f} samples/s")
     skipped = sum(v for k, v in values.items() if k.startswith("skipped/"))
     if skipped:
         parts.append(f"skipped {int(skipped)}")

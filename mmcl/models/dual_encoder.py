@@ -80,10 +80,16 @@ class DualEncoder(nn.Module):
             eval_frozen_modules(self)
         return self
 
+    def pooled_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, H, W] -> the image tower's pooled output [B, W] (before the projection).
+
+        These are the "backbone features" that the self-supervised heads (SimCLR, BYOL) read.
+        """
+        return pool(self.image_tower(pixel_values=pixel_values), self.image_pooling, "image")
+
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """pixel_values [B, 3, H, W] -> image features [B, embed_dim] (unit rows if `normalize`)."""
-        outputs = self.image_tower(pixel_values=pixel_values)
-        features = self.image_projection(pool(outputs, self.image_pooling, "image"))
+        features = self.image_projection(self.pooled_image_features(pixel_values))
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(
@@ -106,15 +112,29 @@ class DualEncoder(nn.Module):
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        views: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Encode what is given.
 
         Returns `image_features` [B, D] (with pixel_values), `text_features` [B, D] (with
-        input_ids), `logit_scale` (scalar, already exponentiated and clamped) and `logit_bias`
-        (scalar, when configured).
+        input_ids), `view_features` [V*B, W] (with views: V augmented batches [B, 3, H, W],
+        their pooled tower outputs before the projection, view after view), `logit_scale`
+        (scalar, already exponentiated and clamped) and `logit_bias` (scalar, when configured).
+        Images and views of one size go through the image tower in one call.
         """
         out: dict[str, torch.Tensor] = {}
-        if pixel_values is not None:
+        if views:
+            images = ([pixel_values] if pixel_values is not None else []) + list(views)
+            if all(image.shape[1:] == images[0].shape[1:] for image in images):
+                pooled = self.pooled_image_features(torch.cat(images))
+            else:
+                pooled = torch.cat([self.pooled_image_features(image) for image in images])
+            if pixel_values is not None:
+                batch = pixel_values.shape[0]
+                out["image_features"] = F.normalize(self.image_projection(pooled[:batch]), dim=-1)
+                pooled = pooled[batch:]
+            out["view_features"] = pooled
+        elif pixel_values is not None:
             out["image_features"] = self.encode_image(pixel_values)
         if input_ids is not None:
             out["text_features"] = self.encode_text(input_ids, attention_mask)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from export_helpers import build, run_config, write_run
 from PIL import Image
 
-from mmcl.config import KNOWN_OBJECTIVES
 
 from mmcl.export import ExportError, export_model, export_run, load_exported
 from mmcl.export.card import front_matter_of
@@ -92,7 +91,6 @@ def test_bert_cls_pooling_and_mlp_head_are_not_exact_so_transformers_gives_nan_a
     assert "tensor(" in run_snippet(out)
 
 
-@pytest.mark.skipif("simclr" not in KNOWN_OBJECTIVES, reason="image-only (SSL) objectives arrive with issue 6")
 def test_image_only_simclr_run_exports_the_tower_with_exact_pooler_output_and_the_head_beside_it(tmp_path):
     from transformers import AutoImageProcessor, AutoModel, ViTModel
 
