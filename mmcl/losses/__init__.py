@@ -7,14 +7,22 @@ from torch import nn
 
 from mmcl.losses.byol import BYOLLoss, byol_loss
 from mmcl.losses.clip import ClipLoss, clip_loss
+from mmcl.losses.clip_queue import ClipQueueLoss, clip_queue_loss
+from mmcl.losses.moco import MoCoLoss, moco_loss
 from mmcl.losses.ntxent import NTXentLoss, ntxent_loss
 from mmcl.losses.siglip import SigLipLoss, siglip_loss
+from mmcl.losses.simsiam import SimSiamLoss, simsiam_loss
+from mmcl.losses.triplet import TripletLoss, triplet_loss
 
 LOSSES: dict[str, type[nn.Module]] = {
     "clip": ClipLoss,
     "siglip": SigLipLoss,
     "ntxent": NTXentLoss,
     "byol": BYOLLoss,
+    "moco": MoCoLoss,
+    "simsiam": SimSiamLoss,
+    "triplet": TripletLoss,
+    "clip_queue": ClipQueueLoss,
 }
 
 
@@ -26,6 +34,7 @@ def build_loss(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = [
-    "LOSSES", "BYOLLoss", "ClipLoss", "NTXentLoss", "SigLipLoss", "build_loss", "byol_loss", "clip_loss",
-    "ntxent_loss", "siglip_loss",
+    "LOSSES", "BYOLLoss", "ClipLoss", "ClipQueueLoss", "MoCoLoss", "NTXentLoss", "SigLipLoss", "SimSiamLoss",
+    "TripletLoss", "build_loss", "byol_loss", "clip_loss", "clip_queue_loss", "moco_loss", "ntxent_loss",
+    "siglip_loss", "simsiam_loss", "triplet_loss",
 ]
