@@ -71,6 +71,16 @@ class LossConfig:
     """Options shared by the contrastive objectives."""
 
     chunk_size: int | None = None  # rows of the score matrix per chunk; None = dense
+    clip_queue: ClipQueueConfig = field(default_factory=lambda: ClipQueueConfig())  # the clip_queue objective
+
+
+@dataclass
+class ClipQueueConfig:
+    """The `clip_queue` objective: CLIP's InfoNCE plus queued negatives from momentum towers (ALBEF-style)."""
+
+    size: int = 4096  # queued image and text features (each) used as extra negatives
+    base_momentum: float = 0.995  # momentum towers' EMA momentum at the first step (ALBEF: 0.995) ...
+    final_momentum: float = 1.0  # ... cosine to this at the last step
 
 
 @dataclass
@@ -112,12 +122,52 @@ class BYOLConfig:
 
 
 @dataclass
+class MoCoConfig:
+    """MoCo: query encoder (tower + projector [+ predictor]) vs an EMA key encoder, InfoNCE against a queue."""
+
+    temperature: float = 0.2  # InfoNCE temperature (MoCo v2 0.2)
+    queue_size: int = 65536  # past keys used as negatives; 0 = MoCo v3 (the keys of the global batch)
+    predictor: bool = False  # MoCo v3's predictor MLP on the query side
+    hidden_dim: int = 2048  # projector (and predictor) hidden width
+    out_dim: int = 128  # key dimension
+    num_layers: int = 2  # projector depth (MoCo v2 2, v3 3)
+    base_momentum: float = 0.99  # key encoder EMA momentum at the first step (MoCo v2: 0.999 constant) ...
+    final_momentum: float = 1.0  # ... cosine to this at the last step
+    shuffle_bn: bool = True  # shuffle the key batch across ranks so BatchNorm statistics cannot leak the positive
+
+
+@dataclass
+class SimSiamConfig:
+    """SimSiam: projector + predictor, negative cosine against the stop-gradient projection of the other view."""
+
+    hidden_dim: int = 2048  # projector hidden width
+    out_dim: int = 2048  # projector output width
+    num_layers: int = 3  # projector depth (SimSiam 3)
+    predictor_hidden_dim: int = 512  # predictor bottleneck width (SimSiam: out_dim / 4)
+
+
+@dataclass
+class TripletConfig:
+    """Triplet margin loss with negatives mined from the global batch (all ranks)."""
+
+    pairs: Literal["views", "image_text"] = "views"  # two views of an image, or an image and its caption
+    margin: float = 0.2  # on the cosine distance 1 - cos
+    mining: Literal["batch_hard", "semi_hard"] = "semi_hard"  # hardest negative, or FaceNet's semi-hard one
+    symmetric: bool = True  # also mine with the positives as anchors
+    hidden_dim: int = 2048  # projector of the views (pairs: views)
+    out_dim: int = 128
+
+
+@dataclass
 class SSLConfig:
-    """Settings of the self-supervised objectives (used when `objectives` names simclr or byol)."""
+    """Settings of the self-supervised objectives (used when `objectives` names them)."""
 
     views: ViewsConfig = field(default_factory=ViewsConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     byol: BYOLConfig = field(default_factory=BYOLConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
+    triplet: TripletConfig = field(default_factory=TripletConfig)
 
 
 @dataclass
@@ -218,9 +268,21 @@ class RunConfig:
     seed: int = 0  # seeds model init, data order and augmentation
 
 
-KNOWN_OBJECTIVES = ("clip", "siglip", "simclr", "byol")
-CONTRASTIVE_OBJECTIVES = ("clip", "siglip")  # image-text objectives: need the text tower
-SSL_OBJECTIVES = ("simclr", "byol")  # image-only objectives on two augmented views
+KNOWN_OBJECTIVES = ("clip", "siglip", "clip_queue", "simclr", "byol", "moco", "simsiam", "triplet")
+CONTRASTIVE_OBJECTIVES = ("clip", "siglip", "clip_queue")  # image-text objectives: need the text tower
+SSL_OBJECTIVES = ("simclr", "byol", "moco", "simsiam", "triplet")  # image objectives on two augmented views
+
+
+def uses_text(config: RunConfig) -> bool:
+    """Whether an objective needs the text tower (clip/siglip/clip_queue, or triplet on image-text pairs)."""
+    return any(name in CONTRASTIVE_OBJECTIVES for name in config.objectives) or (
+        "triplet" in config.objectives and config.ssl.triplet.pairs == "image_text")
+
+
+def uses_views(config: RunConfig) -> bool:
+    """Whether an objective needs the two augmented views of each image."""
+    return any(name in SSL_OBJECTIVES for name in config.objectives) and not (
+        set(config.objectives) & set(SSL_OBJECTIVES) == {"triplet"} and config.ssl.triplet.pairs == "image_text")
 
 # ----------------------------------------------------------------------------- loading
 
@@ -433,16 +495,21 @@ def _check_semantics(config: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: unknown objective 'objectives.{name}'{hint}")
         if weight < 0:
             raise ConfigError(f"{source}: 'objectives.{name}' weight must be >= 0, got {weight}.")
-        if name in ("clip", "siglip") and config.model.text is None:
+        if name in CONTRASTIVE_OBJECTIVES and config.model.text is None:
             raise ConfigError(f"{source}: objective '{name}' needs a text tower ('model.text').")
-    contrastive = [name for name in config.objectives if name in CONTRASTIVE_OBJECTIVES]
-    if not contrastive:
+    if "triplet" in config.objectives and config.ssl.triplet.pairs == "image_text" and config.model.text is None:
+        raise ConfigError(f"{source}: 'ssl.triplet.pairs: image_text' needs a text tower ('model.text').")
+    if not uses_text(config):
         _check_image_only(config, source)
     _check_ssl(config, source)
     if "siglip" in config.objectives and config.model.logit_bias_init is None:
         raise ConfigError(f"{source}: objective 'siglip' needs 'model.logit_bias_init' (SigLIP uses -10).")
     if config.loss.chunk_size is not None and config.loss.chunk_size < 1:
         raise ConfigError(f"{source}: 'loss.chunk_size' must be >= 1, got {config.loss.chunk_size}.")
+    if "clip_queue" in config.objectives and config.loss.chunk_size is not None:
+        raise ConfigError(f"{source}: objective 'clip_queue' computes its loss densely; remove 'loss.chunk_size'.")
+    if len(set(config.objectives) & {"clip", "siglip", "clip_queue"}) > 1 and "clip_queue" in config.objectives:
+        raise ConfigError(f"{source}: 'clip_queue' already is CLIP's loss (with extra negatives); use it instead of clip/siglip.")
     data = config.data
     if data.resampled and data.samples_per_epoch is None and data.train_shards is not None:
         raise ConfigError(f"{source}: 'data.samples_per_epoch' is required with 'data.resampled: true'.")
@@ -502,16 +569,31 @@ def _check_ssl(config: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: 'ssl.views.{key}' must be probabilities in [0, 1], got {values}.")
     if simclr.temperature is not None and simclr.temperature <= 0:
         raise ConfigError(f"{source}: 'ssl.simclr.temperature' must be positive, got {simclr.temperature}.")
-    for key, value in (("ssl.simclr.hidden_dim", simclr.hidden_dim), ("ssl.simclr.out_dim", simclr.out_dim),
-                       ("ssl.simclr.num_layers", simclr.num_layers), ("ssl.byol.hidden_dim", byol.hidden_dim),
-                       ("ssl.byol.out_dim", byol.out_dim), ("eval.knn_k", config.eval.knn_k)):
+    moco, simsiam, triplet, queue = config.ssl.moco, config.ssl.simsiam, config.ssl.triplet, config.loss.clip_queue
+    positive_ints = {"ssl.simclr.hidden_dim": simclr.hidden_dim, "ssl.simclr.out_dim": simclr.out_dim,
+                     "ssl.simclr.num_layers": simclr.num_layers, "ssl.byol.hidden_dim": byol.hidden_dim,
+                     "ssl.byol.out_dim": byol.out_dim, "ssl.moco.hidden_dim": moco.hidden_dim,
+                     "ssl.moco.out_dim": moco.out_dim, "ssl.moco.num_layers": moco.num_layers,
+                     "ssl.simsiam.hidden_dim": simsiam.hidden_dim, "ssl.simsiam.out_dim": simsiam.out_dim,
+                     "ssl.simsiam.num_layers": simsiam.num_layers,
+                     "ssl.simsiam.predictor_hidden_dim": simsiam.predictor_hidden_dim,
+                     "ssl.triplet.hidden_dim": triplet.hidden_dim, "ssl.triplet.out_dim": triplet.out_dim,
+                     "loss.clip_queue.size": queue.size, "eval.knn_k": config.eval.knn_k}
+    for key, value in positive_ints.items():
         if value < 1:
             raise ConfigError(f"{source}: '{key}' must be >= 1, got {value}.")
-    if not 0 <= byol.base_momentum <= byol.final_momentum <= 1:
-        raise ConfigError(
-            f"{source}: 'ssl.byol.base_momentum' and 'ssl.byol.final_momentum' must satisfy 0 <= base <= final <= 1, "
-            f"got {byol.base_momentum} and {byol.final_momentum}."
-        )
+    if moco.queue_size < 0:
+        raise ConfigError(f"{source}: 'ssl.moco.queue_size' must be >= 0 (0 = MoCo v3, no queue), got {moco.queue_size}.")
+    if moco.temperature <= 0:
+        raise ConfigError(f"{source}: 'ssl.moco.temperature' must be positive, got {moco.temperature}.")
+    if triplet.margin < 0:
+        raise ConfigError(f"{source}: 'ssl.triplet.margin' must be >= 0, got {triplet.margin}.")
+    for prefix, settings in (("ssl.byol", byol), ("ssl.moco", moco), ("loss.clip_queue", queue)):
+        if not 0 <= settings.base_momentum <= settings.final_momentum <= 1:
+            raise ConfigError(
+                f"{source}: '{prefix}.base_momentum' and '{prefix}.final_momentum' must satisfy 0 <= base <= final <= 1, "
+                f"got {settings.base_momentum} and {settings.final_momentum}."
+            )
     knn = (config.eval.knn_train_shards, config.eval.knn_test_shards)
     if (knn[0] is None) != (knn[1] is None):
         raise ConfigError(f"{source}: 'eval.knn_train_shards' and 'eval.knn_test_shards' go together; set both or neither.")

@@ -32,7 +32,7 @@ def check_shards(cfg: RunConfig) -> None:
 def build(cfg: RunConfig, tokenizer, rank: int, world_size: int) -> ShardLoader:
     """The training loader, yielding what the objectives need: the CLIP view (`pixel_values`) and
     captions for clip/siglip, two SSL views (`views`) for simclr/byol."""
-    needs = needs_of(cfg.objectives)
+    needs = needs_of(cfg.objectives, cfg)
     context_length = cfg.model.text.context_length if cfg.model.text is not None else 77
     return build_train_loader(cfg.data, tokenizer if "text" in needs else None, context_length,
                               batch_size=cfg.train.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size,

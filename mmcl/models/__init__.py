@@ -1,8 +1,9 @@
 """Models: `transformers` towers -> pooling -> projection -> normalised features."""
 from mmcl.models.dual_encoder import DualEncoder, build_model, enable_gradient_checkpointing
-from mmcl.models.ema import cosine_momentum, ema_update_, frozen_copy
+from mmcl.models.ema import Gather, MomentumEncoder, cosine_momentum, ema_update_, frozen_copy, no_gather
 from mmcl.models.heads import FloatBatchNorm1d, MLPHead
 from mmcl.models.locking import eval_frozen_modules, find_layer_stack, lock_tower
+from mmcl.models.queue import KeyQueue
 from mmcl.models.pooling import AUTO_POOLING, POOLINGS, pool, pooled_width, resolve_pooling
 from mmcl.models.projection import build_projection
 from mmcl.models.tokenizer import TokenizerLoadError, build_tokenizer, check_tokenizer_fits, tokenize
@@ -13,6 +14,9 @@ __all__ = [
     "POOLINGS",
     "DualEncoder",
     "FloatBatchNorm1d",
+    "Gather",
+    "KeyQueue",
+    "MomentumEncoder",
     "MLPHead",
     "TokenizerLoadError",
     "TowerLoadError",
@@ -27,6 +31,7 @@ __all__ = [
     "eval_frozen_modules",
     "find_layer_stack",
     "frozen_copy",
+    "no_gather",
     "lock_tower",
     "pool",
     "pooled_width",

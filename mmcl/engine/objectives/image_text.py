@@ -1,0 +1,93 @@
+"""Image-text objectives: clip and siglip (on the model's features), clip_queue (plus queued negatives)."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from mmcl.config import RunConfig
+from mmcl.engine.objectives.base import Objective, split_state
+from mmcl.losses import ClipQueueLoss, build_loss
+from mmcl.models import DualEncoder, Gather, KeyQueue, MomentumEncoder, no_gather
+
+
+class ContrastiveObjective(Objective):
+    """clip / siglip: the image-text loss on the normalised features (see mmcl.losses).
+
+    They have no parameters of their own (the logit scale/bias belong to the model), so they
+    can be evaluated on cached features (`cacheable`: feature-cache gradient accumulation).
+    """
+
+    needs = frozenset({"pixel_values", "text"})
+    cacheable = True
+    loss_name = "clip"
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    @classmethod
+    def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
+        return cls(build_loss(cls.loss_name, chunk_size=chunk_size))
+
+    def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
+        return self.loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], outputs.get("logit_bias"))
+
+
+class SigLipObjective(ContrastiveObjective):
+    loss_name = "siglip"
+
+
+class ClipQueueObjective(Objective):
+    """CLIP's InfoNCE with `size` queued image and text features of earlier batches as extra
+    negatives (ALBEF-style), so a small batch still sees many negatives.
+
+    Momentum (EMA) copies of both towers and projections encode each batch without gradient;
+    their normalised features of every rank join the queues after the loss. The in-batch
+    candidates are the online features, so with empty queues this is exactly `clip`.
+    forward -> {"loss", "i2t_acc", "t2i_acc", "negatives"}; `after_step` -> {"momentum"}.
+    """
+
+    needs = frozenset({"pixel_values", "text"})
+
+    def __init__(self, model: DualEncoder, dim: int, size: int = 4096, base_momentum: float = 0.995,
+                 final_momentum: float = 1.0):
+        super().__init__()
+        self.loss = ClipQueueLoss()
+        # Plain attributes, not submodules: hidden from DeepSpeed (see mmcl.models.ema).
+        object.__setattr__(self, "momentum", MomentumEncoder({"model": model}, base_momentum, final_momentum))
+        object.__setattr__(self, "image_queue", KeyQueue(size, dim))
+        object.__setattr__(self, "text_queue", KeyQueue(size, dim))
+
+    @classmethod
+    def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
+        if cfg is None:
+            raise ValueError("the clip_queue objective needs the run config (its queues are model.embed_dim wide).")
+        settings = cfg.loss.clip_queue
+        return cls(model, cfg.model.embed_dim, settings.size, settings.base_momentum, settings.final_momentum)
+
+    def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
+        image, text = outputs["image_features"], outputs["text_features"]
+        for queue in (self.image_queue, self.text_queue):
+            if queue.keys.device != image.device:
+                queue.to(image.device)
+        terms = self.loss(image, text, outputs["logit_scale"], self.image_queue.current(), self.text_queue.current(),
+                          outputs.get("logit_bias"))
+        with self.momentum.ready(batch["pixel_values"]) as target:
+            image_keys = target["model"].encode_image(batch["pixel_values"]).float()
+            text_keys = target["model"].encode_text(batch["input_ids"], batch["attention_mask"]).float()
+        self.image_queue.enqueue(image_keys)
+        self.text_queue.enqueue(text_keys)
+        return terms
+
+    def after_step(self, step: int, total_steps: int, gather: Gather = no_gather) -> dict[str, float]:
+        return {"momentum": self.momentum.update(step, total_steps, gather)}
+
+    def extra_state(self) -> dict[str, Tensor]:
+        state = {f"momentum.{k}": v for k, v in self.momentum.state_dict().items()}
+        for name, queue in (("image_queue", self.image_queue), ("text_queue", self.text_queue)):
+            state.update({f"{name}.{k}": v for k, v in queue.state_dict().items()})
+        return state
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        self.momentum.load_state_dict(split_state(state, "momentum"), "clip_queue momentum towers")
+        self.image_queue.load_state_dict(split_state(state, "image_queue"))
+        self.text_queue.load_state_dict(split_state(state, "text_queue"))

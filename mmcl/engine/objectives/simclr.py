@@ -1,0 +1,42 @@
+"""SimCLR: an MLP projector on the views' pooled features, NT-Xent over the 2N views of all ranks
+(beside clip this is SLIP)."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from mmcl.config import CONTRASTIVE_OBJECTIVES, RunConfig, SimCLRConfig
+from mmcl.engine.objectives.base import Objective, image_width
+from mmcl.losses import NTXentLoss
+from mmcl.models import DualEncoder, MLPHead
+
+
+class SimCLRObjective(Objective):
+    """SimCLR: projector(pooled view features) -> NT-Xent over 2N views with all ranks' negatives.
+
+    forward -> {"loss", "view_acc"} (see `mmcl.losses.NTXentLoss`).
+    """
+
+    needs = frozenset({"views"})
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2,
+                 temperature: float = 0.1):
+        super().__init__()
+        self.head = MLPHead(in_dim, hidden_dim, out_dim, num_layers)
+        self.loss = NTXentLoss(temperature)
+
+    @classmethod
+    def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
+        settings = cfg.ssl.simclr if cfg is not None else SimCLRConfig()
+        return cls(image_width(model), settings.hidden_dim, settings.out_dim, settings.num_layers, simclr_temperature(cfg))
+
+    def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
+        z1, z2 = self.head(outputs["view_features"]).float().chunk(2)
+        return self.loss(z1, z2)
+
+
+def simclr_temperature(cfg: RunConfig | None) -> float:
+    """ssl.simclr.temperature, or its default: 0.1 beside an image-text objective (SLIP), 0.2 alone."""
+    if cfg is not None and cfg.ssl.simclr.temperature is not None:
+        return cfg.ssl.simclr.temperature
+    joint = cfg is not None and any(name in CONTRASTIVE_OBJECTIVES for name in cfg.objectives)
+    return 0.1 if joint else 0.2

@@ -1,0 +1,39 @@
+"""SimSiam: projector + predictor, negative cosine against the stop-gradient projection of the other view."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from mmcl.config import RunConfig, SimSiamConfig
+from mmcl.engine.objectives.base import Objective, image_width
+from mmcl.losses import SimSiamLoss
+from mmcl.models import DualEncoder, MLPHead
+
+
+class SimSiamObjective(Objective):
+    """SimSiam: z = projector(pooled view features), p = predictor(z); the loss is
+    -(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2. No target network, no negatives: the
+    stop-gradient and the predictor prevent collapse. forward -> {"loss", "cos"}.
+
+    The projector is `num_layers` Linear-BN-ReLU blocks and a final Linear (SimSiam also puts
+    BatchNorm on the projector's output; mmcl's heads end with a plain Linear).
+    """
+
+    needs = frozenset({"views"})
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048, num_layers: int = 3,
+                 predictor_hidden_dim: int = 512):
+        super().__init__()
+        self.projector = MLPHead(in_dim, hidden_dim, out_dim, num_layers)
+        self.predictor = MLPHead(out_dim, predictor_hidden_dim, out_dim, 2)
+        self.loss = SimSiamLoss()
+
+    @classmethod
+    def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
+        s = cfg.ssl.simsiam if cfg is not None else SimSiamConfig()
+        return cls(image_width(model), s.hidden_dim, s.out_dim, s.num_layers, s.predictor_hidden_dim)
+
+    def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
+        z = self.projector(outputs["view_features"])
+        p1, p2 = self.predictor(z).float().chunk(2)
+        z1, z2 = z.float().chunk(2)
+        return self.loss(p1, p2, z1, z2)

@@ -1,0 +1,49 @@
+"""Triplet margin loss with negatives mined from the global batch, on two views or on image-text pairs."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from mmcl.config import RunConfig, TripletConfig
+from mmcl.engine.objectives.base import Objective, image_width
+from mmcl.losses import TripletLoss
+from mmcl.models import DualEncoder, MLPHead
+
+
+class TripletObjective(Objective):
+    """Triplet loss (`mmcl.losses.TripletLoss`: cosine distance, batch-hard or semi-hard mining
+    over the pairs of every rank).
+
+    pairs "views": anchors and positives are a projector's outputs of the two views of each
+    image; pairs "image_text": the model's normalised image and text features (each image's
+    caption is its positive, the other captions of the global batch its candidate negatives).
+    forward -> {"loss", "active"} (the fraction of triplets with a positive loss).
+    """
+
+    needs = frozenset({"views"})
+
+    def __init__(self, pairs: str = "views", margin: float = 0.2, mining: str = "semi_hard", symmetric: bool = True,
+                 in_dim: int | None = None, hidden_dim: int = 2048, out_dim: int = 128):
+        super().__init__()
+        self.pairs = pairs
+        self.head = MLPHead(in_dim, hidden_dim, out_dim, 2) if pairs == "views" else None
+        self.loss = TripletLoss(margin, mining, symmetric)
+
+    @classmethod
+    def needs_for(cls, cfg: RunConfig | None) -> frozenset[str]:
+        if cfg is not None and cfg.ssl.triplet.pairs == "image_text":
+            return frozenset({"pixel_values", "text"})
+        return cls.needs
+
+    @classmethod
+    def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
+        s = cfg.ssl.triplet if cfg is not None else TripletConfig()
+        objective = cls(s.pairs, s.margin, s.mining, s.symmetric, image_width(model) if s.pairs == "views" else None,
+                        s.hidden_dim, s.out_dim)
+        objective.needs = cls.needs_for(cfg)
+        return objective
+
+    def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
+        if self.head is None:
+            return self.loss(outputs["image_features"], outputs["text_features"])
+        anchors, positives = self.head(outputs["view_features"]).float().chunk(2)
+        return self.loss(anchors, positives)
