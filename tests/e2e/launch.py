@@ -98,3 +98,33 @@ def losses(output_dir: Path) -> dict[int, float]:
     """step -> logged loss (metrics.jsonl; one record per step with log_every 1)."""
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def resume_copy(source_run: Path, target_run: Path, tag: str = "step_00000004") -> Path:
+    """target_run as a run killed right after saving `tag`: only that checkpoint of source_run, marked latest."""
+    import shutil
+
+    (target_run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source_run / "checkpoints" / tag, target_run / "checkpoints" / tag)
+    (target_run / "checkpoints" / "latest").write_text(tag)
+    return target_run
+
+
+def assert_resumed_run_matches(reference_run: Path, resumed_run: Path, steps: list[int], atol: float = 1e-6) -> None:
+    """The resumed run logged `steps` with the reference's losses, and its final task state
+    (momentum encoders, queues) equals the reference's."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    expected, got = losses(reference_run), losses(resumed_run)
+    assert sorted(got) == steps
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), (step, got, expected)
+    final = f"step_{steps[-1]:08d}"
+    reference = load_file(reference_run / "checkpoints" / final / "task_state.safetensors")
+    continued = load_file(resumed_run / "checkpoints" / final / "task_state.safetensors")
+    assert reference.keys() == continued.keys()
+    for name in reference:
+        assert torch.allclose(continued[name].float(), reference[name].float(), rtol=0, atol=atol), name
+    assert latest_tag(resumed_run) == final

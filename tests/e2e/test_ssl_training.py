@@ -5,13 +5,13 @@ under ZeRO 1/2/3. Four launches in all.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch import BIN, REPO, deepspeed_command, free_port, latest_tag, losses, run, tiny_run_config, write_config
+from launch import (BIN, REPO, assert_resumed_run_matches, deepspeed_command, free_port, losses, resume_copy, run,
+                    tiny_run_config, write_config)
 
 SSL_HEADS = {"simclr": {"hidden_dim": 32, "out_dim": 16}, "byol": {"hidden_dim": 32, "out_dim": 16}}
 
@@ -73,24 +73,12 @@ def test_byol_under_zero3_trains_the_image_tower_and_exports_an_image_encoder(by
 
 def test_byol_resume_continues_with_identical_losses_and_target(byol_zero3, tmp_path):
     config, out, _ = byol_zero3
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(out / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
-    (resumed / "checkpoints" / "latest").write_text("step_00000004")
+    resumed = resume_copy(out, tmp_path / "resumed")
     result = run(deepspeed_command(config, "configs/ds/zero3.json", 2, f"output_dir={resumed}", "train.resume=latest",
                                    "eval.knn_train_shards=null", "eval.knn_test_shards=null"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from" in result.stdout
-    expected, got = losses(out), losses(resumed)
-    assert sorted(got) == [5, 6, 7, 8]
-    for step in got:
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), (step, got, expected)
-    reference = load_file(out / "checkpoints" / "step_00000008" / "task_state.safetensors")
-    continued = load_file(resumed / "checkpoints" / "step_00000008" / "task_state.safetensors")
-    assert reference.keys() == continued.keys()
-    for name in reference:
-        assert torch.allclose(continued[name], reference[name], rtol=0, atol=1e-6), name
-    assert latest_tag(resumed) == "step_00000008"
+    assert_resumed_run_matches(out, resumed, [5, 6, 7, 8])
 
 
 def test_joint_clip_and_simclr_under_zero2(digits, tmp_path):
