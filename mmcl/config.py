@@ -81,6 +81,7 @@ class ClipQueueConfig:
     size: int = 4096  # queued image and text features (each) used as extra negatives
     base_momentum: float = 0.995  # momentum towers' EMA momentum at the first step (ALBEF: 0.995) ...
     final_momentum: float = 1.0  # ... cosine to this at the last step
+    distill: float = 0.0  # ALBEF's momentum distillation: target = distill * momentum softmax + (1 - distill) * one-hot
 
 
 @dataclass
@@ -584,6 +585,8 @@ def _check_ssl(config: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must be >= 1, got {value}.")
     if moco.queue_size < 0:
         raise ConfigError(f"{source}: 'ssl.moco.queue_size' must be >= 0 (0 = MoCo v3, no queue), got {moco.queue_size}.")
+    if not 0 <= queue.distill <= 1:
+        raise ConfigError(f"{source}: 'loss.clip_queue.distill' must be in [0, 1], got {queue.distill}.")
     if moco.temperature <= 0:
         raise ConfigError(f"{source}: 'ssl.moco.temperature' must be positive, got {moco.temperature}.")
     if triplet.margin < 0:

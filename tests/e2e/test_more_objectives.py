@@ -70,7 +70,10 @@ def test_moco_simsiam_triplet_and_the_cross_modal_queue_train_together_under_zer
         assert -1 <= r["simsiam"] <= 1 and 0 <= r["triplet/active"] <= 1
     # the global batch is 16: the CLIP queue fills by 16 a step up to 40 (then wraps)
     assert [r["clip_queue/negatives"] for r in logged[:4]] == [15.0, 31.0, 47.0, 55.0]
-    assert sum(r["clip_queue"] for r in logged[-2:]) < sum(r["clip_queue"] for r in logged[:2])
+    momentum = [r["clip_queue/momentum"] for r in logged]  # ALBEF's 0.995, cosine to 1
+    assert momentum[0] == pytest.approx(0.995) and all(a <= b for a, b in zip(momentum, momentum[1:]))
     state = load_file(tmp_path / "run" / "checkpoints" / "step_00000008" / "task_state.safetensors")
     assert state["clip_queue.image_queue.pointer"].item() == (8 * 16) % 40
     assert {"moco.queue.keys", "clip_queue.text_queue.keys"} <= set(state)
+    for name in ("image", "text"):  # every row written: the momentum towers' unit features
+        assert torch.allclose(state[f"clip_queue.{name}_queue.keys"].norm(dim=-1), torch.ones(40), atol=1e-5)

@@ -37,21 +37,22 @@ class SigLipObjective(ContrastiveObjective):
 
 
 class ClipQueueObjective(Objective):
-    """CLIP's InfoNCE with `size` queued image and text features of earlier batches as extra
-    negatives (ALBEF-style), so a small batch still sees many negatives.
+    """CLIP's InfoNCE against momentum keys plus `size` queued keys of earlier batches per
+    modality (ALBEF's contrastive loss), so a small batch still sees many negatives.
 
     Momentum (EMA) copies of both towers and projections encode each batch without gradient;
-    their normalised features of every rank join the queues after the loss. The in-batch
-    candidates are the online features, so with empty queues this is exactly `clip`.
+    the online image and text features are the queries, and every candidate is a momentum
+    key: the global batch's, then the queue's (`mmcl.losses.ClipQueueLoss`). After the loss
+    the batch's keys of every rank join the queues, which start empty.
     forward -> {"loss", "i2t_acc", "t2i_acc", "negatives"}; `after_step` -> {"momentum"}.
     """
 
     needs = frozenset({"pixel_values", "text"})
 
     def __init__(self, model: DualEncoder, dim: int, size: int = 4096, base_momentum: float = 0.995,
-                 final_momentum: float = 1.0):
+                 final_momentum: float = 1.0, distill: float = 0.0):
         super().__init__()
-        self.loss = ClipQueueLoss()
+        self.loss = ClipQueueLoss(distill)
         # Plain attributes, not submodules: hidden from DeepSpeed (see mmcl.models.ema).
         object.__setattr__(self, "momentum", MomentumEncoder({"model": model}, base_momentum, final_momentum))
         object.__setattr__(self, "image_queue", KeyQueue(size, dim))
@@ -62,18 +63,23 @@ class ClipQueueObjective(Objective):
         if cfg is None:
             raise ValueError("the clip_queue objective needs the run config (its queues are model.embed_dim wide).")
         settings = cfg.loss.clip_queue
-        return cls(model, cfg.model.embed_dim, settings.size, settings.base_momentum, settings.final_momentum)
+        return cls(model, cfg.model.embed_dim, settings.size, settings.base_momentum, settings.final_momentum,
+                   settings.distill)
+
+    def encode_keys(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """The momentum towers' normalised image and text features [B, D] (float32, no gradient)."""
+        with self.momentum.ready(batch["pixel_values"]) as target:
+            image = target["model"].encode_image(batch["pixel_values"]).float()
+            text = target["model"].encode_text(batch["input_ids"], batch["attention_mask"]).float()
+        return image, text
 
     def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
-        image, text = outputs["image_features"], outputs["text_features"]
+        image_keys, text_keys = self.encode_keys(batch)
         for queue in (self.image_queue, self.text_queue):
-            if queue.keys.device != image.device:
-                queue.to(image.device)
-        terms = self.loss(image, text, outputs["logit_scale"], self.image_queue.current(), self.text_queue.current(),
-                          outputs.get("logit_bias"))
-        with self.momentum.ready(batch["pixel_values"]) as target:
-            image_keys = target["model"].encode_image(batch["pixel_values"]).float()
-            text_keys = target["model"].encode_text(batch["input_ids"], batch["attention_mask"]).float()
+            if queue.keys.device != image_keys.device:
+                queue.to(image_keys.device)
+        terms = self.loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], image_keys,
+                          text_keys, self.image_queue.current(), self.text_queue.current(), outputs.get("logit_bias"))
         self.image_queue.enqueue(image_keys)
         self.text_queue.enqueue(text_keys)
         return terms
