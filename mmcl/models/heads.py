@@ -1,11 +1,12 @@
 """MLP heads of the self-supervised objectives (SimCLR projector, BYOL projector and predictor).
 
-    MLPHead(in_dim, hidden_dim, out_dim, num_layers):
-        [B, in_dim] -> (Linear -> BatchNorm1d -> ReLU) x (num_layers - 1) -> Linear -> [B, out_dim]
+    MLPHead(in_dim, hidden_dim, out_dim, num_layers, output_norm=False):
+        [B, in_dim] -> (Linear -> BatchNorm1d -> ReLU) x (num_layers - 1) -> Linear [-> BatchNorm1d] -> [B, out_dim]
 
 SimCLR's projector is 2 layers (2048 -> 128 here by default), SLIP's 3 (4096 -> 256); BYOL's
-projector and predictor are 2 layers (4096 -> 256). The hidden Linear layers have no bias
-(BatchNorm follows them). lightly's `heads.py` and solo-learn use the same shapes.
+projector and predictor are 2 layers (4096 -> 256); SimSiam's projector is 3 layers with a
+BatchNorm on its output too (`output_norm`). Linear layers followed by BatchNorm have no
+bias. lightly's `heads.py` and solo-learn use the same shapes.
 
 BatchNorm normalises with the statistics of this rank's batch (the recipes synchronise it
 over all devices; torch's SyncBatchNorm needs CUDA). It computes in float32 whatever the
@@ -46,7 +47,7 @@ class FloatBatchNorm1d(nn.BatchNorm1d):
 class MLPHead(nn.Module):
     """[B, in_dim] -> [B, out_dim]; see the module docstring. Input is cast to the weights' dtype."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, output_norm: bool = False):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"an MLP head needs at least 1 layer, got {num_layers}.")
@@ -55,7 +56,9 @@ class MLPHead(nn.Module):
         for _ in range(num_layers - 1):
             layers += [nn.Linear(width, hidden_dim, bias=False), FloatBatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
             width = hidden_dim
-        layers.append(nn.Linear(width, out_dim))
+        layers.append(nn.Linear(width, out_dim, bias=not output_norm))
+        if output_norm:
+            layers.append(FloatBatchNorm1d(out_dim))
         self.layers = nn.Sequential(*layers)
         self.in_dim, self.out_dim = in_dim, out_dim
 

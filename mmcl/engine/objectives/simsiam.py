@@ -14,8 +14,8 @@ class SimSiamObjective(Objective):
     -(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2. No target network, no negatives: the
     stop-gradient and the predictor prevent collapse. forward -> {"loss", "cos"}.
 
-    The projector is `num_layers` Linear-BN-ReLU blocks and a final Linear (SimSiam also puts
-    BatchNorm on the projector's output; mmcl's heads end with a plain Linear).
+    The projector is (Linear-BN-ReLU) x (num_layers - 1), then Linear-BN (BatchNorm on its
+    output, as in SimSiam); the predictor is a Linear-BN-ReLU-Linear bottleneck.
     """
 
     needs = frozenset({"views"})
@@ -23,7 +23,7 @@ class SimSiamObjective(Objective):
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048, num_layers: int = 3,
                  predictor_hidden_dim: int = 512):
         super().__init__()
-        self.projector = MLPHead(in_dim, hidden_dim, out_dim, num_layers)
+        self.projector = MLPHead(in_dim, hidden_dim, out_dim, num_layers, output_norm=True)
         self.predictor = MLPHead(out_dim, predictor_hidden_dim, out_dim, 2)
         self.loss = SimSiamLoss()
 
