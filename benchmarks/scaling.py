@@ -43,6 +43,9 @@ def worker(batch_size: int, steps: int, out: str) -> None:
         step(batch)
         dist.barrier()
         times.append(time.perf_counter() - start)
+    from mmcl.engine.cli import release_shared_memory
+
+    release_shared_memory()  # DeepSpeed's CPU all-reduce buffer in /dev/shm
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps({"ranks": dist.get_world_size(), "batch_per_rank": batch_size,
                                          "seconds_per_step": statistics.median(times), "gflop_per_rank_step": flops / 1e9}))
