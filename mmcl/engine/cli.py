@@ -21,8 +21,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from mmcl.engine.runtime import select_accelerator
+    from mmcl.engine.runtime import enable_stack_dumps, select_accelerator
 
+    enable_stack_dumps()
     select_accelerator()  # before anything imports deepspeed
     from mmcl.config import ConfigError, load_config
     from mmcl.data.loader import NoDataError
@@ -39,11 +40,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)  # every config mistake surfaces here, on every rank
         train(cfg, read_deepspeed_json(args.deepspeed_config), args.deepspeed_config or "DeepSpeed config")
+        leave_process_group()  # after success only: on an error, peers may still sit in a collective
     except user_errors as error:
         exit_with_error(error)
     finally:
         release_shared_memory()
     return 0
+
+
+def leave_process_group() -> None:
+    """Tear the process group down before exit (torch warns, and NCCL may hang, without it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def release_shared_memory() -> None:

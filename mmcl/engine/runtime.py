@@ -50,6 +50,20 @@ def init_process_group() -> None:
         deepspeed.init_distributed(dist_backend="gloo")
 
 
+def enable_stack_dumps() -> None:
+    """`kill -USR1 <pid>` prints every thread's Python stack of that rank to its stderr.
+
+    The tool for a run that hangs (a collective one rank never reached, a stuck data worker):
+    signal every rank and compare where each one waits. DataLoader workers forked later
+    inherit the handler. The run continues afterwards.
+    """
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def select_accelerator() -> None:
     """Tell DeepSpeed to use its CPU accelerator when there is no GPU (before it is imported)."""
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():

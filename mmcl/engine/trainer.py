@@ -157,8 +157,12 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
         if stopping:
             say(f"stop requested: saved step {step}; resume with train.resume=latest")
             progress.close()
+            batches.close()
             return {"stopped_at": step}
     progress.close()
+    # Stop the data workers now (the loader's `finally`), not whenever this process exits: an
+    # orphaned worker would hold the launcher's output pipes open after the rank is gone.
+    batches.close()
 
     final_metrics = _evaluate_and_log(engine, cfg, tokenizer, log, step, samples_seen)
     final_metrics.update({"steps": step, "samples_seen": samples_seen, "nonfinite_steps": nonfinite_total,

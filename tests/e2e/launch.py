@@ -65,9 +65,51 @@ def deepspeed_command(config: Path, ds_json: str | None = "configs/ds/zero2.json
     return command + list(overrides)
 
 
-def run(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    # Generous: the first DeepSpeed launch of a fresh environment compiles its CPU comm op (~2 min).
-    return subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a launch to completion. Generous timeout: the first DeepSpeed launch of a fresh
+    environment compiles its CPU comm op (~2 min). A launch that hangs fails with every rank's
+    Python stacks (see `dump_stacks`) and the end of its output, and leaves no process behind."""
+    process = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        dump_stacks(process)
+        kill_tree(process)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(command)} did not finish in {timeout:.0f} s; the end of its output, "
+                             f"with each rank's stacks:\n{stdout[-4000:]}\n--- stderr ---\n{stderr[-20000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def dump_stacks(process: subprocess.Popen, wait: float = 1.0) -> None:
+    """SIGUSR1 to every training process of `process`'s session: train.py ranks (and their
+    forked data workers) print all their threads' stacks to stderr (`enable_stack_dumps`).
+    Launchers are spared: SIGUSR1 would just kill them."""
+    for pid in session_pids(process.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "train.py" in cmdline and not any(name in cmdline for name in ("deepspeed.launcher", "bin/deepspeed", "torchrun")):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except OSError:
+                pass
+            time.sleep(wait)  # one process at a time, so their stacks do not interleave
+
+
+def session_pids(session_id: int) -> list[int]:
+    """Processes in the session `session_id` (a process started with start_new_session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session_id:
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
 
 
 def start(command: list[str]) -> subprocess.Popen:
