@@ -60,8 +60,16 @@ def enable_stack_dumps() -> None:
     import faulthandler
     import signal
 
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    # Called in-process (a notebook, pytest's capture) sys.stderr may have no file
+    # descriptor; the interpreter's original stderr then still does.
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
+            return
+        except (AttributeError, OSError, ValueError):
+            continue
 
 
 def select_accelerator() -> None:
