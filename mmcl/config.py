@@ -169,6 +169,9 @@ class SSLConfig:
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
     triplet: TripletConfig = field(default_factory=TripletConfig)
+    # BatchNorm in the SSL heads over the global batch (all ranks), as the recipes do; off:
+    # each rank's own batch. Costs two small all-reduces per BatchNorm layer and step.
+    sync_batchnorm: bool = False
 
 
 @dataclass
@@ -597,6 +600,9 @@ def _check_ssl(config: RunConfig, source: str) -> None:
                 f"{source}: '{prefix}.base_momentum' and '{prefix}.final_momentum' must satisfy 0 <= base <= final <= 1, "
                 f"got {settings.base_momentum} and {settings.final_momentum}."
             )
+    if config.ssl.sync_batchnorm and "moco" in config.objectives and moco.shuffle_bn:
+        raise ConfigError(f"{source}: 'ssl.sync_batchnorm' makes 'ssl.moco.shuffle_bn' pointless (the statistics are "
+                          "global either way); set ssl.moco.shuffle_bn: false.")
     knn = (config.eval.knn_train_shards, config.eval.knn_test_shards)
     if (knn[0] is None) != (knn[1] is None):
         raise ConfigError(f"{source}: 'eval.knn_train_shards' and 'eval.knn_test_shards' go together; set both or neither.")

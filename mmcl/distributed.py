@@ -84,3 +84,32 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     if get_world_size() == 1:
         return x
     return _AllGatherWithGrad.apply(x)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Forward: all-reduce (SUM). Backward: all-reduce (SUM) of the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        total = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> Tensor:
+        # Every rank's loss depends on the sum, hence on our addend with weight 1.
+        grad = grad_output.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_with_grad(x: Tensor) -> Tensor:
+    """Sum of `x` over ranks, with the gradient path to every rank.
+
+    x: any shape, the same on every rank. Returns the sum (same shape). Backward: rank r
+    receives d(sum_s L_s)/dx_r, the same convention as `all_gather_with_grad`. Returns `x`
+    itself when the world size is 1.
+    """
+    if get_world_size() == 1:
+        return x
+    return _AllReduceWithGrad.apply(x)

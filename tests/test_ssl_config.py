@@ -57,6 +57,9 @@ def test_bad_ssl_values_are_named(tmp_path):
     assert "0 <= base <= final <= 1" in error_of(tmp_path, IMAGE_ONLY, "ssl.byol.base_momentum=1.5")
     assert "unknown key 'ssl.byol.momentum'" in error_of(tmp_path, IMAGE_ONLY, "ssl.byol.momentum=0.99")
     assert "unknown objective 'objectives.simclar' — did you mean 'simclr'" in error_of(tmp_path, IMAGE_ONLY, "objectives={simclar: 1.0}")
+    moco = ("objectives={moco: 1.0}", "ssl.sync_batchnorm=true")
+    assert "set ssl.moco.shuffle_bn: false" in error_of(tmp_path, IMAGE_ONLY, *moco)
+    assert load(tmp_path, IMAGE_ONLY, *moco, "ssl.moco.shuffle_bn=false").ssl.sync_batchnorm
 
 
 def test_knn_evaluation_keys_go_together(tmp_path):

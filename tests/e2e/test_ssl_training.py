@@ -30,7 +30,8 @@ def byol_config(digits, output_dir) -> dict:
     config["model"].pop("text")
     config["model"]["image"]["projection"] = "none"
     config["objectives"] = {"byol": 1.0}
-    config["ssl"] = {"byol": {**SSL_HEADS["byol"], "base_momentum": 0.9}, "views": {"crop_scale": [0.5, 1.0]}}
+    config["ssl"] = {"byol": {**SSL_HEADS["byol"], "base_momentum": 0.9}, "views": {"crop_scale": [0.5, 1.0]},
+                     "sync_batchnorm": True}  # online and target heads: global-batch statistics under ZeRO-3
     config["eval"] = knn_eval(digits)
     return config
 
@@ -83,10 +84,11 @@ def test_byol_resume_continues_with_identical_losses_and_target(byol_zero3, tmp_
 
 def test_joint_clip_and_simclr_under_zero2(digits, tmp_path):
     """SLIP-style: each image gives the CLIP view and two SSL views; both losses are logged and fall;
-    zero-shot and kNN evaluation; feature caching gives way to plain accumulation."""
+    zero-shot and kNN evaluation; feature caching gives way to plain accumulation; the projector's
+    BatchNorm over the global batch."""
     config = tiny_run_config(digits, tmp_path / "run", micro_batch_size=8, grad_accum_steps=2)
     config["objectives"] = {"clip": 1.0, "simclr": 0.5}
-    config["ssl"] = {"simclr": SSL_HEADS["simclr"]}
+    config["ssl"] = {"simclr": SSL_HEADS["simclr"], "sync_batchnorm": True}
     config["eval"] = {**knn_eval(digits), "zeroshot_shards": str(digits / "classification" / "00000.tar")}
     path = write_config(tmp_path / "run.yaml", config)
     result = run(deepspeed_command(path, "configs/ds/zero2.json"))

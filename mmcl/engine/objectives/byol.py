@@ -24,10 +24,10 @@ class BYOLObjective(Objective):
     needs = frozenset({"views"})
 
     def __init__(self, model: DualEncoder, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256,
-                 base_momentum: float = 0.99, final_momentum: float = 1.0):
+                 base_momentum: float = 0.99, final_momentum: float = 1.0, sync_batchnorm: bool = False):
         super().__init__()
-        self.projector = MLPHead(in_dim, hidden_dim, out_dim, 2)
-        self.predictor = MLPHead(out_dim, hidden_dim, out_dim, 2)
+        self.projector = MLPHead(in_dim, hidden_dim, out_dim, 2, sync_batchnorm=sync_batchnorm)
+        self.predictor = MLPHead(out_dim, hidden_dim, out_dim, 2, sync_batchnorm=sync_batchnorm)
         self.loss = BYOLLoss()
         # Plain attributes, not submodules: hidden from DeepSpeed (see mmcl.models.ema).
         object.__setattr__(self, "pooling", model.image_pooling)
@@ -38,7 +38,7 @@ class BYOLObjective(Objective):
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
         settings = cfg.ssl.byol if cfg is not None else BYOLConfig()
         return cls(model, image_width(model), settings.hidden_dim, settings.out_dim, settings.base_momentum,
-                   settings.final_momentum)
+                   settings.final_momentum, sync_batchnorm=cfg is not None and cfg.ssl.sync_batchnorm)
 
     @property
     def target(self) -> nn.ModuleDict:

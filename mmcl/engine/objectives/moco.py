@@ -38,11 +38,11 @@ class MoCoObjective(Objective):
 
     needs = frozenset({"views"})
 
-    def __init__(self, model: DualEncoder, in_dim: int, settings: MoCoConfig):
+    def __init__(self, model: DualEncoder, in_dim: int, settings: MoCoConfig, sync_batchnorm: bool = False):
         super().__init__()
         s = settings
-        self.projector = MLPHead(in_dim, s.hidden_dim, s.out_dim, s.num_layers)
-        self.predictor = MLPHead(s.out_dim, s.hidden_dim, s.out_dim, 2) if s.predictor else None
+        self.projector = MLPHead(in_dim, s.hidden_dim, s.out_dim, s.num_layers, sync_batchnorm=sync_batchnorm)
+        self.predictor = MLPHead(s.out_dim, s.hidden_dim, s.out_dim, 2, sync_batchnorm=sync_batchnorm) if s.predictor else None
         # v3 scales the loss by 2T; with a queue (v2) it is the plain cross entropy.
         self.loss = MoCoLoss(s.temperature, scale_by_temperature=s.queue_size == 0)
         self.shuffle_bn = s.shuffle_bn
@@ -57,7 +57,8 @@ class MoCoObjective(Objective):
 
     @classmethod
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
-        return cls(model, image_width(model), cfg.ssl.moco if cfg is not None else MoCoConfig())
+        return cls(model, image_width(model), cfg.ssl.moco if cfg is not None else MoCoConfig(),
+                   sync_batchnorm=cfg is not None and cfg.ssl.sync_batchnorm)
 
     def encode_keys(self, views: list[Tensor]) -> Tensor:
         """views: 2 batches [B, 3, H, W] -> keys [2B, out_dim] (float32, no gradient), view 1 then view 2."""

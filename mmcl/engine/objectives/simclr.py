@@ -19,15 +19,16 @@ class SimCLRObjective(Objective):
     needs = frozenset({"views"})
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2,
-                 temperature: float = 0.1):
+                 temperature: float = 0.1, sync_batchnorm: bool = False):
         super().__init__()
-        self.head = MLPHead(in_dim, hidden_dim, out_dim, num_layers)
+        self.head = MLPHead(in_dim, hidden_dim, out_dim, num_layers, sync_batchnorm=sync_batchnorm)
         self.loss = NTXentLoss(temperature)
 
     @classmethod
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
         settings = cfg.ssl.simclr if cfg is not None else SimCLRConfig()
-        return cls(image_width(model), settings.hidden_dim, settings.out_dim, settings.num_layers, simclr_temperature(cfg))
+        return cls(image_width(model), settings.hidden_dim, settings.out_dim, settings.num_layers, simclr_temperature(cfg),
+                   sync_batchnorm=cfg is not None and cfg.ssl.sync_batchnorm)
 
     def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
         z1, z2 = self.head(outputs["view_features"]).float().chunk(2)

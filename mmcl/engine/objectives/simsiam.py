@@ -21,16 +21,17 @@ class SimSiamObjective(Objective):
     needs = frozenset({"views"})
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048, num_layers: int = 3,
-                 predictor_hidden_dim: int = 512):
+                 predictor_hidden_dim: int = 512, sync_batchnorm: bool = False):
         super().__init__()
-        self.projector = MLPHead(in_dim, hidden_dim, out_dim, num_layers, output_norm=True)
-        self.predictor = MLPHead(out_dim, predictor_hidden_dim, out_dim, 2)
+        self.projector = MLPHead(in_dim, hidden_dim, out_dim, num_layers, output_norm=True, sync_batchnorm=sync_batchnorm)
+        self.predictor = MLPHead(out_dim, predictor_hidden_dim, out_dim, 2, sync_batchnorm=sync_batchnorm)
         self.loss = SimSiamLoss()
 
     @classmethod
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
         s = cfg.ssl.simsiam if cfg is not None else SimSiamConfig()
-        return cls(image_width(model), s.hidden_dim, s.out_dim, s.num_layers, s.predictor_hidden_dim)
+        return cls(image_width(model), s.hidden_dim, s.out_dim, s.num_layers, s.predictor_hidden_dim,
+                   sync_batchnorm=cfg is not None and cfg.ssl.sync_batchnorm)
 
     def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
         z = self.projector(outputs["view_features"])

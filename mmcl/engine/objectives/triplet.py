@@ -22,10 +22,10 @@ class TripletObjective(Objective):
     needs = frozenset({"views"})
 
     def __init__(self, pairs: str = "views", margin: float = 0.2, mining: str = "semi_hard", symmetric: bool = True,
-                 in_dim: int | None = None, hidden_dim: int = 2048, out_dim: int = 128):
+                 in_dim: int | None = None, hidden_dim: int = 2048, out_dim: int = 128, sync_batchnorm: bool = False):
         super().__init__()
         self.pairs = pairs
-        self.head = MLPHead(in_dim, hidden_dim, out_dim, 2) if pairs == "views" else None
+        self.head = MLPHead(in_dim, hidden_dim, out_dim, 2, sync_batchnorm=sync_batchnorm) if pairs == "views" else None
         self.loss = TripletLoss(margin, mining, symmetric)
 
     @classmethod
@@ -38,7 +38,7 @@ class TripletObjective(Objective):
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
         s = cfg.ssl.triplet if cfg is not None else TripletConfig()
         objective = cls(s.pairs, s.margin, s.mining, s.symmetric, image_width(model) if s.pairs == "views" else None,
-                        s.hidden_dim, s.out_dim)
+                        s.hidden_dim, s.out_dim, sync_batchnorm=cfg is not None and cfg.ssl.sync_batchnorm)
         objective.needs = cls.needs_for(cfg)
         return objective
 
