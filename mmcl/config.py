@@ -70,7 +70,10 @@ class ModelConfig:
 class LossConfig:
     """Options shared by the contrastive objectives."""
 
-    chunk_size: int | None = None  # rows of the score matrix per chunk; None = dense
+    # Side of the score-matrix tiles of the tiled exact clip/siglip loss. "auto": dense while
+    # one evaluation's logits (local rows x global columns) are at most 4096^2, tiled above
+    # (mmcl.losses.tiled.recommended_chunk_size); None: always dense; an int: always tiled.
+    chunk_size: int | Literal["auto"] | None = "auto"
     clip_queue: ClipQueueConfig = field(default_factory=lambda: ClipQueueConfig())  # the clip_queue objective
 
 
@@ -508,9 +511,9 @@ def _check_semantics(config: RunConfig, source: str) -> None:
     _check_ssl(config, source)
     if "siglip" in config.objectives and config.model.logit_bias_init is None:
         raise ConfigError(f"{source}: objective 'siglip' needs 'model.logit_bias_init' (SigLIP uses -10).")
-    if config.loss.chunk_size is not None and config.loss.chunk_size < 1:
+    if isinstance(config.loss.chunk_size, int) and config.loss.chunk_size < 1:
         raise ConfigError(f"{source}: 'loss.chunk_size' must be >= 1, got {config.loss.chunk_size}.")
-    if "clip_queue" in config.objectives and config.loss.chunk_size is not None:
+    if "clip_queue" in config.objectives and isinstance(config.loss.chunk_size, int):
         raise ConfigError(f"{source}: objective 'clip_queue' computes its loss densely; remove 'loss.chunk_size'.")
     if len(set(config.objectives) & {"clip", "siglip", "clip_queue"}) > 1 and "clip_queue" in config.objectives:
         raise ConfigError(f"{source}: 'clip_queue' already is CLIP's loss (with extra negatives); use it instead of clip/siglip.")

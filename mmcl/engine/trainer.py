@@ -25,6 +25,7 @@ from mmcl.engine.checkpoint import (capture_rng, load_rank_state, load_task_stat
                                     save_checkpoint)
 from mmcl.engine.ds_config import build_deepspeed_config
 from mmcl.engine.metrics_log import MetricsLog, plot_history
+from mmcl.engine.objectives import loss_chunk_size
 from mmcl.engine.optim import lr_lambda, parameter_groups
 from mmcl.engine.runtime import (TrainingError, check_output_dir, init_process_group, move_batch,
                                  say)
@@ -72,13 +73,17 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     torch.manual_seed(cfg.seed)  # identical initial weights (and SSL heads, BYOL target) on every rank
     tokenizer = build_tokenizer(cfg.model.text) if cfg.model.text is not None else None
     model = build_model(cfg.model)
-    task = TrainingTask(model, cfg.objectives, cfg.loss.chunk_size, cfg)
+    launch_world_size = int(os.environ.get("WORLD_SIZE", "1"))  # the process group does not exist yet
+    chunk_size = loss_chunk_size(cfg, launch_world_size)
+    task = TrainingTask(model, cfg.objectives, chunk_size, cfg)
 
     # Checked before the process group exists, so a contradiction stops every rank at once.
-    ds_config = build_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), ds_user_config, ds_source)
+    ds_config = build_deepspeed_config(cfg, launch_world_size, ds_user_config, ds_source)
     ds_config.update(_monitor_config(output_dir))
     init_process_group()
     rank, world_size = get_rank(), get_world_size()
+    if chunk_size is not None and task.uses_logit_scale:
+        say(f"contrastive loss: tiled exact, {chunk_size}-row tiles (loss.chunk_size={cfg.loss.chunk_size})")
     loader = data_stream.build(cfg, tokenizer, rank, world_size)
     total_steps = cfg.train.steps or cfg.train.epochs * data_stream.steps_per_epoch(loader, cfg, world_size)
     if total_steps < 1:

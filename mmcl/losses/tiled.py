@@ -50,7 +50,7 @@ def recommended_chunk_size(
     """The `chunk_size` a trainer should give ClipLoss/SigLipLoss for this batch.
 
     None (the dense loss) while local_batch * global_batch <= max_dense_logits, i.e. up
-    to a global batch of 4096 on one process or 64 ranks of 256; `tile` above that.
+    to a global batch of 4096 on one process or 256 ranks of 256; `tile` above that.
     The tiled loss gives the same values and gradients, so the switch changes only
     memory and speed (benchmarks/RESULTS.md: on CPU it is also faster from 4k on).
     """

@@ -85,15 +85,17 @@ def test_byol_resume_continues_with_identical_losses_and_target(byol_zero3, tmp_
 def test_joint_clip_and_simclr_under_zero2(digits, tmp_path):
     """SLIP-style: each image gives the CLIP view and two SSL views; both losses are logged and fall;
     zero-shot and kNN evaluation; feature caching gives way to plain accumulation; the projector's
-    BatchNorm over the global batch."""
+    BatchNorm over the global batch; the tiled CLIP loss."""
     config = tiny_run_config(digits, tmp_path / "run", micro_batch_size=8, grad_accum_steps=2)
     config["objectives"] = {"clip": 1.0, "simclr": 0.5}
     config["ssl"] = {"simclr": SSL_HEADS["simclr"], "sync_batchnorm": True}
+    config["loss"] = {"chunk_size": 4}  # the tiled exact CLIP loss: 8 local rows x 16 global columns in 4x4 tiles
     config["eval"] = {**knn_eval(digits), "zeroshot_shards": str(digits / "classification" / "00000.tar")}
     path = write_config(tmp_path / "run.yaml", config)
     result = run(deepspeed_command(path, "configs/ds/zero2.json"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "plain gradient accumulation" in result.stdout
+    assert "contrastive loss: tiled exact, 4-row tiles" in result.stdout
     logged = [r for r in records(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in logged] == list(range(1, 9))
     for r in logged:

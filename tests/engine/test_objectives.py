@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmcl.config import RunConfig, from_dict
-from mmcl.engine.objectives import BYOLObjective, SimCLRObjective, needs_of, simclr_temperature
+from mmcl.engine.objectives import BYOLObjective, SimCLRObjective, loss_chunk_size, needs_of, simclr_temperature
 from mmcl.engine.optim import parameter_groups
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model, cosine_momentum
@@ -26,7 +26,7 @@ def config(objectives: dict, text: bool = False) -> RunConfig:
 def task_for(objectives: dict, text: bool = False, seed: int = 0) -> TrainingTask:
     cfg = config(objectives, text)
     torch.manual_seed(seed)
-    return TrainingTask(build_model(cfg.model), cfg.objectives, cfg.loss.chunk_size, cfg)
+    return TrainingTask(build_model(cfg.model), cfg.objectives, loss_chunk_size(cfg, 1), cfg)
 
 
 def batch(size: int = 4, seed: int = 0) -> dict:
@@ -138,3 +138,36 @@ def test_ssl_heads_are_trained_with_the_heads_group():
     assert any(p is head.layers[1].weight for p in groups["heads/no_decay"]["params"])  # BatchNorm: no decay
     assert any(p is task.model.image_tower.embeddings.cls_token for p in groups["image_tower/no_decay"]["params"])
     assert isinstance(task.objectives["simclr"], SimCLRObjective)
+
+
+def chunk_config(objectives: dict, micro: int = 256, accum: int = 1, accumulation: str = "feature_cache",
+                 chunk_size="auto") -> RunConfig:
+    model = {"image": {"config": VIT, "pooling": "cls"}, "embed_dim": 32, "logit_bias_init": -10.0,
+             "text": {"config": BERT, "tokenizer": "unused-hub-id", "context_length": 8}}
+    return from_dict({"model": model, "objectives": objectives, "ssl": SSL, "loss": {"chunk_size": chunk_size},
+                      "train": {"micro_batch_size": micro, "grad_accum_steps": accum, "accumulation": accumulation}})
+
+
+def test_auto_chunk_size_tiles_once_the_logits_of_one_loss_evaluation_pass_4096_squared():
+    from mmcl.losses.tiled import DEFAULT_TILE
+
+    clip = {"clip": 1.0}
+    assert loss_chunk_size(chunk_config(clip, micro=4096), 1) is None  # 4096 x 4096: dense
+    assert loss_chunk_size(chunk_config(clip, micro=4097), 1) == DEFAULT_TILE
+    assert loss_chunk_size(chunk_config(clip, micro=256), 256) is None  # 256 x 65536 = 4096^2
+    assert loss_chunk_size(chunk_config(clip, micro=256), 512) == DEFAULT_TILE
+    # feature caching evaluates the loss once over all micro-batches: 8 x 256 rows x 2 ranks' columns
+    assert loss_chunk_size(chunk_config(clip, micro=256, accum=8), 2) is None
+    assert loss_chunk_size(chunk_config(clip, micro=256, accum=8), 8) == DEFAULT_TILE
+    assert loss_chunk_size(chunk_config(clip, micro=256, accum=8, accumulation="plain"), 8) is None
+    # SimCLR's heads are not cacheable, so the step accumulates plainly: one micro-batch per loss
+    assert loss_chunk_size(chunk_config({"clip": 1.0, "simclr": 0.5}, micro=256, accum=8), 8) is None
+    assert loss_chunk_size(chunk_config({"clip_queue": 1.0}, micro=8192), 1) is None  # always dense
+
+
+def test_explicit_chunk_size_wins_and_auto_gives_the_objectives_a_tiled_loss():
+    assert loss_chunk_size(chunk_config({"clip": 1.0}, micro=8, chunk_size=512), 1) == 512
+    assert loss_chunk_size(chunk_config({"clip": 1.0}, micro=8192, chunk_size=None), 1) is None
+    cfg = chunk_config({"siglip": 1.0}, micro=8192)
+    task = TrainingTask(build_model(cfg.model), cfg.objectives, loss_chunk_size(cfg, 1), cfg)
+    assert task.objectives["siglip"].loss.chunk_size == 2048

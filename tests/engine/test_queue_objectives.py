@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcl.config import ConfigError, from_dict
-from mmcl.engine.objectives import MoCoObjective, needs_of
+from mmcl.engine.objectives import MoCoObjective, loss_chunk_size, needs_of
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model
 from test_objectives import BERT, VIT, batch
@@ -27,7 +27,7 @@ def config(objectives: dict, text: bool = False, ssl: dict | None = None, loss: 
 
 def task_for(cfg, seed: int = 0) -> TrainingTask:
     torch.manual_seed(seed)
-    return TrainingTask(build_model(cfg.model), cfg.objectives, cfg.loss.chunk_size, cfg)
+    return TrainingTask(build_model(cfg.model), cfg.objectives, loss_chunk_size(cfg, 1), cfg)
 
 
 def test_what_each_objective_reads():

@@ -64,6 +64,29 @@ def build_objective(name: str, model: DualEncoder, cfg: RunConfig | None = None,
     return OBJECTIVES[name].build(model, cfg, chunk_size)
 
 
+def loss_chunk_size(cfg: RunConfig, world_size: int) -> int | None:
+    """`loss.chunk_size` resolved for a run of `world_size` ranks: the tile side for the
+    image-text losses, or None (dense).
+
+    "auto" asks `recommended_chunk_size` about one loss evaluation: micro_batch_size local
+    rows (times grad_accum_steps when the step caches features, which evaluates the loss
+    once over all micro-batches) against world_size times as many columns. clip_queue
+    always computes densely.
+    """
+    setting = cfg.loss.chunk_size
+    if setting != "auto":
+        return setting
+    if "clip_queue" in cfg.objectives:
+        return None
+    from mmcl.losses.tiled import recommended_chunk_size
+
+    train = cfg.train
+    cached = (train.accumulation == "feature_cache" and train.grad_accum_steps > 1
+              and all(OBJECTIVES[name].cacheable for name in cfg.objectives))
+    local = train.micro_batch_size * (train.grad_accum_steps if cached else 1)
+    return recommended_chunk_size(local, local * world_size)
+
+
 def needs_of(objectives: Iterable[str], cfg: RunConfig | None = None) -> frozenset[str]:
     """What the named objectives read from a batch under `cfg`: "pixel_values", "text", "views"."""
     return frozenset().union(*(OBJECTIVES[name].needs_for(cfg) for name in objectives))
@@ -72,5 +95,5 @@ def needs_of(objectives: Iterable[str], cfg: RunConfig | None = None) -> frozens
 __all__ = [
     "OBJECTIVES", "BYOLObjective", "ClipQueueObjective", "ContrastiveObjective", "Gather", "MoCoObjective",
     "Objective", "SigLipObjective", "SimCLRObjective", "SimSiamObjective", "TripletObjective", "build_objective",
-    "needs_of", "no_gather", "simclr_temperature",
+    "loss_chunk_size", "needs_of", "no_gather", "simclr_temperature",
 ]
