@@ -1,7 +1,7 @@
 """The `mmcl` command: export a run to `transformers` format, and push an export to the Hub.
 
     mmcl export --run RUN_OR_CHECKPOINT --out DIR [--overwrite] [--license ID] [--dataset ID ...]
-    mmcl push --model DIR --repo-id ORG/NAME [--private] [--revision BRANCH] [--commit-message MSG]
+    mmcl push --model DIR --repo-id ORG/NAME [--private] [--revision BRANCH] [--commit-message MSG] [--allow-inexact]
 
 User errors print one line (`mmcl: error: ...`) and exit with status 2. `push` does not import
 torch, so it starts in about a second.
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--revision", default=None, metavar="BRANCH", help="branch to commit to (created if missing; default main)")
     push.add_argument("--commit-message", default=None, metavar="MSG", help="commit title")
+    push.add_argument("--allow-inexact", action="store_true",
+                      help="push an export that plain transformers does not reproduce on some side (refused by default)")
     return parser
 
 
@@ -52,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mmcl.export.push import push_export
 
             info = push_export(args.model, args.repo_id, private=args.private, revision=args.revision,
-                               commit_message=args.commit_message)
+                               commit_message=args.commit_message, allow_inexact=args.allow_inexact)
             print(f"mmcl: pushed {args.model} to {args.repo_id} in one commit: {info.commit_url}")
     except (ExportError, PushError) as error:
         print(f"mmcl: error: {error}", file=sys.stderr, flush=True)

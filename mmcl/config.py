@@ -256,6 +256,7 @@ class PushConfig:
     private: bool = False
     revision: str | None = None  # branch; None = main
     commit_message: str | None = None
+    allow_inexact: bool = False  # push even when plain transformers cannot reproduce a side (see `mmcl push --allow-inexact`)
 
 
 @dataclass

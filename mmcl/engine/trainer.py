@@ -58,6 +58,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
 
     from mmcl.engine import data_stream
 
+    started = time.time()
     output_dir = Path(cfg.output_dir)
     check_output_dir(output_dir)
     if cfg.train.resume is None and (output_dir / "checkpoints" / "latest").exists():
@@ -73,6 +74,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     torch.manual_seed(cfg.seed)  # identical initial weights (and SSL heads, BYOL target) on every rank
     tokenizer = build_tokenizer(cfg.model.text) if cfg.model.text is not None else None
     model = build_model(cfg.model)
+    _check_export(model, cfg)
     launch_world_size = int(os.environ.get("WORLD_SIZE", "1"))  # the process group does not exist yet
     chunk_size = loss_chunk_size(cfg, launch_world_size)
     task = TrainingTask(model, cfg.objectives, chunk_size, cfg)
@@ -97,7 +99,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
         save_config(cfg, output_dir / "config.yaml")
         (output_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
 
-    step, samples_seen = 0, 0
+    step, samples_seen, resumed_at = 0, 0, None
     if cfg.train.resume is not None:
         found = resolve_resume(cfg.train.resume, output_dir)
         if found is not None:
@@ -108,6 +110,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
             rank_state = load_rank_state(root, tag)
             loader.load_state_dict(rank_state["data"])
             restore_rng(rank_state["rng"])
+            resumed_at = step
             say(f"resumed from {root / tag} at step {step}")
 
     log = MetricsLog(output_dir, engine, enabled=rank == 0)
@@ -171,7 +174,10 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
 
     final_metrics = _evaluate_and_log(engine, cfg, tokenizer, log, step, samples_seen)
     final_metrics.update({"steps": step, "samples_seen": samples_seen, "nonfinite_steps": nonfinite_total,
-                          "skipped": data_stream.skip_counts(loader)})
+                          "skipped": data_stream.skip_counts(loader), "hardware": _hardware(engine, world_size),
+                          "wall_time_s": round(time.time() - started, 1)})
+    if resumed_at is not None:
+        final_metrics["resumed_at_step"] = resumed_at  # wall_time_s counts from that (re)start
     _export(engine, cfg, tokenizer, output_dir)
     if rank == 0:
         (output_dir / "metrics.json").write_text(json.dumps(final_metrics, indent=2))
@@ -190,6 +196,48 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
 
             say(f"pushed to the Hub: {push_after_training(cfg, output_dir)}")
     return final_metrics
+
+
+def _check_export(model, cfg: RunConfig) -> None:
+    """Say now, not after training, when the Hub model would not work in plain transformers; refuse to
+    push such a model unless push_to_hub.allow_inexact."""
+    from mmcl.export.plan import export_warnings, inexact_sides, plan_export
+
+    context_length = cfg.model.text.context_length if cfg.model.text is not None else None
+    if int(os.environ.get("RANK", "0")) == 0:  # the process group does not exist yet: one rank speaks
+        for line in export_warnings(model, context_length):
+            print(f"[mmcl] warning: {line}", flush=True)
+    inexact = inexact_sides(plan_export(model))
+    if cfg.push_to_hub is not None and inexact and not cfg.push_to_hub.allow_inexact:
+        side = inexact[0]
+        instead = f"use {side.alternative}, or " if side.alternative else ""
+        raise TrainingError(
+            f"push_to_hub would upload a model whose {side.kind} side plain transformers cannot reproduce ({side.reason}); "
+            f"{instead}set push_to_hub.allow_inexact: true to push it anyway."
+        )
+
+
+def _hardware(engine, world_size: int) -> dict[str, Any]:
+    """Device, world size and precision of the run, for metrics.json and the model card."""
+    import platform
+
+    if torch.cuda.is_available():
+        device = f"{world_size} x {torch.cuda.get_device_name(0)}"
+    else:
+        device = f"{world_size} CPU ranks on {_cpu_name() or platform.machine()} ({os.cpu_count()} cores)"
+    precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    return {"device": device, "world_size": world_size, "precision": precision,
+            "zero_stage": engine.zero_optimization_stage()}
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _monitor_config(output_dir: Path) -> dict[str, Any]:

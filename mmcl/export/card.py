@@ -15,7 +15,7 @@ import yaml
 
 from mmcl.export.source import RunFacts
 
-MODEL_ID_LINE = 'model_id = "{model_id}"  # this folder, or its Hub repo id'
+MODEL_ID_LINE = 'model_id = "{model_id}"  # "." is this folder (run the code inside it), or its Hub repo id'
 GENERIC_DIRS = {"train", "val", "valid", "validation", "test", "eval", "shards", "data", "tars", "classification",
                 "retrieval", "zeroshot", "wds", "webdataset"}
 # metrics.json prefix, model-index task type, task name, eval key naming the data
@@ -47,9 +47,13 @@ FILE_NOTES = {
 
 
 def render_card(info: dict[str, Any], facts: RunFacts, model_id: str, files: Sequence[str], *,
-                license: str | None = None, datasets: Sequence[str] | None = None) -> str:
-    """README.md text for the export described by `info` (mmcl_export.json) and the run `facts`."""
-    name = Path(model_id).name or "mmcl-model"
+                license: str | None = None, datasets: Sequence[str] | None = None, name: str | None = None) -> str:
+    """README.md text for the export described by `info` (mmcl_export.json) and the run `facts`.
+
+    `model_id` is what the usage snippets load ("." for the folder itself; push sets the repo id);
+    `name` is the card's title (default: the last part of `model_id`).
+    """
+    name = name or Path(model_id).name or "mmcl-model"
     front = front_matter(info, facts, name, license, datasets)
     sections = [
         _intro(info, facts, name),
@@ -111,6 +115,7 @@ def front_matter(info: dict[str, Any], facts: RunFacts, name: str, license: str 
     names = list(datasets) if datasets else [n for n in (dataset_name(data.get("train_shards")),) if n]
     tags = ["mmcl", "clip" if dual else "self-supervised", "contrastive-learning",
             "vision-text-dual-encoder" if info["architecture"] == "VisionTextDualEncoderModel" else None,
+            "siglip" if info["architecture"] == "SiglipModel" else None,
             info["image"]["model_type"], info["text"]["model_type"] if dual else None, "deepspeed"]
     front: dict[str, Any] = {
         "library_name": "transformers",
@@ -204,7 +209,29 @@ def _usage(info: dict[str, Any], model_id: str) -> str:
         f"side exceeds {transform['image_size']} px by 3 (mod 4) pixels, transformers' centre crop starts one pixel before "
         "torchvision's (it floors the half-pixel offset, torchvision rounds it to even)."
     )
-    return "## How to use\n\n" + "\n".join(rows) + "\n\n```python\n" + snippet(info, model_id) + "```\n\n" + processor_note
+    text = "## How to use\n\n" + "\n".join(rows) + "\n\n```python\n" + snippet(info, model_id) + "```\n\n" + processor_note
+    if "text" in info and info["image"]["exact"] and info["text"]["exact"]:
+        text += "\n\n" + _pipeline_usage(info, model_id)
+    return text
+
+
+def _pipeline_usage(info: dict[str, Any], model_id: str) -> str:
+    """The zero-shot pipeline, for exports that plain transformers reproduces on both sides."""
+    sigmoid = info["architecture"] == "SiglipModel"
+    note = ("Scores are independent sigmoid probabilities (SigLIP); the pipeline pads prompts to 64 tokens."
+            if sigmoid else "Scores are a softmax over the candidate labels.")
+    if info["architecture"] == "VisionTextDualEncoderModel":
+        note += (" transformers logs that VisionTextDualEncoderModel is not in the pipeline's list of supported "
+                 "models; it runs all the same (the pipeline only needs `logits_per_image`).")
+    return (
+        "Zero-shot classification with the `transformers` pipeline:\n\n```python\n"
+        "from PIL import Image\nfrom transformers import pipeline\n\n"
+        f"{MODEL_ID_LINE.format(model_id=model_id)}\n"
+        "classifier = pipeline(\"zero-shot-image-classification\", model=model_id)\n"
+        'image = Image.new("RGB", (64, 48), (200, 30, 30))  # any RGB image\n'
+        'print(classifier(image, candidate_labels=["cat", "dog"], hypothesis_template="a photo of a {}."))\n'
+        f"```\n\n{note}"
+    )
 
 
 def snippet(info: dict[str, Any], model_id: str) -> str:
@@ -324,7 +351,7 @@ def _training(info: dict[str, Any], facts: RunFacts) -> str:
 
 def _hardware(facts: RunFacts) -> str:
     ds, records, metrics = facts.deepspeed or {}, facts.records, facts.metrics or {}
-    if not ds and not records:
+    if not ds and not records and not metrics.get("hardware"):
         return ""
     rows: dict[str, Any] = {}
     micro, accum, total = ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps"), ds.get("train_batch_size")
@@ -336,6 +363,10 @@ def _hardware(facts: RunFacts) -> str:
         rows["ZeRO stage"] = zero
     rows["precision"] = "bf16" if (ds.get("bf16") or {}).get("enabled") else "fp16" if (ds.get("fp16") or {}).get("enabled") else "fp32"
     hardware = metrics.get("hardware") or {}
+    if "world size (ranks)" not in rows and "world_size" in hardware:
+        rows["world size (ranks)"] = hardware["world_size"]
+    if "precision" in hardware:
+        rows["precision"] = hardware["precision"]
     rows["device"] = hardware.get("device", "not recorded by the run")
     timed = [r for r in records if "time" in r]
     if "wall_time_s" in metrics:
@@ -362,7 +393,7 @@ def _limitations(info: dict[str, Any], license: str | None) -> str:
     if "text" not in info:
         lines.append("- The heads of the self-supervised objectives (SimCLR's projector, BYOL's projector and predictor) "
                      "serve training only and are not exported; continue training from the run's DeepSpeed checkpoint.")
-    if info.get("logit_bias") is not None:
+    if info.get("logit_bias") is not None and info["architecture"] != "SiglipModel":
         lines.append("- The model was trained with a sigmoid loss and a logit bias, which transformers' "
                      "VisionTextDualEncoderModel has no slot for; the bias is in mmcl_export.json and mmcl_heads.safetensors.")
     lines.append(f"- License: `{license or 'other'}` as given at export; the licenses of the pretrained towers and "

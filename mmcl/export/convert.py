@@ -1,7 +1,8 @@
 """DualEncoder -> a `transformers` model, and an honest account of what that model reproduces.
 
-Image-text models become a `VisionTextDualEncoderModel` (or a `CLIPModel` when both towers
-are CLIP towers with linear or no heads). Its `get_image_features` / `get_text_features`
+Image-text models become a `VisionTextDualEncoderModel`, a `CLIPModel` when both towers are
+CLIP towers with linear or no heads, or a `SiglipModel` when both are SigLIP towers without
+mmcl heads (SigLIP's text tower ends in its own head), with the learnt logit scale and bias. Its `get_image_features` / `get_text_features`
 run the tower, take the tower's `pooler_output` and apply one bias-free Linear. mmcl's own
 encoders run the tower, apply the configured pooling, then the projection head. The two
 agree exactly only when the pooling *is* the pooler_output and the head is linear (or none,
@@ -34,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mmcl.export.plan import target_architecture
 
 TOLERANCE = 1e-5
 PROBE_TEXTS = (
@@ -133,9 +136,9 @@ def adapt_text_tower(tower: nn.Module, pooling: str, tokenizer) -> list[str]:
     eos = getattr(tokenizer, "eos_token_id", None)
     if pooling == "eos" and eos is not None and tower.config.eos_token_id != eos:
         tower.config.eos_token_id = eos
-        inner = getattr(tower, "text_model", None)
-        if inner is not None and hasattr(inner, "eos_token_id"):
-            inner.eos_token_id = eos
+        for module in tower.modules():  # the pooler reads a copy taken at init (the tower itself in transformers 5)
+            if isinstance(getattr(module, "eos_token_id", None), int):
+                module.eos_token_id = eos
         notes.append(f"eos_token_id is set to the tokenizer's EOS id {eos}, so pooler_output is the last kept token")
     # CLIP's default special ids (49406, 49407) lie outside a smaller vocabulary, which transformers warns
     # about on every load; they only matter to the eos pooler handled above, so they follow the tokenizer.
@@ -266,6 +269,11 @@ def _dual(model, config, tokenizer, probes) -> tuple[nn.Module, dict[str, SideRe
     reports["image"].adjustments += _ensure_hidden_size(vision.config, pooled_width(model.image_tower, image_pooling))
 
     scale_log = min(model.logit_scale.item(), model.logit_scale_max_log)  # mmcl clamps in the forward pass
+    if target_architecture(model) == "SiglipModel" and image_pooling == model.text_pooling == "pooler_output":
+        hf = _as_siglip_model(vision, text, scale_log, model.logit_bias)
+        fitted, reasons = {"image": True, "text": True}, {"image": None, "text": None}  # SiglipModel builds both towers
+        _measure(model, hf.eval(), probes, reports, reasons, fitted)
+        return hf, reports
     hf_config = VisionTextDualEncoderConfig.from_vision_text_configs(
         vision.config, text.config, projection_dim=config.model.embed_dim, logit_scale_init_value=scale_log)
     hf = VisionTextDualEncoderModel(hf_config, vision_model=vision, text_model=text)
@@ -278,6 +286,20 @@ def _dual(model, config, tokenizer, probes) -> tuple[nn.Module, dict[str, SideRe
     hf = _as_clip_model(hf) or hf
     _measure(model, hf.eval(), probes, reports, reasons, fitted)
     return hf, reports
+
+
+def _as_siglip_model(vision, text, scale_log: float, bias) -> nn.Module:
+    """A SiglipModel holding the two SigLIP towers, with mmcl's logit scale (a log, clamped) and bias."""
+    from transformers import SiglipConfig, SiglipModel
+
+    config = SiglipConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict())
+    siglip = SiglipModel(config)
+    siglip.vision_model.load_state_dict(vision.state_dict(), strict=True)
+    siglip.text_model.load_state_dict(text.state_dict(), strict=True)
+    with torch.no_grad():
+        siglip.logit_scale.fill_(scale_log)
+        siglip.logit_bias.fill_(0.0 if bias is None else float(bias.detach()))
+    return siglip
 
 
 def _as_clip_model(hf) -> nn.Module | None:
@@ -297,11 +319,11 @@ def _as_clip_model(hf) -> nn.Module | None:
 def _measure(model, hf, probes, reports, reasons, fitted) -> None:
     """Encode the probes with both models; mark each side exact, or poison its projection."""
     pixels, ids, mask = probes["pixel_values"], probes["input_ids"], probes["attention_mask"]
-    sides = {
+    sides = {  # SiglipModel has no projections to poison: it is only built when both sides should be exact
         "image": (lambda: model.encode_image(pixels, normalize=False),
-                  lambda: hf.get_image_features(pixel_values=pixels).pooler_output, hf.visual_projection),
+                  lambda: hf.get_image_features(pixel_values=pixels).pooler_output, getattr(hf, "visual_projection", None)),
         "text": (lambda: model.encode_text(ids, mask, normalize=False),
-                 lambda: hf.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, hf.text_projection),
+                 lambda: hf.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, getattr(hf, "text_projection", None)),
     }
     for kind, (ours, theirs, head) in sides.items():
         report = reports[kind]
@@ -314,4 +336,9 @@ def _measure(model, hf, probes, reports, reasons, fitted) -> None:
         report.exact = report.max_diff is not None and report.max_diff <= TOLERANCE
         if not report.exact:
             report.reason = reasons[kind] or f"transformers' features differ from mmcl's by {report.max_diff:.1e} on probe inputs"
+            if head is None:
+                from mmcl.export.errors import ExportError
+
+                raise ExportError(f"the SiglipModel export does not reproduce the {kind} side ({report.reason}); "
+                                  "this is a bug in mmcl's export, please report it.")
             _poison(head)

@@ -62,6 +62,8 @@ def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFac
 
     out = _check_out_dir(out_dir, overwrite)
     facts = facts or RunFacts(config=config_to_dict(config))
+    run_dir = source.run_dir if source is not None else None
+    facts.config = portable_paths(facts.config or config_to_dict(config), run_dir)  # no machine paths leave with the model
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -74,13 +76,14 @@ def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFac
         info = _info(model, config, hf, reports, source)
         info["processor_check"] = processor_check(staging, info["image_transform"])
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        (staging / CONFIG_COPY).write_text(yaml.safe_dump(facts.config or config_to_dict(config), sort_keys=False))
+        (staging / CONFIG_COPY).write_text(yaml.safe_dump(facts.config, sort_keys=False))
         if facts.metrics is not None:
             (staging / "metrics.json").write_text(json.dumps(facts.metrics, indent=2) + "\n")
         if facts.plot is not None:
             shutil.copyfile(facts.plot, staging / "training.png")
         files = sorted(p.name for p in staging.iterdir()) + ["README.md"]
-        (staging / "README.md").write_text(render_card(info, facts, str(out), files, license=license, datasets=datasets))
+        (staging / "README.md").write_text(render_card(info, facts, ".", files, license=license, datasets=datasets,
+                                                       name=out.name))
         verify(staging, model, probes, info)
         if out.exists():
             shutil.rmtree(out)
@@ -89,6 +92,41 @@ def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFac
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _run_relative(path: Path, run_dir: Path | None) -> str:
+    """`path` relative to the run directory when inside it, else its name alone."""
+    path = Path(path).resolve()
+    if run_dir is not None and path.is_relative_to(Path(run_dir).resolve()):
+        return path.relative_to(Path(run_dir).resolve()).as_posix() or "."
+    return path.name
+
+
+def portable_paths(value: Any, run_dir: Path | None = None) -> Any:
+    """A copy of a config dict in which no value names a place on this machine.
+
+    Absolute paths become relative to the run directory (inside it) or to the working directory
+    (inside that), else their last three components ("digits/train/{00000..00003}.tar" keeps the
+    dataset's name for the card); `::`-joined shard lists are handled part by part; URLs and
+    hub ids are left alone.
+    """
+    if isinstance(value, dict):
+        return {key: portable_paths(item, run_dir) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(item, run_dir) for item in value]
+    if not isinstance(value, str) or not value.startswith(("/", "~")) and "::" not in value:
+        return value
+    return "::".join(_portable_path(part.strip(), run_dir) for part in value.split("::"))
+
+
+def _portable_path(text: str, run_dir: Path | None) -> str:
+    if not text.startswith(("/", "~")):
+        return text
+    path = Path(os.path.expanduser(text))
+    for root in (run_dir, Path.cwd()):
+        if root is not None and path.is_relative_to(Path(root).resolve()) and path != Path(root).resolve():
+            return path.relative_to(Path(root).resolve()).as_posix()
+    return Path(*path.parts[-3:]).as_posix() if len(path.parts) > 3 else path.name
 
 
 def _check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -151,7 +189,7 @@ def _info(model, config, hf, reports, source: Source | None) -> dict[str, Any]:
             "std": list(config.data.image_std or CLIP_STD),
         },
         "source": {
-            "path": str(source.weights.resolve()) if source else None,
+            "path": _run_relative(source.weights, source.run_dir) if source else None,
             "kind": ("model_dir" if source.model_dir is not None else "checkpoint") if source else "in_memory",
             "step": source.step if source else None,
         },

@@ -121,15 +121,30 @@ def _load_transformers_model(folder: Path, info: dict[str, Any]) -> nn.Module:
         return getattr(transformers, info["image"]["tower_class"]).from_pretrained(str(folder))
     if info["architecture"] != "VisionTextDualEncoderModel":
         return AutoModel.from_pretrained(str(folder))
-    # Towers whose class differs from what VisionTextDualEncoderModel builds (e.g. T5EncoderModel)
-    # are built here and handed to it; from_pretrained then fills them by name.
+    # Towers whose class differs from what VisionTextDualEncoderModel builds (e.g. T5EncoderModel,
+    # SiglipTextModel) are built here, and the weights loaded by name into the assembled model
+    # (from_pretrained would build on the meta device and leave such towers' buffers unset).
+    from safetensors.torch import load_file
+
     config = AutoConfig.from_pretrained(str(folder))
     towers = {}
     for kind, key, sub in (("image", "vision_model", config.vision_config), ("text", "text_model", config.text_config)):
         cls = getattr(transformers, info[kind]["tower_class"])
         if rebuilt_class(sub, kind) is not cls:
             towers[key] = cls(sub)
-    return VisionTextDualEncoderModel.from_pretrained(str(folder), **towers)
+    if not towers:
+        return VisionTextDualEncoderModel.from_pretrained(str(folder))
+    model = VisionTextDualEncoderModel(config, **towers)
+    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    model.tie_weights()  # safetensors stores tied weights once (T5's encoder.embed_tokens is `shared`)
+    pointers = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        pointers.setdefault(tensor.data_ptr(), []).append(name)
+    untied = [name for name in missing if len(pointers[model.state_dict(keep_vars=True)[name].data_ptr()]) < 2]
+    if unexpected or untied:
+        raise ExportError(f"{folder / 'model.safetensors'} does not fit {config.text_config.model_type}/"
+                          f"{config.vision_config.model_type} towers ({(unexpected or untied)[0]}); export the run again.")
+    return model
 
 
 def load_exported(path_or_repo_id: str | Path, device: torch.device | str = "cpu", revision: str | None = None) -> ExportedModel:

@@ -105,12 +105,30 @@ def point_card_at(folder: Path, repo_id: str) -> None:
         (folder / "README.md").write_text(updated)
 
 
+def check_exact(folder: Path) -> None:
+    """Raise PushError when mmcl_export.json marks a side that plain transformers does not reproduce."""
+    info = _read_json(folder / "mmcl_export.json") or {}
+    for kind in ("image", "text"):
+        side = info.get(kind)
+        if isinstance(side, dict) and not side.get("exact", True):
+            raise PushError(
+                f"{folder} is not exact in plain transformers on the {kind} side ({side.get('reason')}), so whoever "
+                "downloads it gets NaN features unless they use mmcl's loader; retrain with an exact choice (the run's "
+                "start-up warning names it) or pass --allow-inexact to push it anyway."
+            )
+
+
 def push_export(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None, token: str | None = None):
-    """Upload export `folder` to model repo `repo_id` in one commit; returns huggingface_hub's CommitInfo."""
+                commit_message: str | None = None, token: str | None = None, allow_inexact: bool = False):
+    """Upload export `folder` to model repo `repo_id` in one commit; returns huggingface_hub's CommitInfo.
+
+    An export that plain transformers does not reproduce (a NaN projection) is refused unless `allow_inexact`.
+    """
     from huggingface_hub import HfApi
 
     folder = check_export_dir(folder)
+    if not allow_inexact:
+        check_exact(folder)
     _check_repo_id(repo_id)
     _check_online()
     token = token or resolve_token()
@@ -199,5 +217,6 @@ def push_after_training(cfg, output_dir: str | Path) -> str:
     settings = cfg.push_to_hub
     folder = export_run(output_dir, Path(output_dir) / "hf_export", overwrite=True)
     info = push_export(folder, settings.repo_id, private=settings.private, revision=settings.revision,
-                       commit_message=settings.commit_message or f"Upload {Path(output_dir).name} trained with mmcl")
+                       commit_message=settings.commit_message or f"Upload {Path(output_dir).name} trained with mmcl",
+                       allow_inexact=settings.allow_inexact)
     return info.commit_url

@@ -11,20 +11,26 @@ Poolers (`TowerConfig.pooling`):
   is right for right padding (what `tokenize` produces) and for left padding alike.
 - `embeds`: `image_embeds` / `text_embeds` of the `*WithProjection` classes.
 
-`auto` resolves as follows (first matching row):
+`auto` resolves as follows (first matching row). The rule: wherever `transformers` has a pooled
+output that the export reproduces exactly (`mmcl export`: `CLIPModel`, `SiglipModel` or
+`VisionTextDualEncoderModel`, whose `get_*_features` read the tower's `pooler_output`), `auto`
+picks it, so a model trained with the defaults works for whoever downloads it with plain
+`transformers`. The last column says whether the export is exact with the `auto` choice.
 
-| kind  | tower                                          | pooler          | why                                   |
-|-------|------------------------------------------------|-----------------|---------------------------------------|
-| both  | class name ends in `WithProjection`            | `embeds`        | the user asked for the projected space |
-| image | clip_vision_model, siglip_vision_model         | `pooler_output` | CLS + post-norm (CLIP), MAP head (SigLIP) |
-| image | convnext, convnextv2                           | `pooler_output` | global average + final layer norm     |
-| image | vit, deit, dinov2                              | `cls`           | ViT's pooler_output is an extra tanh layer |
-| image | anything else                                  | 4D map -> `mean`; else `pooler_output` if the model returns one; else `cls` (decided on the first forward) | |
-| text  | clip_text_model                                | `eos`           | what CLIP's pooler_output computes, but from the mask: does not depend on `eos_token_id` in the config matching the tokenizer |
-| text  | siglip_text_model                              | `pooler_output` | SigLIP's head on the last token       |
-| text  | bert, roberta, xlm-roberta, distilbert, electra, deberta, deberta-v2 | `cls` | NOT pooler_output: its tanh dense layer was trained for next-sentence prediction |
-| text  | t5, mt5, umt5                                  | `mean`          | no CLS token; sentence-T5 style       |
-| text  | anything else                                  | `mean`          |                                       |
+| kind  | tower                                   | pooler          | why                                         | exact |
+|-------|-----------------------------------------|-----------------|---------------------------------------------|-------|
+| both  | class name ends in `WithProjection`     | `embeds`        | the user asked for the projected space      | no: transformers rebuilds the base class |
+| image | clip_vision_model, siglip_vision_model  | `pooler_output` | CLS + post-norm (CLIP), MAP head (SigLIP)   | yes |
+| image | convnext, convnextv2                    | `pooler_output` | global average + final layer norm           | yes |
+| image | vit, deit                               | `cls`           | the export sets ViT's pooler to the identity (`pooler_act: linear`), so pooler_output is the class token | yes |
+| image | dinov2                                  | `cls`           | Dinov2's pooler_output is the (normed) class token | yes |
+| image | anything else                           | 4D map -> `mean`; else `pooler_output` if the model returns one; else `cls` (decided on the first forward) | | measured at export |
+| text  | clip_text_model                         | `eos`           | what CLIP's pooler_output computes, but from the mask; the export aligns `eos_token_id` with the tokenizer | yes |
+| text  | siglip_text_model                       | `pooler_output` | SigLIP's head on the last token             | yes |
+| text  | bert, roberta, xlm-roberta              | `pooler_output` | the class token through the pooler's dense + tanh layer, which is what transformers returns (trained from scratch it is one more layer; see benchmarks/RESULTS.md, "Text pooling", for `cls` and `mean` measured against it) | yes |
+| text  | distilbert, electra, deberta, deberta-v2 | `cls`          | these models have no pooler in transformers | no  |
+| text  | t5, mt5, umt5                           | `mean`          | no CLS token and no pooler; sentence-T5 style | no  |
+| text  | anything else                           | `pooler_output` if the model returns one, else `mean` (decided on the first forward) | | measured at export |
 """
 from __future__ import annotations
 
@@ -48,9 +54,9 @@ AUTO_POOLING: dict[str, dict[str, str]] = {
     "text": {
         "clip_text_model": "eos",
         "siglip_text_model": "pooler_output",
-        "bert": "cls",
-        "roberta": "cls",
-        "xlm-roberta": "cls",
+        "bert": "pooler_output",
+        "roberta": "pooler_output",
+        "xlm-roberta": "pooler_output",
         "distilbert": "cls",
         "electra": "cls",
         "deberta": "cls",
@@ -79,7 +85,11 @@ def resolve_pooling(tower: PreTrainedModel, kind: Literal["image", "text"], pool
         return pooling
     if type(tower).__name__.endswith("WithProjection"):
         return "embeds"
-    return AUTO_POOLING[kind].get(tower.config.model_type, "mean" if kind == "text" else "auto")
+    if tower.config.model_type in AUTO_POOLING[kind]:
+        return AUTO_POOLING[kind][tower.config.model_type]
+    if kind == "text":  # a text model with a pooler returns pooler_output, which the export reproduces
+        return "pooler_output" if getattr(tower, "pooler", None) is not None else "mean"
+    return "auto"
 
 
 def pooled_width(tower: PreTrainedModel, pooling: str) -> int:
@@ -88,6 +98,8 @@ def pooled_width(tower: PreTrainedModel, pooling: str) -> int:
     config = tower.config
     if pooling == "embeds":
         width = getattr(config, "projection_dim", None)
+    elif pooling == "pooler_output" and isinstance(getattr(config, "projection_size", None), int):
+        width = config.projection_size  # SigLIP's text head maps hidden_size -> projection_size
     else:
         width = getattr(config, "hidden_size", None)
         if width is None and getattr(config, "hidden_sizes", None):

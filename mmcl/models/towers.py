@@ -132,7 +132,13 @@ def _select_config(config: PretrainedConfig, kind: Kind, model_class: type[PreTr
     return config
 
 
+# Single towers that transformers' Auto mappings leave out (they map only the two-tower model).
+_UNMAPPED_TOWERS = {"siglip_text_model": "SiglipTextModel"}
+
+
 def _default_class(config: PretrainedConfig, kind: Kind, source: str) -> type[PreTrainedModel]:
+    if config.model_type in _UNMAPPED_TOWERS:
+        return getattr(transformers, _UNMAPPED_TOWERS[config.model_type])
     mappings = (MODEL_FOR_TEXT_ENCODING_MAPPING, MODEL_MAPPING) if kind == "text" else (MODEL_MAPPING,)
     for mapping in mappings:
         try:

@@ -82,3 +82,14 @@ def test_push_to_hub_that_cannot_happen_fails_before_training(config, capsys, mo
     err = fails_with(capsys, config, "push_to_hub={repo_id: someone/tiny-clip}")
     assert err.startswith("mmcl: error:") and len(err.strip().splitlines()) == 1
     assert "offline" in err.lower() or "token" in err.lower()
+
+
+def test_push_to_hub_of_a_model_transformers_cannot_reproduce_is_refused_at_start_up(config, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_never_used")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the token and network checks pass
+    err = fails_with(capsys, config, "push_to_hub={repo_id: someone/tiny-clip}")  # BERT with mean pooling
+    assert err.startswith("mmcl: error:") and len(err.strip().splitlines()) == 1
+    assert "text side plain transformers cannot reproduce" in err
+    assert "model.text.pooling: pooler_output" in err and "push_to_hub.allow_inexact: true" in err

@@ -148,8 +148,8 @@ def test_model_card_has_valid_metadata_with_the_runs_metrics_and_a_snippet_that_
 
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, "README.md", "exec"), {})  # as written: model_id is the export folder
+    with contextlib.redirect_stdout(printed), contextlib.chdir(export):
+        exec(compile(code, "README.md", "exec"), {})  # as written: model_id "." is the export folder
     probabilities = [float(x) for x in re.findall(r"\d\.\d+(?:e[-+]\d+)?", printed.getvalue())]
     assert len(probabilities) == 2 and sum(probabilities) == pytest.approx(1.0, abs=1e-3)
 

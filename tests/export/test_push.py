@@ -26,9 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """One small export (tiny ViT + BERT) shared by the tests, which each push a copy of it."""
+    """One small exact export (tiny ViT + BERT with its pooler) shared by the tests, which each push a copy of it."""
     root = tmp_path_factory.mktemp("push")
-    config = run_config(tokenizer_dir)
+    config = run_config(tokenizer_dir, text_pooling="pooler_output")
     model, tokenizer = build(config)
     return export_run(write_run(root / "run", config, model, tokenizer), root / "export")
 
@@ -85,6 +85,23 @@ def test_push_uploads_exactly_the_export_in_one_commit(export_copy, hub, tmp_pat
     assert received == local_files(export_copy)  # same names, same bytes
     assert 'model_id = "me/tiny-clip"' in received["README.md"].decode()  # the card's snippet now loads the repo
     assert_token_nowhere(WRITE_TOKEN, result.stdout, result.stderr, folders=(export_copy, tmp_path / "home"))
+
+
+def test_push_refuses_an_inexact_export_unless_allowed(tmp_path_factory, tokenizer_dir, hub, tmp_path):
+    root = tmp_path_factory.mktemp("inexact")
+    config = run_config(tokenizer_dir, text_pooling="mean")  # mean pooling: transformers' text features are NaN
+    model, tokenizer = build(config)
+    folder = export_run(write_run(root / "run", config, model, tokenizer), root / "export")
+
+    refused = push(folder, "me/inexact", hub.url, tmp_path / "home", WRITE_TOKEN)
+    assert refused.returncode == 2 and refused.stderr.startswith("mmcl: error:")
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "not exact in plain transformers on the text side" in refused.stderr and "--allow-inexact" in refused.stderr
+    assert hub.requests == []  # refused before any network call
+
+    allowed = push(folder, "me/inexact", hub.url, tmp_path / "home", WRITE_TOKEN, "--allow-inexact")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "README.md" in hub.repos["me/inexact"]["main"]
 
 
 def test_push_to_a_branch_creates_it_and_leaves_main_alone(export_copy, hub, tmp_path):
@@ -146,7 +163,7 @@ def test_push_after_training_exports_the_run_and_pushes_it(tmp_path, tokenizer_d
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
-    config = run_config(tokenizer_dir)
+    config = run_config(tokenizer_dir, text_pooling="pooler_output")
     config.push_to_hub = PushConfig(repo_id="me/finished-run", private=True)
     model, tokenizer = build(config)
     run = write_run(tmp_path / "run", config, model, tokenizer)

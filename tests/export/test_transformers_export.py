@@ -27,12 +27,12 @@ def pixels(seed: int = 1) -> torch.Tensor:
     return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
-def run_snippet(folder) -> str:
-    """Execute the card's Python snippet as written; returns what it printed."""
+def run_snippet(folder, block: int = 0) -> str:
+    """Execute the card's `block`-th Python snippet as written, inside the export folder (model_id "."); returns what it printed."""
     card = (folder / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = re.findall(r"```python\n(.*?)```", card, re.S)[block]
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), contextlib.chdir(folder):
         exec(compile(code, "README.md", "exec"), {})
     return printed.getvalue()
 

@@ -75,7 +75,7 @@ def test_pooler_output_missing_is_a_clear_error():
 def test_explicit_pooling_overrides_auto():
     tower = build_tower(TextTowerConfig(config=dict(TEXT_CONFIGS["bert"])), "text")
     assert resolve_pooling(tower, "text", "mean") == "mean"
-    assert resolve_pooling(tower, "text") == "cls"
+    assert resolve_pooling(tower, "text") == "pooler_output"  # BERT's pooler: what transformers exports
 
 
 def test_pooled_width_of_each_kind_of_config():

@@ -8,7 +8,7 @@ from mmcl.models import DualEncoder, TowerLoadError, build_tower, resolve_poolin
 from .tiny import EMBED_DIM, IMAGE_CONFIGS, TEXT_CONFIGS, image_batch, model_config, text_batch
 
 IMAGE_AUTO = {"vit": "cls", "clip_vision_model": "pooler_output", "convnext": "pooler_output"}
-TEXT_AUTO = {"bert": "cls", "roberta": "cls", "clip_text_model": "eos", "t5": "mean"}
+TEXT_AUTO = {"bert": "pooler_output", "roberta": "pooler_output", "clip_text_model": "eos", "t5": "mean"}
 
 
 @pytest.mark.parametrize("family", sorted(IMAGE_CONFIGS))
