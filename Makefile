@@ -36,6 +36,7 @@ test: setup
 
 # The main job on the built-in data: the digits shards (built once, offline), then the real
 # DeepSpeed launcher with 2 CPU ranks and ZeRO-2; prints the zero-shot top-1 on held-out digits.
+# Then the Hub user's view: the export (a transformers CLIPModel) scored with plain transformers.
 DEMO_DATA ?= data/demo
 DEMO_OUT ?= runs/demo
 demo: setup
@@ -43,6 +44,8 @@ demo: setup
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/deepspeed --num_gpus 2 train.py --config configs/demo.yaml \
 		--deepspeed_config configs/ds/zero2.json output_dir=$(DEMO_OUT)
+	$(VENV)/bin/mmcl export --run $(DEMO_OUT) --out $(DEMO_OUT)/export --overwrite
+	$(PY) eval/transformers_zeroshot.py --model $(DEMO_OUT)/export --data $(DEMO_DATA)/classification
 
 clean:
 	rm -rf $(VENV) build *.egg-info
