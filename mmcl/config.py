@@ -363,6 +363,8 @@ def _expand_init_from(raw: dict[str, Any], source: str) -> dict[str, Any]:
         return raw  # absent, or a type error _build reports
     _check_path(init_from, "model.init_from", source, hub_id_allowed=True)
     clip = _read_json_file(init_from, "config.json")
+    if clip is None and not Path(init_from).expanduser().exists():
+        clip = {"model_type": "clip"}  # a hub id not reachable now (offline): the towers' loading reports it
     if clip is None or clip.get("model_type") != "clip":
         what = "has no readable config.json" if clip is None else f"is a '{clip.get('model_type')}' model"
         raise ConfigError(f"{source}: 'model.init_from' = '{init_from}' {what}; it must be a transformers CLIPModel "

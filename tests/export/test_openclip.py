@@ -225,10 +225,22 @@ def test_openclip_export_refuses_towers_openclip_cannot_hold(tokenizer_dir, tmp_
 # ----------------------------------------------------------------------------- a real run, CLIP_benchmark
 
 
-def clip_benchmark_layout(root: Path, shard: Path) -> Path:
-    """CLIP_benchmark's wds layout: test/0.tar + nshards.txt, classnames.txt, zeroshot_classification_templates.txt."""
+def clip_benchmark_layout(root: Path, shard: Path, samples: int = 150) -> Path:
+    """CLIP_benchmark's wds layout: test/0.tar + nshards.txt, classnames.txt, zeroshot_classification_templates.txt.
+
+    test/0.tar holds the first `samples` samples ({key}.png + {key}.cls) of `shard`."""
+    import tarfile
+
     (root / "test").mkdir(parents=True)
-    (root / "test" / "0.tar").write_bytes(shard.read_bytes())
+    with tarfile.open(shard) as source, tarfile.open(root / "test" / "0.tar", "w") as target:
+        keys: list[str] = []
+        for member in source.getmembers():
+            key = member.name.split(".", 1)[0]
+            if key not in keys:
+                keys.append(key)
+            if len(keys) > samples:
+                break
+            target.addfile(member, source.extractfile(member))
     (root / "test" / "nshards.txt").write_text("1\n")
     (root / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (root / "zeroshot_classification_templates.txt").write_text("a photo of the digit {c}.\nhandwritten {c}\n")
@@ -262,16 +274,21 @@ def test_zero3_run_from_converted_openclip_then_clip_benchmark_agrees_with_mmcl_
 
     assert mmcl_main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "oc"), "--format", "openclip"]) == 0
     wds = clip_benchmark_layout(tmp_path / "wds_digits", data / "classification" / "00000.tar")
-    command = [str(Path(sys.executable).parent / "clip_benchmark"), "eval", "--model_type", "open_clip",
+    # clip_benchmark's CLI, through a wrapper that fixes its one NumPy >= 2.4 incompatibility (see the file)
+    command = [sys.executable, str(Path(__file__).with_name("clip_benchmark_cli.py")), "eval", "--model_type", "open_clip",
                "--model", f"local-dir:{tmp_path / 'oc'}", "--pretrained", "none", "--dataset", "wds/digits",
                "--dataset_root", str(wds), "--task", "zeroshot_classification", "--batch_size", "64", "--num_workers", "0",
                "--output", str(tmp_path / "clip_benchmark.json")]
     benchmark = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert benchmark.returncode == 0, benchmark.stdout[-2000:] + benchmark.stderr[-2000:]
     theirs = json.loads((tmp_path / "clip_benchmark.json").read_text())["metrics"]
-    ours = run_zeroshot(["--model", str(tmp_path / "run" / "model"), "--data", str(wds / "test" / "0.tar"),
-                         "--classnames", str(wds / "classnames.txt"),
-                         "--templates", str(wds / "zeroshot_classification_templates.txt"),
-                         "--device", "cpu", "--workers", "0", "--batch-size", "64"])["metrics"]
-    print(f"CLIP_benchmark top-1 {theirs['acc1']:.4f}, mmcl-zeroshot top-1 {ours['acc1']:.4f}")
-    assert theirs["acc1"] == pytest.approx(ours["acc1"], abs=1e-9)
+    result = run_zeroshot(["--model", str(tmp_path / "run" / "model"), "--data", str(wds / "test" / "0.tar"),
+                           "--classnames", str(wds / "classnames.txt"),
+                           "--templates", str(wds / "zeroshot_classification_templates.txt"),
+                           "--device", "cpu", "--workers", "0", "--batch-size", "64"])
+    ours = result["metrics"]
+    print(f"CLIP_benchmark {theirs}, mmcl-zeroshot {ours}")
+    assert result["num_samples"] == 150
+    # A 4-step model is near chance; top-5 and per-class recall pin that the two rank the classes alike.
+    for metric in ("acc1", "acc5", "mean_per_class_recall"):
+        assert theirs[metric] == pytest.approx(ours[metric], abs=1e-9), metric
