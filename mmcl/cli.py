@@ -2,6 +2,8 @@
 
     mmcl export --run RUN_OR_CHECKPOINT --out DIR [--overwrite] [--license ID] [--dataset ID ...]
     mmcl push --model DIR --repo-id ORG/NAME [--private] [--revision BRANCH] [--commit-message MSG] [--allow-inexact]
+    mmcl export --run RUN --out DIR --format openclip [--hub-repo-id ORG/NAME]   (OpenCLIP's hub layout)
+    mmcl convert openclip --model NAME|hf-hub:ORG/NAME|local-dir:PATH [--weights FILE] [--config JSON] --out DIR
 
 User errors print one line (`mmcl: error: ...`) and exit with status 2. `push` does not import
 torch, so it starts in about a second.
@@ -15,7 +17,7 @@ from typing import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcl", description="mmcl model tools: export to transformers, push to the Hub.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push,convert}")
 
     export = commands.add_parser("export", help="write a transformers folder (weights, processor, card) from a run",
                                  description="Export a run directory, one of its checkpoints/step_* folders or its "
@@ -26,6 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--license", default=None, metavar="ID", help="license id for the model card (default: other)")
     export.add_argument("--dataset", action="append", default=None, metavar="ID",
                         help="Hub dataset id for the card's metadata (repeatable; default: names from the shard paths)")
+
+    export.add_argument("--format", choices=("transformers", "openclip"), default="transformers",
+                        help="transformers (default) or openclip: open_clip_config.json + weights, as open_clip.push_to_hf_hub writes")
+    export.add_argument("--hub-repo-id", default=None, metavar="ORG/NAME",
+                        help="openclip format: the repo it will be pushed to (OpenCLIP's hf-hub: loading reads the tokenizer there)")
+
+    convert = commands.add_parser("convert", help="convert another library's checkpoint to a transformers folder")
+    sources = convert.add_subparsers(dest="source", required=True, metavar="{openclip}")
+    openclip = sources.add_parser("openclip", help="an OpenCLIP CLIP checkpoint -> transformers CLIPModel folder",
+                                  description="Write a CLIPModel folder (weights, CLIP tokenizer, image processor) that "
+                                              "reproduces the OpenCLIP model; start a run from it with model.init_from.")
+    openclip.add_argument("--model", required=True, metavar="NAME", help="OpenCLIP architecture (e.g. ViT-B-32), hf-hub:ORG/NAME or local-dir:PATH")
+    openclip.add_argument("--weights", default=None, metavar="FILE", help="checkpoint file for a named architecture (.safetensors, .pt, .bin)")
+    openclip.add_argument("--config", default=None, metavar="JSON", help="an OpenCLIP model config file for a custom architecture (its stem is the name)")
+    openclip.add_argument("--out", required=True, metavar="DIR", help="folder to create")
+    openclip.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     push = commands.add_parser("push", help="upload an export folder to the Hugging Face Hub in one commit",
                                description="Upload an export to a model repo. The token comes from HF_TOKEN or "
@@ -45,7 +63,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmcl.export.errors import ExportError, PushError
 
     try:
-        if args.command == "export":
+        if args.command == "convert":
+            from mmcl.export.openclip_import import convert_openclip
+
+            out, report = convert_openclip(args.model, args.out, weights=args.weights, config_file=args.config,
+                                           overwrite=args.overwrite)
+            print(f"mmcl: converted {args.model} to {out} (max difference to OpenCLIP: image {report['image_max_diff']:.1e}, "
+                  f"text {report['text_max_diff']:.1e}); start a run from it with model.init_from={out}")
+        elif args.command == "export" and args.format == "openclip":
+            from mmcl.export.openclip import export_openclip
+
+            out = export_openclip(args.run, args.out, overwrite=args.overwrite, repo_id=args.hub_repo_id)
+            print(f"mmcl: exported {args.run} to {out} in OpenCLIP's format; load it with "
+                  f"open_clip.create_model_and_transforms('local-dir:{out}')")
+        elif args.command == "export":
             from mmcl.export.export import export_run
 
             out = export_run(args.run, args.out, overwrite=args.overwrite, license=args.license, datasets=args.dataset)

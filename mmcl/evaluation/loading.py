@@ -109,6 +109,7 @@ def _self_contained(config: Any, model: torch.nn.Module, tokenizer_dir: Path | N
         tower_cfg.config, tower_cfg.name_or_path = inline, None
     if tokenizer_dir is not None and config.model.text is not None:
         config.model.text.tokenizer = str(tokenizer_dir.resolve())
+    config.model.init_from = None  # model.safetensors holds every weight, heads and logit scale included
     return config
 
 

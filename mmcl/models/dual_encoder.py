@@ -145,8 +145,13 @@ class DualEncoder(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> DualEncoder:
-    """`DualEncoder.from_config(cfg)`."""
-    return DualEncoder.from_config(cfg)
+    """`DualEncoder.from_config(cfg)`; with `cfg.init_from`, its heads and logit scale from that CLIPModel."""
+    model = DualEncoder.from_config(cfg)
+    if cfg.init_from is not None:
+        from mmcl.models.init_from import load_clip_heads
+
+        load_clip_heads(model, cfg.init_from)
+    return model
 
 
 def _build_side(tower_cfg: TowerConfig, kind: str, cfg: ModelConfig) -> tuple[PreTrainedModel, str, nn.Module]:
