@@ -80,11 +80,14 @@ def test_each_inexact_side_is_one_warning_naming_the_reason_and_the_exact_altern
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
-def tiny_side(tower, kind: str):
-    """The same model type, pooling and head as a shipped config's tower, at test size (no download)."""
+def tiny_side(tower, kind: str, openclip: bool = False):
+    """The same model type, pooling and head as a shipped config's tower, at test size (no download).
+    `openclip`: the towers come from a converted OpenCLIP folder (model.init_from), a CLIPModel."""
     from dataclasses import replace
 
-    if tower.config is not None:
+    if openclip:
+        model_type = f"clip_{'vision' if kind == 'image' else 'text'}_model"
+    elif tower.config is not None:
         model_type = tower.config["model_type"]
     else:  # a hub id: its family from the name
         name = tower.name_or_path.lower()
@@ -108,11 +111,12 @@ def test_shipped_configs_export_exactly_or_say_why_not(path, tmp_path, monkeypat
     (tmp_path / "data" / "demo" / "tokenizer").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     config = load_config(path)
-    sides = {"image": tiny_side(config.model.image, "image")}
+    openclip = getattr(config.model, "init_from", None) is not None
+    sides = {"image": tiny_side(config.model.image, "image", openclip)}
     if config.model.text is not None:
-        sides["text"] = tiny_side(config.model.text, "text")
+        sides["text"] = tiny_side(config.model.text, "text", openclip)
     headless = any(side.projection == "none" for side in sides.values())
-    model = build_model(replace(config.model, embed_dim=32 if headless else 24, **sides))
+    model = build_model(replace(config.model, embed_dim=32 if headless else 24, init_from=None, **sides))
     plans = plan_export(model)
     exact = all(plan.exact for plan in plans.values())
     assert exact or "not exact" in path.read_text().lower(), [p for p in plans.values() if not p.exact]
