@@ -490,6 +490,9 @@ def _check_semantics(config: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: '{key}.unlocked_layers' only applies with '{key}.lock: true'.")
         if not 0.0 <= tower.patch_dropout < 1.0:
             raise ConfigError(f"{source}: '{key}.patch_dropout' must be in [0, 1), got {tower.patch_dropout}.")
+        if tower.patch_dropout and tower.lock and not tower.unlocked_layers:
+            raise ConfigError(f"{source}: '{key}.patch_dropout' has no effect on a fully locked tower (it stays in eval "
+                              "mode); set it to 0 or set 'unlocked_layers'.")
         if key == "model.text" and tower.patch_dropout:
             raise ConfigError(f"{source}: 'model.text.patch_dropout' applies to image towers only; remove it.")
     text = config.model.text

@@ -47,19 +47,23 @@ def drop_patches(tokens: Tensor, p: float, prefix_tokens: int) -> Tensor:
 
 
 class PatchDropout:
-    """The forward hook: drops patch tokens when its module is training and `active` is True.
+    """The forward hook: drops patch tokens when `tower` is training and `active` is True.
 
-    `tokens_out` is the token count [P + K or P + N] of the last call's output, for logging.
+    The tower's mode, not the embeddings' own, decides: a tower locked below its last layers
+    keeps its frozen embeddings in eval mode, yet trains. `tokens_out` is the token count
+    [P + K or P + N] of the last call's output, for logging.
     """
 
-    def __init__(self, p: float, prefix_tokens: int) -> None:
+    def __init__(self, p: float, prefix_tokens: int, tower: nn.Module | None = None) -> None:
         self.p = float(p)
         self.prefix_tokens = prefix_tokens
+        self.tower = tower
         self.active = True
         self.tokens_out: int | None = None
 
     def __call__(self, module: nn.Module, args, output: Tensor) -> Tensor:
-        if module.training and self.active and self.p > 0:
+        training = (self.tower if self.tower is not None else module).training
+        if training and self.active and self.p > 0:
             output = drop_patches(output, self.p, self.prefix_tokens)
         self.tokens_out = output.shape[1]
         return output
@@ -105,7 +109,7 @@ def attach_patch_dropout(tower: nn.Module, p: float, key: str = "model.image") -
         raise ValueError(
             f"'{key}.patch_dropout': {type(tower).__name__}'s embeddings give fewer tokens than patches; set it to 0."
         )
-    hook = PatchDropout(p, prefix)
+    hook = PatchDropout(p, prefix, tower)
     embeddings.register_forward_hook(hook)
     setattr(embeddings, HOOK_ATTRIBUTE, hook)
     return hook

@@ -150,6 +150,15 @@ def test_switched_off_hooks_see_every_token_including_deep_copies():
     torch.testing.assert_close(model.train().encode_image(pixels), plain.train().encode_image(pixels))
 
 
+def test_tower_locked_below_its_last_layer_still_drops_tokens_in_training():
+    torch.manual_seed(0)
+    model = DualEncoder.from_config(model_config(text=None, image_patch_dropout=0.5, image_lock=True,
+                                                 image_unlocked_layers=1)).train()
+    assert not model.image_tower.embeddings.training  # frozen, so kept in eval mode
+    tokens = model.image_tower(pixel_values=image_batch(2)).last_hidden_state.shape[1]
+    assert tokens == 1 + (32 // 8) ** 2 // 2
+
+
 def test_unmasked_finish_covers_exactly_the_last_steps():
     active = [patch_dropout_active(done, 10, 3) for done in range(10)]  # done = steps completed before this one
     assert active == [True] * 7 + [False] * 3
@@ -188,4 +197,6 @@ def test_patch_dropout_on_the_text_tower_and_negative_final_steps_are_config_err
     raw["train"] = {"patch_dropout_final_steps": -1}
     with pytest.raises(ConfigError, match="'train.patch_dropout_final_steps' must be >= 0"):
         from_dict(raw)
+    with pytest.raises(ConfigError, match="'model.image.patch_dropout' has no effect on a fully locked tower"):
+        from_dict(_raw(patch_dropout=0.5, lock=True))
     assert from_dict(_raw(patch_dropout=0.5)).model.image.patch_dropout == 0.5
