@@ -45,6 +45,9 @@ class TowerConfig:
     unlocked_layers: int = 0  # with lock: keep the last N layers (and the norms after them) trainable
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     attn_implementation: str | None = None  # "eager" / "sdpa" / ...; None lets transformers pick
+    # image towers with token outputs (vit, deit, clip/siglip vision, dinov2): in training, drop this fraction
+    # of the patch tokens per image after the position embeddings (FLIP); class/register tokens are kept
+    patch_dropout: float = 0.0
 
 
 @dataclass
@@ -236,6 +239,7 @@ class TrainConfig:
     resume: str | None = None  # "latest" or a checkpoint directory
     zero_stage: int | None = None  # ZeRO stage when no --deepspeed_config is given (default 2)
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
+    patch_dropout_final_steps: int = 0  # train the last N steps with every patch token (FLIP's unmasked tuning)
 
 
 @dataclass
@@ -546,11 +550,20 @@ def _check_semantics(config: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: '{key}.unlocked_layers' must be >= 0, got {tower.unlocked_layers}.")
         if tower.unlocked_layers and not tower.lock:
             raise ConfigError(f"{source}: '{key}.unlocked_layers' only applies with '{key}.lock: true'.")
+        if not 0.0 <= tower.patch_dropout < 1.0:
+            raise ConfigError(f"{source}: '{key}.patch_dropout' must be in [0, 1), got {tower.patch_dropout}.")
+        if tower.patch_dropout and tower.lock and not tower.unlocked_layers:
+            raise ConfigError(f"{source}: '{key}.patch_dropout' has no effect on a fully locked tower (it stays in eval "
+                              "mode); set it to 0 or set 'unlocked_layers'.")
+        if key == "model.text" and tower.patch_dropout:
+            raise ConfigError(f"{source}: 'model.text.patch_dropout' applies to image towers only; remove it.")
     text = config.model.text
     if text is not None and text.tokenizer is None and text.name_or_path is None:
         raise ConfigError(f"{source}: 'model.text.tokenizer' is required when the text tower is built from an inline config.")
     if text is not None and text.context_length < 1:
         raise ConfigError(f"{source}: 'model.text.context_length' must be >= 1, got {text.context_length}.")
+    if config.train.patch_dropout_final_steps < 0:
+        raise ConfigError(f"{source}: 'train.patch_dropout_final_steps' must be >= 0, got {config.train.patch_dropout_final_steps}.")
     if config.model.embed_dim < 1:
         raise ConfigError(f"{source}: 'model.embed_dim' must be >= 1, got {config.model.embed_dim}.")
     if config.model.logit_scale_init <= 0 or config.model.logit_scale_max < config.model.logit_scale_init:

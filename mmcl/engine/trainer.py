@@ -32,6 +32,7 @@ from mmcl.engine.runtime import (TrainingError, check_output_dir, init_process_g
 from mmcl.engine.steps import feature_cache_step, plain_step
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model, build_tokenizer
+from mmcl.models.patch_dropout import patch_dropout_active, patch_dropout_hooks, set_patch_dropout
 
 
 class StopRequested:
@@ -128,9 +129,16 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     window_start, window_samples = time.time(), 0
     batches = data_stream.endless(loader)
     final_metrics: dict[str, Any] = {}
+    patch_dropout = patch_dropout_hooks(task)
+    if patch_dropout:
+        unmasked_from = max(total_steps - cfg.train.patch_dropout_final_steps, 0)
+        say(f"patch dropout {cfg.model.image.patch_dropout}: steps 1-{unmasked_from} drop patch tokens"
+            + (f", steps {unmasked_from + 1}-{total_steps} see every token" if unmasked_from < total_steps else ""))
 
     while step < total_steps:
         micro_batches = [move_batch(next(batches), engine) for _ in range(cfg.train.grad_accum_steps)]
+        if patch_dropout:  # a function of the step alone, so a resumed run switches at the same step
+            set_patch_dropout(task, patch_dropout_active(step, total_steps, cfg.train.patch_dropout_final_steps))
         metrics, nonfinite = (feature_cache_step if use_cache else plain_step)(engine, micro_batches)
         step += 1
         if metrics is not None:  # the optimizer stepped: per-step updates (BYOL's EMA target)
@@ -152,6 +160,8 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
             values["samples_per_s_per_rank"] = values["samples_per_s"] / world_size
             values["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
             values["nonfinite_steps"] = nonfinite_total
+            if patch_dropout:  # tokens per image the image tower's layers saw in the last training forward
+                values["image_tokens"] = patch_dropout[0].tokens_out
             values.update({f"skipped/{k}": v for k, v in data_stream.skip_counts(loader).items()})
             log.write(step, values, samples_seen)
             say(_log_line(step, total_steps, values))

@@ -3,6 +3,7 @@ from mmcl.models.dual_encoder import DualEncoder, build_model, enable_gradient_c
 from mmcl.models.ema import Gather, MomentumEncoder, cosine_momentum, ema_update_, frozen_copy, no_gather
 from mmcl.models.heads import FloatBatchNorm1d, MLPHead
 from mmcl.models.locking import eval_frozen_modules, find_layer_stack, lock_tower
+from mmcl.models.patch_dropout import PatchDropout, attach_patch_dropout, patch_dropout_active, set_patch_dropout
 from mmcl.models.queue import KeyQueue
 from mmcl.models.pooling import AUTO_POOLING, POOLINGS, pool, pooled_width, resolve_pooling
 from mmcl.models.projection import build_projection
@@ -18,8 +19,10 @@ __all__ = [
     "KeyQueue",
     "MomentumEncoder",
     "MLPHead",
+    "PatchDropout",
     "TokenizerLoadError",
     "TowerLoadError",
+    "attach_patch_dropout",
     "build_model",
     "build_projection",
     "build_tokenizer",
@@ -33,8 +36,10 @@ __all__ = [
     "frozen_copy",
     "no_gather",
     "lock_tower",
+    "patch_dropout_active",
     "pool",
     "pooled_width",
     "resolve_pooling",
+    "set_patch_dropout",
     "tokenize",
 ]

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from mmcl.config import ModelConfig, TowerConfig
 from mmcl.models.locking import eval_frozen_modules, lock_tower
+from mmcl.models.patch_dropout import attach_patch_dropout
 from mmcl.models.pooling import pool, pooled_width, resolve_pooling
 from mmcl.models.projection import build_projection
 from mmcl.models.towers import build_tower
@@ -157,6 +158,8 @@ def build_model(cfg: ModelConfig) -> DualEncoder:
 def _build_side(tower_cfg: TowerConfig, kind: str, cfg: ModelConfig) -> tuple[PreTrainedModel, str, nn.Module]:
     key = f"model.{kind}"
     tower = build_tower(tower_cfg, kind, key)
+    if tower_cfg.patch_dropout:  # training-time token dropping (FLIP); a config error where it cannot apply
+        attach_patch_dropout(tower, tower_cfg.patch_dropout, f"{key}")
     try:
         pooling = resolve_pooling(tower, kind, tower_cfg.pooling)
         width = pooled_width(tower, pooling)

@@ -5,7 +5,12 @@ Plain SGD with lr 1 makes the parameter change equal to minus the gradient, so a
 accumulation scaling (or the logit scale's gradient counted k times) shows up in full;
 AdamW's first step would hide it (its update is ~lr·sign(g)). Writes the max absolute
 parameter difference to argv[2] (JSON) from rank 0.
+
+Optional argv[3]: a patch-dropout rate for the image tower (with gradient checkpointing on it):
+the caching and re-encoding passes must then keep the same tokens. argv[1] may list several
+ZeRO stages ("1,2,3"), run one after another in this one launch.
 """
+import dataclasses
 import json
 import sys
 
@@ -23,6 +28,7 @@ from mmcl.engine.periodic_eval import full_parameters  # noqa: E402
 from mmcl.engine.steps import feature_cache_step, plain_step  # noqa: E402
 from mmcl.engine.task import ContrastiveTask  # noqa: E402
 from mmcl.models import build_model  # noqa: E402
+from mmcl.models.patch_dropout import patch_dropout_hooks  # noqa: E402
 
 ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -44,9 +50,9 @@ def batch(rank: int, size: int, offset: int) -> dict:
     }
 
 
-def one_step(stage: int, micro: int, accum: int, cached: bool) -> dict[str, torch.Tensor]:
+def one_step(stage: int, micro: int, accum: int, cached: bool, model_cfg: ModelConfig = MODEL) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    task = ContrastiveTask(build_model(MODEL), {"clip": 1.0})
+    task = ContrastiveTask(build_model(model_cfg), {"clip": 1.0})
     optimizer = torch.optim.SGD(task.parameters(), lr=1.0)
     config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
               "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
@@ -57,21 +63,33 @@ def one_step(stage: int, micro: int, accum: int, cached: bool) -> dict[str, torc
     (feature_cache_step if cached else plain_step)(engine, micro_batches)
     assert engine.global_steps == 1, engine.global_steps
     with full_parameters(engine):
-        return {name: p.detach().clone().float() for name, p in engine.module.named_parameters()}
+        parameters = {name: p.detach().clone().float() for name, p in engine.module.named_parameters()}
+    hooks = patch_dropout_hooks(task)
+    if hooks:  # tokens per image the image tower's layers saw in the last training forward
+        parameters["tokens"] = torch.tensor(float(hooks[0].tokens_out))
+    return parameters
 
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank
-    stage, out_path = int(args[0]), args[1]
+    stages, out_path = [int(stage) for stage in args[0].split(",")], args[1]
+    model_cfg = MODEL
+    if len(args) > 2:
+        image = dataclasses.replace(MODEL.image, patch_dropout=float(args[2]), gradient_checkpointing=True)
+        model_cfg = dataclasses.replace(MODEL, image=image)
     init_process_group()
-    reference = one_step(stage, MICRO * ACCUM, 1, cached=False)
-    accumulated = one_step(stage, MICRO, ACCUM, cached=True)
-    initial_scale = torch.log(torch.tensor(1 / 0.07))
-    diffs = {name: (reference[name] - accumulated[name]).abs().max().item() for name in reference}
+    results = {}
+    for stage in stages:
+        reference = one_step(stage, MICRO * ACCUM, 1, cached=False, model_cfg=model_cfg)
+        accumulated = one_step(stage, MICRO, ACCUM, cached=True, model_cfg=model_cfg)
+        tokens = {"reference": reference.pop("tokens", None), "accumulated": accumulated.pop("tokens", None)}
+        initial_scale = torch.log(torch.tensor(1 / 0.07))
+        diffs = {name: (reference[name] - accumulated[name]).abs().max().item() for name in reference}
+        results[stage] = {"max_diff": max(diffs.values()), "worst": max(diffs, key=diffs.get),
+                          "logit_scale_change": abs(reference["model.logit_scale"].item() - initial_scale.item()),
+                          **{f"tokens_{k}": None if v is None else v.item() for k, v in tokens.items()}}
     if get_rank() == 0:
-        json.dump({"max_diff": max(diffs.values()), "worst": max(diffs, key=diffs.get),
-                   "logit_scale_change": abs(reference["model.logit_scale"].item() - initial_scale.item())},
-                  open(out_path, "w"))
+        json.dump(results[stages[0]] if len(stages) == 1 else results, open(out_path, "w"))
 
 
 if __name__ == "__main__":
