@@ -23,7 +23,9 @@ Design (pipeline.py has one worker's stream, shards.py the data split):
 - Resume: a fresh DataLoader whose worker `i` plays logical worker `(i + next) % W`, each
   fast-forwarded to its saved position without decoding (local shards: tar headers only).
   The next batches equal those of an uninterrupted run, with any `num_workers` (the same value
-  as when the state was saved: the data split depends on it). The DataLoader gets its own
+  as when the state was saved: the data split depends on it). On another layout (world size,
+  workers, batch size), `load_elastic_state(every rank's state)` continues the epoch with the
+  samples no rank took yet, each once (elastic.py). The DataLoader gets its own
   torch generator, and in-process loading restores the RNG it touches, so the trainer's RNG
   streams are not disturbed either.
 

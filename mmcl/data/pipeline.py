@@ -24,6 +24,10 @@ shard readers and the shuffle buffer in exactly the state they had; counters res
 fast-forwarding; the few samples still in the shuffle buffer afterwards load their bytes on
 use. Non-seekable streams (pipe:, http) are re-read, still without decoding.
 
+Elastic resume (elastic.py): an epoch continued on another layout is a later *segment*: the
+consumer reads its share of the samples no consumer of an earlier segment took, and its seeds
+carry the segment number.
+
 Fill: with a quota (equal steps per rank), a consumer whose own samples run short — the
 quota is rounded up, or samples were bad, or a shard is missing — continues with the epoch's
 shards read whole from a consumer-specific offset. Those repeated samples are counted in
