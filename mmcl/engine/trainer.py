@@ -239,7 +239,8 @@ def _resume_elastic(engine, loader, task: TrainingTask, cfg: RunConfig, root: Pa
                     saved_layout: dict[str, Any], changes: list[str]) -> tuple[int, int]:
     """Resume `root/tag` written with another layout; returns (step, samples seen). See engine/elastic.py."""
     rank, world_size = get_rank(), get_world_size()
-    repartitioned = saved_layout["world_size"] != world_size or saved_layout.get("zero_stage", engine.zero_optimization_stage()) != engine.zero_optimization_stage()
+    stage = engine.zero_optimization_stage()
+    repartitioned = saved_layout["world_size"] != world_size or saved_layout.get("zero_stage", stage) != stage
     if repartitioned:
         client_state = elastic.load_universal(engine, root, tag)
     else:
