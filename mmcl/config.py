@@ -236,7 +236,8 @@ class TrainConfig:
     eval_every: int | None = None  # steps between evaluations (None = only at the end)
     checkpoint_every: int | None = None  # steps between checkpoints (None = only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    resume: str | None = None  # "latest" or a checkpoint directory
+    resume: str | None = None  # "latest" or a checkpoint directory (any world size / workers / micro batch)
+    allow_batch_change: bool = False  # resume with another global batch: remaining steps re-derived from remaining samples
     zero_stage: int | None = None  # ZeRO stage when no --deepspeed_config is given (default 2)
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
     patch_dropout_final_steps: int = 0  # train the last N steps with every patch token (FLIP's unmasked tuning)

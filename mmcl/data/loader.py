@@ -23,7 +23,9 @@ Design (pipeline.py has one worker's stream, shards.py the data split):
 - Resume: a fresh DataLoader whose worker `i` plays logical worker `(i + next) % W`, each
   fast-forwarded to its saved position without decoding (local shards: tar headers only).
   The next batches equal those of an uninterrupted run, with any `num_workers` (the same value
-  as when the state was saved: the data split depends on it). The DataLoader gets its own
+  as when the state was saved: the data split depends on it). On another layout (world size,
+  workers, batch size), `load_elastic_state(every rank's state)` continues the epoch with the
+  samples no rank took yet, each once (elastic.py). The DataLoader gets its own
   torch generator, and in-process loading restores the RNG it touches, so the trainer's RNG
   streams are not disturbed either.
 
@@ -52,6 +54,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..distributed import get_rank, get_world_size
+from .elastic import EpochPlan, Segment
 from .pipeline import StreamConfig, WorkerState, worker_batches
 from .samples import SampleSpec
 from .shards import expand_shards, read_shard_sizes, split_evenly
@@ -80,15 +83,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
 class _EpochDataset(IterableDataset):
     """The DataLoader's view: each worker runs its logical worker's stream for one epoch."""
 
-    def __init__(self, cfg: StreamConfig, epoch: int, starts: list[WorkerState], rotation: int):
+    def __init__(self, cfg: StreamConfig, epoch: int, starts: list[WorkerState], rotation: int,
+                 plan: EpochPlan | None = None):
         super().__init__()
-        self.cfg, self.epoch, self.starts, self.rotation = cfg, epoch, starts, rotation
+        self.cfg, self.epoch, self.starts, self.rotation, self.plan = cfg, epoch, starts, rotation, plan
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         logical = (physical + self.rotation) % self.cfg.workers_per_rank
-        return worker_batches(self.cfg, self.epoch, logical, self.starts[logical])
+        return worker_batches(self.cfg, self.epoch, logical, self.starts[logical], self.plan)
 
 
 class ShardLoader:
@@ -122,6 +126,7 @@ class ShardLoader:
         self._workers = [WorkerState() for _ in range(self.cfg.workers_per_rank)]
         self._next_worker = 0
         self._batches_in_epoch = 0
+        self._plan: EpochPlan | None = None  # set while an epoch continues after an elastic resume
 
     def __len__(self) -> int:
         if self.steps_per_epoch is None:
@@ -131,7 +136,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch
         dataset = _EpochDataset(self.cfg, epoch, [WorkerState.from_dict(w.to_dict()) for w in self._workers],
-                                self._next_worker)
+                                self._next_worker, self._plan)
         if self.cfg.num_workers == 0:
             source: Any = iter(dataset)
         else:
@@ -215,6 +220,8 @@ class ShardLoader:
             "workers": [w.to_dict() for w in self._workers],
             "finished_skips": dict(self._finished_skips),
             "finished_repeated": self._finished_repeated,
+            "epoch_steps": self.steps_per_epoch,
+            **({"plan": self._plan.to_dict()} if self._plan is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -244,6 +251,57 @@ class ShardLoader:
         self._batches_in_epoch = int(state["batches_in_epoch"])
         self._next_worker = int(state["next_worker"])
         self._workers = [WorkerState.from_dict(w) for w in state["workers"]]
+        self._plan = EpochPlan.from_dict(state["plan"]) if state.get("plan") is not None else None
+
+    def load_elastic_state(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Continue the epoch that `states` were saved in, on this loader's (different) layout.
+
+        states: every rank's `state_dict()` of the run that saved them, in rank order. Its epoch
+        continues here as a new segment (see elastic.py): in epoch mode the samples no rank took
+        yet are split over this run's ranks x workers, each seen once; in resampled mode the new
+        consumers draw from generators seeded by (seed, epoch, consumer, segment). The rest of
+        the epoch has the saved run's remaining samples, in this layout's batches. Skip and
+        repeat counts of the saved run are carried by rank 0. Returns a summary for the log:
+        {"epoch", "remaining_batches" (per rank; None when unknown), "segment"}.
+        """
+        first = states[0]
+        if any(s.get("version") != STATE_VERSION for s in states):
+            raise ValueError(f"data loader state version {first.get('version')} is not {STATE_VERSION}")
+        for key, now in (("seed", self.cfg.seed), ("resampled", self.cfg.resampled)):
+            if first.get(key) != now:
+                raise ValueError(f"cannot continue the data stream: {key} was {first.get(key)} and is now {now}.")
+        if len(states) != int(first["world_size"]):
+            raise ValueError(f"the checkpoint holds {len(states)} ranks' data states for a world size of {first['world_size']}")
+        self.epoch = int(first["epoch"])
+        self._reset_position()
+        self._finished_skips, self._finished_repeated = {}, 0
+        if self.cfg.rank == 0:  # one owner, so the counts are not multiplied by the new world size
+            for state in states:
+                for counts in [state["finished_skips"], *(w["skips"] for w in state["workers"])]:
+                    for reason, n in counts.items():
+                        self._finished_skips[reason] = self._finished_skips.get(reason, 0) + int(n)
+                self._finished_repeated += int(state.get("finished_repeated", 0))
+                self._finished_repeated += sum(int(w.get("repeated", 0)) for w in state["workers"])
+        cursors = [int(w["cursor"]) for state in states for w in state["workers"]]
+        if not any(cursors):  # saved at an epoch boundary: the epoch starts normally on the new layout
+            return {"epoch": self.epoch, "remaining_batches": self.steps_per_epoch, "segment": 0}
+        old_plan = EpochPlan.from_dict(first["plan"]) if first.get("plan") is not None else None
+        history = (old_plan.history if old_plan is not None else []) + [
+            Segment(len(cursors), old_plan.weights if old_plan is not None else None, cursors)]
+        old_steps = first.get("epoch_steps")
+        if old_steps is None and self.steps_per_epoch is not None:  # a state saved before "epoch_steps" existed
+            old_steps = self.steps_per_epoch * self.cfg.batch_size * self.cfg.world_size // (
+                int(first["batch_size"]) * len(states))
+        weights = quotas = None
+        remaining = None
+        if old_steps is not None and self.steps_per_epoch is not None:
+            samples_left = (int(old_steps) - int(first["batches_in_epoch"])) * int(first["batch_size"]) * len(states)
+            remaining = samples_left // (self.cfg.batch_size * self.cfg.world_size)
+            quotas = split_evenly(remaining, self.cfg.workers_per_rank)
+            weights = quotas * self.cfg.world_size
+            self._batches_in_epoch = self.steps_per_epoch - remaining
+        self._plan = EpochPlan(history, weights, quotas)
+        return {"epoch": self.epoch, "remaining_batches": remaining, "segment": len(history)}
 
 
 # ---------------------------------------------------------------------------- builders

@@ -24,6 +24,10 @@ shard readers and the shuffle buffer in exactly the state they had; counters res
 fast-forwarding; the few samples still in the shuffle buffer afterwards load their bytes on
 use. Non-seekable streams (pipe:, http) are re-read, still without decoding.
 
+Elastic resume (elastic.py): an epoch continued on another layout is a later *segment*: the
+consumer reads its share of the samples no consumer of an earlier segment took, and its seeds
+carry the segment number.
+
 Fill: with a quota (equal steps per rank), a consumer whose own samples run short — the
 quota is rounded up, or samples were bad, or a shard is missing — continues with the epoch's
 shards read whole from a consumer-specific offset. Those repeated samples are counted in
@@ -40,6 +44,7 @@ from typing import Any
 from torch.utils.data import get_worker_info
 
 from .decode import BadSample
+from .elastic import EpochPlan, Segment, consumer_tag, remaining_pieces
 from .samples import Sample, SampleSpec, collate, decode_sample
 from .shards import assign_pieces, derive_seed
 from .stream import (
@@ -103,40 +108,94 @@ class WorkerState:
         return cls(int(data["cursor"]), int(data["batches"]), dict(data["skips"]), int(data.get("repeated", 0)))
 
 
-def raw_stream(cfg: StreamConfig, epoch: int, worker: int, context: StreamContext) -> Iterator[Any]:
-    """The consumer's raw samples for the epoch (plus CYCLE_END markers in the fill part)."""
+def raw_stream(cfg: StreamConfig, epoch: int, worker: int, context: StreamContext,
+               plan: EpochPlan | None = None) -> Iterator[Any]:
+    """The consumer's raw samples for the epoch (plus CYCLE_END markers in the fill part).
+
+    plan: set when this epoch continues after an elastic resume (see elastic.py): the consumer
+    then reads its share of the samples no earlier segment took.
+    """
     consumer = cfg.rank * cfg.workers_per_rank + worker
-    buffer_rng = random.Random(derive_seed(cfg.seed, "sample-order", epoch, consumer))
+    num_consumers = cfg.world_size * cfg.workers_per_rank
+    if plan is None:
+        return consumer_stream(cfg, epoch, consumer, num_consumers, 0, None, {}, context, cfg.quotas is not None)
+    consumed = {} if cfg.resampled else consumed_samples(cfg, epoch, plan.history)
+    return consumer_stream(cfg, epoch, consumer, num_consumers, plan.segment, plan.weights, consumed, context,
+                           plan.quotas is not None)
+
+
+def consumer_stream(cfg: StreamConfig, epoch: int, consumer: int, num_consumers: int, segment: int,
+                    weights: list[int] | None, consumed: dict[str, set[int]], context: StreamContext,
+                    fill: bool) -> Iterator[Any]:
+    """Raw samples of `consumer` (of `num_consumers`) in `segment` of the epoch; see the module docstring."""
+    tag = consumer_tag(consumer, segment)
+    buffer_rng = random.Random(derive_seed(cfg.seed, "sample-order", epoch, *tag))
     buffer = cfg.shuffle_buffer if cfg.shuffle else 0
     if cfg.resampled:
-        shard_rng = random.Random(derive_seed(cfg.seed, "resample", epoch, consumer))
+        shard_rng = random.Random(derive_seed(cfg.seed, "resample", epoch, *tag))
         return shuffled(resampled_source(cfg.sources, cfg.weights, shard_rng, context), buffer, buffer_rng)
     urls, sizes = cfg.urls, cfg.sizes
     order = list(range(len(urls)))
     if cfg.shuffle:
         random.Random(derive_seed(cfg.seed, "shard-order", epoch)).shuffle(order)
     ordered = [urls[i] for i in order]
-    num_consumers = cfg.world_size * cfg.workers_per_rank
-    pieces = assign_pieces(ordered, [sizes[i] for i in order] if sizes is not None else None, consumer, num_consumers)
+    ordered_sizes = [sizes[i] for i in order] if sizes is not None else None
+    if segment == 0:
+        pieces = assign_pieces(ordered, ordered_sizes, consumer, num_consumers)
+    else:
+        pieces = remaining_pieces(ordered, ordered_sizes, consumed, consumer, num_consumers, weights)
     own = shuffled(pieces_source(pieces, context), buffer, buffer_rng)
-    if cfg.quotas is None:
+    if not fill:
         return own
     return itertools.chain(own, fill_source(ordered, consumer * len(ordered) // num_consumers, context))
 
 
-def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerState) -> Iterator[dict[str, Any]]:
-    """Batches of logical worker `worker` for `epoch`, continuing from `start`.
+def consumed_samples(cfg: StreamConfig, epoch: int, history: list[Segment]) -> dict[str, set[int]]:
+    """url -> indices of the epoch's samples that the consumers of `history` took (fill repeats
+    excluded), by replaying each consumer's stream up to its cursor without decoding."""
+    consumed: dict[str, set[int]] = {}
+    for index, segment in enumerate(history):
+        taken: dict[str, set[int]] = {}
+        for consumer, cursor in enumerate(segment.cursors):
+            if cursor <= 0:
+                continue
+            context = StreamContext()
+            context.fast_forward = True  # headers only, nothing counted
+            items = consumer_stream(cfg, epoch, consumer, segment.consumers, index, segment.weights, consumed,
+                                    context, fill=True)  # a fill part only matters past the own samples
+            position = 0
+            for item in items:
+                if position >= cursor:
+                    break
+                if item is CYCLE_END:
+                    continue
+                position += 1
+                if not item.get("__fill__", False):
+                    taken.setdefault(item["__url__"], set()).add(item["__index__"])
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        for url, indices in taken.items():
+            consumed.setdefault(url, set()).update(indices)
+    return consumed
+
+
+def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerState,
+                   plan: EpochPlan | None = None) -> Iterator[dict[str, Any]]:
+    """Batches of logical worker `worker` for `epoch`, continuing from `start` (`plan`: see raw_stream).
 
     Yields batch dicts (see samples.collate) with an extra `_meta` entry; a final item holding
     only `_meta` reports skips that happened after the last batch.
     """
     consumer = cfg.rank * cfg.workers_per_rank + worker
-    quota = cfg.quotas[worker] if cfg.quotas is not None else None
+    tag = consumer_tag(consumer, plan.segment if plan is not None else 0)
+    quotas = plan.quotas if plan is not None else cfg.quotas
+    quota = quotas[worker] if quotas is not None else None
     if quota is not None and start.batches >= quota:
         return
     context = StreamContext(start.skips)
     context.fast_forward = True
-    items = iter(raw_stream(cfg, epoch, worker, context))
+    items = iter(raw_stream(cfg, epoch, worker, context, plan))
     position = 0
     while position < start.cursor:  # fast-forward: no decoding
         item = next(items, None)
@@ -162,7 +221,7 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
                 break  # a whole pass over the data gave nothing usable
             good_this_cycle = False
             continue
-        seed = derive_seed(cfg.seed, "sample", epoch, consumer, position)
+        seed = derive_seed(cfg.seed, "sample", epoch, *tag, position)
         position += 1
         fill, draw = item.get("__fill__", False), item.get("__draw__")
         if last_good_draw is None:

@@ -51,6 +51,7 @@ class ShardPiece:
 
     `stop` is None for "to the end of the shard". Indices count samples (groups of files that
     share a key) in tar order, bad ones included, so every reader of a shard agrees on them.
+    `exclude`: indices never kept (an elastic resume's samples already consumed this epoch).
     """
 
     url: str
@@ -58,11 +59,12 @@ class ShardPiece:
     stop: int | None = None
     stride: int = 1
     phase: int = 0
+    exclude: frozenset[int] = frozenset()
 
     def keeps(self, index: int) -> bool:
         if index < self.start or (self.stop is not None and index >= self.stop):
             return False
-        return (index - self.start) % self.stride == self.phase
+        return (index - self.start) % self.stride == self.phase and index not in self.exclude
 
 
 def is_local(url: str) -> bool:

@@ -4,6 +4,8 @@ Layout under `<output_dir>/checkpoints/`:
 
     step_00000100/            DeepSpeed's files (any ZeRO stage) + trainer_state_rank{r}.pt
                               (+ task_state.safetensors: state outside DeepSpeed, e.g. BYOL's target)
+                              + layout.json (world size, batch sizes, workers: see elastic.py)
+    universal/                a DeepSpeed universal copy, only while an elastic resume loads it
     step_00000200/
     latest                    the tag of the newest COMPLETE checkpoint
 
@@ -16,6 +18,7 @@ the switch. Per-rank trainer state (data-stream position, RNG states) is loaded 
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -59,11 +62,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict[str, Any],
-                    rank_state: dict[str, Any], keep: int, task_state: dict[str, torch.Tensor] | None = None) -> Path:
+                    rank_state: dict[str, Any], keep: int, task_state: dict[str, torch.Tensor] | None = None,
+                    layout: dict[str, Any] | None = None) -> Path:
     """Save engine + trainer state as tag step_{step}; switch `latest`; prune to `keep` tags.
 
     task_state: tensors DeepSpeed does not hold (the same on every rank), written once by rank 0
-    as safetensors.
+    as safetensors. layout: the run's layout (world size, batch sizes, ...; engine/elastic.py),
+    written by rank 0 as layout.json.
     """
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
@@ -83,6 +88,10 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
         temporary = root / tag / f".{TASK_STATE}.tmp"
         save_file({name: t.detach().cpu().contiguous().clone() for name, t in task_state.items()}, str(temporary))
         os.replace(temporary, root / tag / TASK_STATE)
+    if layout is not None and get_rank() == 0:
+        temporary = root / tag / ".layout.json.tmp"
+        temporary.write_text(json.dumps(layout, indent=2))
+        os.replace(temporary, root / tag / "layout.json")
     _barrier()
     if get_rank() == 0:
         atomic_write_text(root / LATEST, tag)

@@ -23,6 +23,7 @@ from mmcl.config import KNOWN_OBJECTIVES, RunConfig, save_config
 from mmcl.distributed import get_rank, get_world_size
 from mmcl.engine.checkpoint import (capture_rng, load_rank_state, load_task_state, resolve_resume, restore_rng,
                                     save_checkpoint)
+from mmcl.engine import elastic
 from mmcl.engine.ds_config import build_deepspeed_config
 from mmcl.engine.metrics_log import MetricsLog, plot_history
 from mmcl.engine.objectives import loss_chunk_size
@@ -82,6 +83,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
 
     # Checked before the process group exists, so a contradiction stops every rank at once.
     ds_config = build_deepspeed_config(cfg, launch_world_size, ds_user_config, ds_source)
+    resume_from, layout, saved_layout, layout_changes = _check_resume_layout(cfg, output_dir, launch_world_size, ds_config)
     ds_config.update(_monitor_config(output_dir))
     init_process_group()
     rank, world_size = get_rank(), get_world_size()
@@ -89,6 +91,11 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
         say(f"contrastive loss: tiled exact, {chunk_size}-row tiles (loss.chunk_size={cfg.loss.chunk_size})")
     loader = data_stream.build(cfg, tokenizer, rank, world_size)
     total_steps = cfg.train.steps or cfg.train.epochs * data_stream.steps_per_epoch(loader, cfg, world_size)
+    if saved_layout is not None and saved_layout.get("global_batch", layout["global_batch"]) != layout["global_batch"]:
+        total_steps = elastic.remaining_total_steps(saved_layout, layout) or total_steps
+        say(f"train.allow_batch_change: global batch {saved_layout['global_batch']} -> {layout['global_batch']}; "
+            f"the run now ends at step {total_steps} (its remaining samples in the new batches) and the schedule "
+            "is re-derived for that length")
     if total_steps < 1:
         raise TrainingError("the run has 0 steps: the data is smaller than one global batch; lower train.micro_batch_size.")
 
@@ -101,10 +108,9 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
         (output_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
 
     step, samples_seen, resumed_at = 0, 0, None
-    if cfg.train.resume is not None:
-        found = resolve_resume(cfg.train.resume, output_dir)
-        if found is not None:
-            root, tag = found
+    if resume_from is not None:
+        root, tag = resume_from
+        if not layout_changes:
             _, client_state = engine.load_checkpoint(str(root), tag=tag)
             step, samples_seen = client_state["step"], client_state["samples_seen"]
             task.load_extra_state(load_task_state(root, tag))
@@ -113,6 +119,10 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
             restore_rng(rank_state["rng"])
             resumed_at = step
             say(f"resumed from {root / tag} at step {step}")
+        else:
+            step, samples_seen = _resume_elastic(engine, loader, task, cfg, root, tag, saved_layout, layout_changes)
+            resumed_at = step
+        _debug_after_resume(engine)
 
     log = MetricsLog(output_dir, engine, enabled=rank == 0)
     log.truncate_after(step)
@@ -135,10 +145,14 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
         say(f"patch dropout {cfg.model.image.patch_dropout}: steps 1-{unmasked_from} drop patch tokens"
             + (f", steps {unmasked_from + 1}-{total_steps} see every token" if unmasked_from < total_steps else ""))
 
+    key_log = _debug_key_log(rank)
     while step < total_steps:
         micro_batches = [move_batch(next(batches), engine) for _ in range(cfg.train.grad_accum_steps)]
         if patch_dropout:  # a function of the step alone, so a resumed run switches at the same step
             set_patch_dropout(task, patch_dropout_active(step, total_steps, cfg.train.patch_dropout_final_steps))
+        if key_log is not None:
+            key_log.write(json.dumps({"step": step + 1, "keys": [k for b in micro_batches for k in b["keys"]]}) + "\n")
+            key_log.flush()
         metrics, nonfinite = (feature_cache_step if use_cache else plain_step)(engine, micro_batches)
         step += 1
         if metrics is not None:  # the optimizer stepped: per-step updates (BYOL's EMA target)
@@ -171,7 +185,8 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
             _evaluate_and_log(engine, cfg, tokenizer, log, step, samples_seen)
         stopping = stop.any_rank()
         if stopping or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == total_steps:
-            _save(engine, loader, cfg, step, samples_seen, task)
+            _save(engine, loader, cfg, step, samples_seen, task, {**layout, "step": step, "samples_seen": samples_seen,
+                                                                 "total_steps": total_steps})
         if stopping:
             say(f"stop requested: saved step {step}; resume with train.resume=latest")
             progress.close()
@@ -257,12 +272,87 @@ def _monitor_config(output_dir: Path) -> dict[str, Any]:
     }
 
 
-def _save(engine, loader, cfg: RunConfig, step: int, samples_seen: int, task: TrainingTask) -> None:
+def _save(engine, loader, cfg: RunConfig, step: int, samples_seen: int, task: TrainingTask,
+          layout: dict[str, Any]) -> None:
     client_state = {"step": step, "samples_seen": samples_seen}
     rank_state = {"data": loader.state_dict(), "rng": capture_rng()}
     path = save_checkpoint(engine, cfg.output_dir, step, client_state, rank_state, cfg.train.keep_checkpoints,
-                           task_state=task.extra_state())
+                           task_state=task.extra_state(), layout=layout)
     say(f"checkpoint {path}")
+
+
+def _check_resume_layout(cfg: RunConfig, output_dir: Path, world_size: int, ds_config: dict[str, Any]):
+    """(checkpoint or None, this launch's layout, the checkpoint's layout or None, changes) -- before any
+    process group, so a changed global batch without train.allow_batch_change stops every rank at once."""
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or str(world_size)  # torchrun / deepspeed
+    layout = elastic.current_layout(cfg, world_size, int(local), stage)
+    found = resolve_resume(cfg.train.resume, output_dir) if cfg.train.resume is not None else None
+    if found is None:
+        return None, layout, None, []
+    saved = elastic.saved_layout(found[0] / found[1])
+    return found, layout, saved, elastic.compare(saved, layout, cfg.train.allow_batch_change)
+
+
+def _resume_elastic(engine, loader, task: TrainingTask, cfg: RunConfig, root: Path, tag: str,
+                    saved_layout: dict[str, Any], changes: list[str]) -> tuple[int, int]:
+    """Resume `root/tag` written with another layout; returns (step, samples seen). See engine/elastic.py."""
+    rank, world_size = get_rank(), get_world_size()
+    stage = engine.zero_optimization_stage()
+    repartitioned = saved_layout["world_size"] != world_size or saved_layout.get("zero_stage", stage) != stage
+    if repartitioned:
+        client_state = elastic.load_universal(engine, root, tag)
+    else:
+        _, client_state = engine.load_checkpoint(str(root), tag=tag)
+    step, samples_seen = client_state["step"], client_state["samples_seen"]
+    task.load_extra_state(load_task_state(root, tag))  # the same tensors on every rank, whatever the world size
+    states = elastic.all_rank_states(root / tag)
+    same_stream = (len(states) == world_size and states[0]["data"]["num_workers"] == max(1, cfg.data.num_workers)
+                   and states[0]["data"]["batch_size"] == cfg.train.micro_batch_size)
+    if same_stream:  # e.g. only the node count changed: the data stream continues exactly
+        loader.load_state_dict(states[rank]["data"])
+        data = {"segment": -1}
+    else:
+        data = loader.load_elastic_state([s["data"] for s in states])
+    if len(states) == world_size:
+        restore_rng(states[rank]["rng"])
+    else:
+        elastic.reseed(cfg.seed, step, rank)
+    model = ("model and optimizer re-partitioned through a DeepSpeed universal checkpoint (fp32 weights and Adam "
+             "moments as saved)" if repartitioned else "model and optimizer loaded as saved")
+    if data["segment"] == -1:
+        stream = "the data stream continues exactly"
+    elif data["segment"] == 0:
+        stream = f"data starts epoch {data['epoch']} split over the new ranks x workers"
+    elif cfg.data.resampled:
+        stream = (f"resampled data: the {data['remaining_batches']} remaining batches per rank of epoch {data['epoch']} are "
+                  "drawn by the new consumers' own seeded generators (deterministic, not the old consumers' draws)")
+    else:
+        stream = (f"the samples of epoch {data['epoch']} no rank consumed yet are split over the new ranks x workers and "
+                  f"each is seen once in its remaining {data['remaining_batches']} batches per rank")
+    say(f"elastic resume from {root / tag} at step {step}: {', '.join(changes)}; {model}; {stream}; "
+        f"step, schedule, logit scale and momentum/queue state continue; "
+        f"{'RNG streams re-seeded per rank' if len(states) != world_size else 'RNG states restored'} "
+        "(losses are not bit-identical to an uninterrupted run)")
+    return step, samples_seen
+
+
+def _debug_key_log(rank: int):
+    """MMCL_DEBUG_DIR set (tests, debugging): each rank appends every step's sample keys to
+    keys_rank{rank}.jsonl there."""
+    folder = os.environ.get("MMCL_DEBUG_DIR")
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return open(Path(folder) / f"keys_rank{rank}.jsonl", "a")
+
+
+def _debug_after_resume(engine) -> None:
+    """MMCL_DEBUG_DIR set: the engine's state right after a resume is saved there as DeepSpeed checkpoint
+    `after_resume`, to compare it with the checkpoint it was loaded from."""
+    folder = os.environ.get("MMCL_DEBUG_DIR")
+    if folder:
+        engine.save_checkpoint(folder, tag="after_resume", save_latest=False)
 
 
 def _gatherer(engine):

@@ -65,12 +65,12 @@ def deepspeed_command(config: Path, ds_json: str | None = "configs/ds/zero2.json
     return command + list(overrides)
 
 
-def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: float = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a launch to completion. Generous timeout: the first DeepSpeed launch of a fresh
     environment compiles its CPU comm op (~2 min). A launch that hangs fails with every rank's
     Python stacks (see `dump_stacks`) and the end of its output, and leaves no process behind."""
-    process = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(command, cwd=REPO, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -112,10 +112,10 @@ def session_pids(session_id: int) -> list[int]:
     return pids
 
 
-def start(command: list[str]) -> subprocess.Popen:
+def start(command: list[str], extra_env: dict | None = None) -> subprocess.Popen:
     """Start in a new session, so the whole tree (launcher + ranks + workers) can be signalled."""
-    return subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(command, cwd=REPO, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for(predicate, timeout: float = 600, what: str = "condition") -> None:
