@@ -68,7 +68,7 @@ def test_export_from_zero_checkpoint_gives_the_run_models_embeddings_in_transfor
     model, config, tokenizer = load_mmcl_model_dir(runs[stage] / "model")
     export = exports[stage]
     info = json.loads((export / "mmcl_export.json").read_text())
-    assert info["source"] == {"path": str(runs[stage] / "checkpoints" / "step_00000002"), "kind": "checkpoint", "step": 2}
+    assert info["source"] == {"path": "checkpoints/step_00000002", "kind": "checkpoint", "step": 2}  # relative to the run
     assert info["image"]["exact"] and not info["text"]["exact"] and "averages" in info["text"]["reason"]
 
     hf = AutoModel.from_pretrained(export).eval()
