@@ -230,8 +230,8 @@ class TrainConfig:
     resume: str | None = None  # "latest" or a checkpoint directory
     zero_stage: int | None = None  # ZeRO stage when no --deepspeed_config is given (default 2)
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
-    # torch.compile the towers (inductor; CPU needs a C++ compiler). The first steps include
-    # compilation. Not with ZeRO-3 or gradient checkpointing (refused at start-up).
+    # torch.compile the towers (inductor; the CPU needs a C++ compiler). The first steps include
+    # the compilation. Not with ZeRO stage 3 (refused at start-up).
     compile: bool = False
 
 

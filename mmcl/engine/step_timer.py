@@ -76,7 +76,8 @@ class StepTimer:
 
 
 def reduce_window(values: dict[str, float]) -> dict[str, float]:
-    """Across ranks: times and fractions averaged, the memory peak the largest rank's."""
+    """Across ranks: seconds averaged, the data-wait fraction that of the averages, the memory peak
+    the largest rank's."""
     if not (dist.is_available() and dist.is_initialized()):
         return dict(values)
     names = sorted(values)
@@ -85,7 +86,9 @@ def reduce_window(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(stacked)
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     world = dist.get_world_size()
-    return {name: float(peaks[i] if name.startswith("memory/") else stacked[i] / world) for i, name in enumerate(names)}
+    reduced = {name: float(peaks[i] if name.startswith("memory/") else stacked[i] / world) for i, name in enumerate(names)}
+    reduced["time/data_wait_fraction"] = reduced["time/data_s"] / max(reduced["time/window_s"], 1e-9)
+    return reduced
 
 
 def peak_memory_bytes(cuda: bool) -> int:

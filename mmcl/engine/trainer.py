@@ -83,7 +83,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     ds_config = build_deepspeed_config(cfg, launch_world_size, ds_user_config, ds_source)
     ds_config.update(_monitor_config(output_dir))
     if cfg.train.compile:
-        check_compile(cfg, ds_config, task)
+        check_compile(cfg, ds_config)
     init_process_group()
     rank, world_size = get_rank(), get_world_size()
     if chunk_size is not None and task.uses_logit_scale:

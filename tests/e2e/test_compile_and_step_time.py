@@ -1,65 +1,39 @@
-"""End to end: `train.compile` under the real `deepspeed` launcher (2 CPU ranks, inductor), and the
-step-time breakdown of a run whose data source is deliberately slow.
+"""End to end: `train.compile` under the real `deepspeed` launcher (2 CPU ranks, inductor) against
+the same run eager, and the step-time breakdown of a run whose data source is deliberately slow.
 
-The shards hold 2048-px PNGs that the 16-px model crops down: decoding a batch of them takes
-seconds, the tiny model's step a fraction of one, so once the loader's prefetched batches
-(two per worker, filled while the engine starts) are used up the run waits for data most of
-the time. One eager and one compiled launch over those shards serve every check.
+The slow data source is the digits' shards read through a `pipe:` URL that trickles them in
+(tests/e2e/slow_cat.py: 2 KB every 0.1 s, a 4.6 KB sample about every 0.23 s): the worker waits on the
+pipe, not on the CPU, so the run waits for data most of the time however busy the machine is.
 """
 from __future__ import annotations
 
-import io
 import json
-import tarfile
+import sys
+from pathlib import Path
 
 import pytest
 
 from launch import deepspeed_command, losses, run, tiny_run_config, write_config
 
 STEPS = 6
-BIG = 2048  # px: decoding + cropping one image takes ~0.2 s; the model's step ~0.1 s per batch
 PREFETCHED = 3  # steps whose batches the worker may have ready before the loop starts (2) and one to settle
+SLOW_CAT = Path(__file__).with_name("slow_cat.py")
 
 
 @pytest.fixture(scope="module")
-def slow_shards(digits, tmp_path_factory):
-    """2 shards x 128 samples: the digits' captions with their images upscaled to 2048-px PNGs."""
-    from PIL import Image
-
-    from data_tools.shard_reader import iter_samples
-
-    out = tmp_path_factory.mktemp("slow")
-    big_png: dict[bytes, bytes] = {}
-    samples = iter_samples(digits / "train" / "00000.tar")
-    for shard in range(2):
-        with tarfile.open(out / f"{shard:05d}.tar", "w") as tar:
-            for index in range(128):
-                key, fields = next(samples)
-                image_key = next(name for name in fields if name in ("png", "jpg", "jpeg", "webp"))
-                small = fields[image_key]
-                if small not in big_png:
-                    buffer = io.BytesIO()
-                    Image.open(io.BytesIO(small)).convert("RGB").resize((BIG, BIG), Image.NEAREST).save(
-                        buffer, format="PNG", compress_level=1)
-                    big_png[small] = buffer.getvalue()
-                for name, data in ((f"{shard}_{index:04d}.png", big_png[small]),
-                                   (f"{shard}_{index:04d}.txt", fields["txt"])):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    (out / "sizes.json").write_text(json.dumps({"00000.tar": 128, "00001.tar": 128}))
-    return out
-
-
-@pytest.fixture(scope="module")
-def runs(digits, slow_shards, tmp_path_factory):
-    """{"eager": run dir, "compiled": run dir}: 6 steps each, same seed and data, losses logged every step."""
+def runs(digits, tmp_path_factory):
+    """{"eager", "compiled": (run dir, result)}: 2 ranks over the digits, same seed, losses every step;
+    "slow": one rank over the slowly arriving digits (one rank: with two, a rank's wait for the
+    other's data happens inside the forward's all-gather and is charged to forward+backward)."""
+    slow = f"pipe:{sys.executable} {SLOW_CAT} {digits}/train/{{00000..00003}}.tar 2048 0.1"
     results = {}
-    for name, overrides in (("eager", ()), ("compiled", ("train.compile=true",))):
+    for name, shards, ranks, overrides in (("eager", None, 2, ()), ("compiled", None, 2, ("train.compile=true",)),
+                                           ("slow", slow, 1, ())):
         out = tmp_path_factory.mktemp(name)
         config = tiny_run_config(digits, out / "run", steps=STEPS)
-        config["data"]["train_shards"] = str(slow_shards / "{00000..00001}.tar")
-        result = run(deepspeed_command(write_config(out / "run.yaml", config), "configs/ds/zero2.json", 2, *overrides))
+        if shards is not None:
+            config["data"]["train_shards"] = shards
+        result = run(deepspeed_command(write_config(out / "run.yaml", config), "configs/ds/zero2.json", ranks, *overrides))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         results[name] = (out / "run", result)
     return results
@@ -78,7 +52,7 @@ def test_compiled_run_reproduces_the_eager_losses(runs):
 
 
 def test_slow_data_source_shows_a_data_wait_fraction_near_one(runs):
-    run_dir, result = runs["eager"]
+    run_dir, result = runs["slow"]
     logged = [record for record in records(run_dir) if "loss" in record]
     assert [record["step"] for record in logged] == list(range(1, STEPS + 1))
     for record in logged:
@@ -95,7 +69,7 @@ def test_slow_data_source_shows_a_data_wait_fraction_near_one(runs):
 
 def test_step_time_breakdown_reaches_the_monitor(runs):
     """DeepSpeed's monitor (TensorBoard, CSV) gets the same keys as metrics.jsonl."""
-    run_dir, _ = runs["eager"]
+    run_dir, _ = runs["slow"]
     written = {path.name for path in (run_dir / "csv").rglob("*.csv")}
     for key in ("data_s", "forward_backward_s", "optimizer_s", "data_wait_fraction"):
         assert any(key in name for name in written), (key, sorted(written))
