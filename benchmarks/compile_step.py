@@ -110,6 +110,7 @@ def main() -> None:
             compile_s = time.perf_counter() - start
             seconds = train_step.time_interleaved([eager, compiled], batch, args.steps)
             rows.append((precision, attn, seconds[0], seconds[1], compile_s, first_losses))
+            print(f"{precision} {attn}: eager {seconds[0]:.3f} s/step, compiled {seconds[1]:.3f} s/step", flush=True)
     print(f"\nmedian of {args.steps} alternating rounds after 2 warm-up steps each")
     print("| precision | attention | eager samples/s | compiled samples/s | compiled / eager | first step (incl. compile) s | first losses eager / compiled |")
     print("|---|---|---:|---:|---:|---:|---|")
