@@ -241,6 +241,9 @@ class TrainConfig:
     zero_stage: int | None = None  # ZeRO stage when no --deepspeed_config is given (default 2)
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
     patch_dropout_final_steps: int = 0  # train the last N steps with every patch token (FLIP's unmasked tuning)
+    # torch.compile the towers (inductor; the CPU needs a C++ compiler). The first steps include
+    # the compilation. Not with ZeRO stage 3 (refused at start-up).
+    compile: bool = False
 
 
 @dataclass

@@ -3,16 +3,24 @@
 Both call `engine.backward` once per micro-batch and `engine.step` once per micro-batch,
 which is how DeepSpeed counts micro-steps and decides the accumulation boundary (where
 ZeRO reduces, clips and updates). Non-finite losses are detected on every rank together
-(an all-reduce), so all ranks skip the same step.
+(an all-reduce), so all ranks skip the same step. An optional `StepTimer` charges the
+`engine.step` calls (the optimizer step at the accumulation boundary) to its "optimizer" phase.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from mmcl.engine.checkpoint import capture_rng, restore_rng
+from mmcl.engine.step_timer import StepTimer
 from mmcl.engine.task import FEATURE_KEYS
+
+
+def _optimizer_phase(timer: StepTimer | None):
+    return timer.phase("optimizer") if timer is not None else contextlib.nullcontext()
 
 
 def all_finite(value: Tensor) -> bool:
@@ -23,7 +31,7 @@ def all_finite(value: Tensor) -> bool:
     return flag.item() == 0.0
 
 
-def plain_step(engine, micro_batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor] | None, int]:
+def plain_step(engine, micro_batches: list[dict[str, Tensor]], timer: StepTimer | None = None) -> tuple[dict[str, Tensor] | None, int]:
     """Forward/backward each micro-batch; negatives come from one micro-batch at a time.
 
     Returns (metrics averaged over the finite micro-batches or None, number of non-finite
@@ -42,13 +50,14 @@ def plain_step(engine, micro_batches: list[dict[str, Tensor]]) -> tuple[dict[str
         else:
             nonfinite += 1
             engine.backward(engine(batch, mode="zero")["loss"])
-        engine.step()
+        with _optimizer_phase(timer):
+            engine.step()
     if not outputs:
         return None, nonfinite
     return {key: torch.stack([o[key].detach().float() for o in outputs]).mean() for key in outputs[0]}, nonfinite
 
 
-def feature_cache_step(engine, micro_batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor] | None, int]:
+def feature_cache_step(engine, micro_batches: list[dict[str, Tensor]], timer: StepTimer | None = None) -> tuple[dict[str, Tensor] | None, int]:
     """Exact large-batch contrastive gradient from k micro-batches (GradCache, made ZeRO-safe).
 
     1. Encode every micro-batch without gradient; remember each one's RNG state.
@@ -82,6 +91,7 @@ def feature_cache_step(engine, micro_batches: list[dict[str, Tensor]]) -> tuple[
         restore_rng(rng_states[index])
         out = engine(batch, mode="surrogate", feature_grads=share, cached_features=detached if index == 0 else None)
         engine.backward(out["loss"], scale_wrt_gas=False)
-        engine.step()
+        with _optimizer_phase(timer):
+            engine.step()
     restore_rng(after_encode)
     return {key: value.detach() for key, value in result.items()}, 0

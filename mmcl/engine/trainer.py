@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from mmcl.config import KNOWN_OBJECTIVES, RunConfig, save_config
 from mmcl.distributed import get_rank, get_world_size
+from mmcl.engine.compile import check_compile, compile_towers
 from mmcl.engine.checkpoint import (capture_rng, load_rank_state, load_task_state, resolve_resume, restore_rng,
                                     save_checkpoint)
 from mmcl.engine import elastic
@@ -30,6 +31,7 @@ from mmcl.engine.objectives import loss_chunk_size
 from mmcl.engine.optim import lr_lambda, parameter_groups
 from mmcl.engine.runtime import (TrainingError, check_output_dir, init_process_group, move_batch,
                                  say)
+from mmcl.engine.step_timer import StepTimer, reduce_window
 from mmcl.engine.steps import feature_cache_step, plain_step
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model, build_tokenizer
@@ -75,7 +77,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
 
     torch.manual_seed(cfg.seed)  # identical initial weights (and SSL heads, BYOL target) on every rank
     tokenizer = build_tokenizer(cfg.model.text) if cfg.model.text is not None else None
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, image_size=cfg.data.image_size)  # pretrained ViTs: positions resized once
     _check_export(model, cfg)
     launch_world_size = int(os.environ.get("WORLD_SIZE", "1"))  # the process group does not exist yet
     chunk_size = loss_chunk_size(cfg, launch_world_size)
@@ -85,6 +87,8 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     ds_config = build_deepspeed_config(cfg, launch_world_size, ds_user_config, ds_source)
     resume_from, layout, saved_layout, layout_changes = _check_resume_layout(cfg, output_dir, launch_world_size, ds_config)
     ds_config.update(_monitor_config(output_dir))
+    if cfg.train.compile:
+        check_compile(cfg, ds_config)
     init_process_group()
     rank, world_size = get_rank(), get_world_size()
     if chunk_size is not None and task.uses_logit_scale:
@@ -103,6 +107,8 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if cfg.train.compile:
+        say(f"torch.compile: {', '.join(compile_towers(task.model))} (the first steps include compilation)")
     if rank == 0:
         save_config(cfg, output_dir / "config.yaml")
         (output_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -137,6 +143,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     nonfinite_in_row, nonfinite_total = 0, 0
     progress = _progress_bar(total_steps, step, rank)
     window_start, window_samples = time.time(), 0
+    timer = StepTimer(engine.device)  # data / forward+backward / optimizer seconds per log window
     batches = data_stream.endless(loader)
     final_metrics: dict[str, Any] = {}
     patch_dropout = patch_dropout_hooks(task)
@@ -147,13 +154,15 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
 
     key_log = _debug_key_log(rank)
     while step < total_steps:
-        micro_batches = [move_batch(next(batches), engine) for _ in range(cfg.train.grad_accum_steps)]
+        with timer.phase("data"):
+            micro_batches = [move_batch(next(batches), engine) for _ in range(cfg.train.grad_accum_steps)]
         if patch_dropout:  # a function of the step alone, so a resumed run switches at the same step
             set_patch_dropout(task, patch_dropout_active(step, total_steps, cfg.train.patch_dropout_final_steps))
         if key_log is not None:
             key_log.write(json.dumps({"step": step + 1, "keys": [k for b in micro_batches for k in b["keys"]]}) + "\n")
             key_log.flush()
-        metrics, nonfinite = (feature_cache_step if use_cache else plain_step)(engine, micro_batches)
+        with timer.phase("forward_backward"):  # engine.step() inside is charged to "optimizer"
+            metrics, nonfinite = (feature_cache_step if use_cache else plain_step)(engine, micro_batches, timer)
         step += 1
         if metrics is not None:  # the optimizer stepped: per-step updates (BYOL's EMA target)
             metrics.update({k: torch.tensor(v) for k, v in task.after_optimizer_step(step, total_steps, gather).items()})
@@ -177,6 +186,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
             if patch_dropout:  # tokens per image the image tower's layers saw in the last training forward
                 values["image_tokens"] = patch_dropout[0].tokens_out
             values.update({f"skipped/{k}": v for k, v in data_stream.skip_counts(loader).items()})
+            values.update(reduce_window(timer.window(elapsed)))
             log.write(step, values, samples_seen)
             say(_log_line(step, total_steps, values))
             progress.set_postfix(loss=f"{values['loss']:.4f}")
@@ -385,6 +395,10 @@ def _log_line(step: int, total: int, values: dict[str, float]) -> str:
     if "logit_scale" in values:
         parts.append(f"scale {values['logit_scale']:.2f}")
     parts.append(f"{values['samples_per_s']:.1f} samples/s")
+    if "time/window_s" in values:
+        parts.append(f"data {values['time/data_s']:.2f}s ({values['time/data_wait_fraction']:.0%}) "
+                     f"fwd+bwd {values['time/forward_backward_s']:.2f}s opt {values['time/optimizer_s']:.2f}s "
+                     f"peak {values['memory/peak_gb']:.2f} GB")
     skipped = sum(v for k, v in values.items() if k.startswith("skipped/"))
     if skipped:
         parts.append(f"skipped {int(skipped)}")

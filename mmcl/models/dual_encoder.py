@@ -55,9 +55,13 @@ class DualEncoder(nn.Module):
         self.train()  # from_pretrained leaves towers in eval mode; this also settles frozen parts
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> DualEncoder:
-        """Build towers, poolers and heads from `cfg`, then apply locking and checkpointing."""
-        image_tower, image_pooling, image_projection = _build_side(cfg.image, "image", cfg)
+    def from_config(cls, cfg: ModelConfig, image_size: int | None = None) -> DualEncoder:
+        """Build towers, poolers and heads from `cfg`, then apply locking and checkpointing.
+
+        `image_size` (the run's `data.image_size`): a pretrained image tower saved at another
+        size gets its position embeddings interpolated to it (`mmcl.models.resolution`).
+        """
+        image_tower, image_pooling, image_projection = _build_side(cfg.image, "image", cfg, image_size)
         text_tower = text_pooling = text_projection = None
         if cfg.text is not None:
             text_tower, text_pooling, text_projection = _build_side(cfg.text, "text", cfg)
@@ -145,9 +149,9 @@ class DualEncoder(nn.Module):
         return out
 
 
-def build_model(cfg: ModelConfig) -> DualEncoder:
-    """`DualEncoder.from_config(cfg)`; with `cfg.init_from`, its heads and logit scale from that CLIPModel."""
-    model = DualEncoder.from_config(cfg)
+def build_model(cfg: ModelConfig, image_size: int | None = None) -> DualEncoder:
+    """`DualEncoder.from_config(cfg, image_size)`; with `cfg.init_from`, its heads and logit scale from that CLIPModel."""
+    model = DualEncoder.from_config(cfg, image_size)
     if cfg.init_from is not None:
         from mmcl.models.init_from import load_clip_heads
 
@@ -155,9 +159,10 @@ def build_model(cfg: ModelConfig) -> DualEncoder:
     return model
 
 
-def _build_side(tower_cfg: TowerConfig, kind: str, cfg: ModelConfig) -> tuple[PreTrainedModel, str, nn.Module]:
+def _build_side(tower_cfg: TowerConfig, kind: str, cfg: ModelConfig,
+                image_size: int | None = None) -> tuple[PreTrainedModel, str, nn.Module]:
     key = f"model.{kind}"
-    tower = build_tower(tower_cfg, kind, key)
+    tower = build_tower(tower_cfg, kind, key, image_size=image_size if kind == "image" else None)
     if tower_cfg.patch_dropout:  # training-time token dropping (FLIP); a config error where it cannot apply
         attach_patch_dropout(tower, tower_cfg.patch_dropout, f"{key}")
     try:

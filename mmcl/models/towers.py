@@ -14,9 +14,13 @@ is chosen this way:
 
 Weights are loaded in float32 whatever the checkpoint stores: mixed precision is the
 engine's job, and the optimizer's master weights must be full precision.
+
+A pretrained image tower asked to run at another `image_size` than its checkpoint's gets its
+position table interpolated once, here (`mmcl.models.resolution`).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import torch
@@ -26,8 +30,10 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING, MODEL_MAPPING
 
 from mmcl.config import TowerConfig
+from mmcl.models.resolution import ResolutionError, resize_position_embeddings
 
 Kind = Literal["image", "text"]
+logger = logging.getLogger("mmcl")
 
 INPUT_NAME = {"image": "pixel_values", "text": "input_ids"}  # the tower's `main_input_name`
 SUB_CONFIG = {"image": "vision_config", "text": "text_config"}  # its part of a two-tower config
@@ -44,10 +50,12 @@ class TowerLoadError(ValueError):
     """A tower that cannot be built; the message is one sentence naming the config key."""
 
 
-def build_tower(cfg: TowerConfig, kind: Kind, key: str | None = None) -> PreTrainedModel:
+def build_tower(cfg: TowerConfig, kind: Kind, key: str | None = None, image_size: int | None = None) -> PreTrainedModel:
     """Build the image or text tower described by `cfg`.
 
-    `key` names the config section in error messages (default `model.<kind>`). Raises
+    `key` names the config section in error messages (default `model.<kind>`). `image_size`
+    (image towers loaded by `name_or_path`): the side the tower will see; a checkpoint
+    trained at another size gets its position embeddings interpolated. Raises
     `TowerLoadError` when the model cannot be loaded or does not take the kind's input
     (`pixel_values` for images, `input_ids` for text).
     """
@@ -71,6 +79,13 @@ def build_tower(cfg: TowerConfig, kind: Kind, key: str | None = None) -> PreTrai
                 "config.json and weights, or an existing Hugging Face hub id (downloading needs HF_HUB_OFFLINE unset)."
             ) from error
         _check_weights_loaded(tower, set(info["missing_keys"]), source, value, key)
+        if kind == "image" and image_size is not None:
+            try:
+                change = resize_position_embeddings(tower, image_size, key)
+            except ResolutionError as error:
+                raise TowerLoadError(str(error)) from error
+            if change is not None:
+                logger.warning(change)
     elif cfg.config is not None:
         source = f"{key}.config"
         options = dict(cfg.config)
