@@ -214,6 +214,17 @@ def _mmcl_export_teacher(path: Path) -> Teacher:
     return Teacher(holder, encode_image, encode_text, exported.logit_scale, inputs, str(path))
 
 
+def _side(size: Any) -> int | None:
+    """An image processor's output side: an int, or a dict / SizeDict with height or shortest_edge."""
+    if size is None or isinstance(size, int):
+        return size
+    for name in ("height", "shortest_edge"):
+        value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+        if value:
+            return int(value)
+    return None
+
+
 def _transformers_teacher(path: Path) -> Teacher:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
@@ -225,8 +236,7 @@ def _transformers_teacher(path: Path) -> Teacher:
     processor = AutoImageProcessor.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.padding_side = "right"
-    size = getattr(processor, "crop_size", None) or processor.size
-    size = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
+    size = _side(getattr(processor, "crop_size", None)) or _side(processor.size)
     text_config = getattr(config, "text_config", None)
     context = getattr(text_config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 77)
     context = min(int(context), 512)
