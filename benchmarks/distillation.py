@@ -6,11 +6,13 @@
    held-out images for zero-shot classification, and a BPE tokenizer trained on the captions.
 2. Trains a teacher (ViT 128-wide x 4 layers on 8-px patches, BERT 128 x 2) for --teacher-steps steps.
 3. Trains a smaller student (ViT 64 x 2, BERT 64 x 1) for --student-steps steps, with the same
-   seed, data and schedule: clip alone; clip + distill (the teacher's mmcl model directory);
-   clip + distill with distill.cache_dir, cold (filling the cache) and warm (a second run
-   reading it).
+   seed, data and schedule, in two rounds of concurrent runs (runs of one round share the
+   machine's other load, so their ratios compare like with like): round 1 clip alone, clip +
+   distill (the teacher's mmcl model directory), clip + distill with distill.cache_dir (cold:
+   filling it); round 2 clip alone again and clip + distill reading the cache (warm).
 4. Prints zero-shot top-1 of each on the held-out images and the training throughput
-   (samples/s: the median of the logged windows after the first) with ratios to clip alone.
+   (samples/s: the median of the logged windows after the first) with ratios to clip alone
+   of the same round.
 
 Every run is `python train.py` in one process (DeepSpeed, ZeRO-2, one rank, 1 data worker).
 
@@ -22,6 +24,7 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,21 +134,33 @@ def run_config(data: Path, out: Path, width: int, image_layers: int, text_layers
     }
 
 
-def train(config: dict, path: Path) -> dict:
-    path.write_text(yaml.safe_dump(config))
-    env = {"OMP_NUM_THREADS": "2", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def start(config: dict, path: Path):
+    """Launch `python train.py` for `config` (written to `path`) in the background."""
     import os
 
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(path)], cwd=REPO,
-                            env={**os.environ, **env}, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{path} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    path.write_text(yaml.safe_dump(config))
+    env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = open(path.with_suffix(".log"), "w")
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(path)], cwd=REPO,
+                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    return process, config, path
+
+
+def finish(job) -> dict:
+    """Wait for a started run; its zero-shot top-1, median logged samples/s (after the first window), cache hit rate."""
+    process, config, path = job
+    if process.wait() != 0:
+        raise SystemExit(f"{path} failed; see {path.with_suffix('.log')}")
     out = Path(config["output_dir"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     speeds = [r["samples_per_s"] for r in records if "samples_per_s" in r][1:]
     metrics = json.loads((out / "metrics.json").read_text())
     return {"acc1": metrics.get("zeroshot/acc1"), "samples_per_s": statistics.median(speeds) if speeds else None,
             "hit_rate": next((r["distill/cache_hit_rate"] for r in reversed(records) if "distill/cache_hit_rate" in r), None)}
+
+
+def train(config: dict, path: Path) -> dict:
+    return finish(start(config, path))
 
 
 def cpu_description() -> str:
@@ -181,28 +196,36 @@ def main() -> None:
     print("teacher", results["teacher"], flush=True)
     distill = {"teacher": str(teacher_dir / "model")}
     cache = args.work / "teacher_cache"
-    variants = [("student, clip", {"clip": 1.0}, None), ("student, clip + distill", {"clip": 1.0, "distill": 1.0}, distill),
-                ("student, clip + distill, cache (cold)", {"clip": 1.0, "distill": 1.0}, {**distill, "cache_dir": str(cache)}),
-                ("student, clip + distill, cache (warm)", {"clip": 1.0, "distill": 1.0}, {**distill, "cache_dir": str(cache)})]
-    import shutil
-
     shutil.rmtree(cache, ignore_errors=True)
-    for index, (name, objectives, settings) in enumerate(variants):
-        out = args.work / f"student{index}"
-        shutil.rmtree(out, ignore_errors=True)
-        config = run_config(data, out, 64, 2, 1, args.student_steps, args.seed)
-        config["objectives"] = objectives
-        if settings:
-            config["distill"] = settings
-        results[name] = train(config, args.work / f"student{index}.yaml")
-        print(name, results[name], flush=True)
-    base = results["student, clip"]["samples_per_s"]
-    print("\n| run | zero-shot top-1 | samples/s | vs clip alone | cache hit rate |\n|---|---|---|---|---|")
+    clip, with_teacher = {"clip": 1.0}, {"clip": 1.0, "distill": 1.0}
+    cached = {**distill, "cache_dir": str(cache)}
+    # Two rounds of concurrent runs: each round's runs share whatever else loads the machine, so
+    # their throughput ratios compare like with like. Round 2's warm run reads round 1's cache
+    # (the same seed and data order: the same samples) beside a second clip-alone peer.
+    rounds = [[("student, clip", clip, None), ("student, clip + distill", with_teacher, distill),
+               ("student, clip + distill, cache (cold)", with_teacher, cached)],
+              [("student, clip (round 2 peer)", clip, None), ("student, clip + distill, cache (warm)", with_teacher, cached)]]
+    for number, runs in enumerate(rounds, 1):
+        jobs = []
+        for name, objectives, settings in runs:
+            out = args.work / name.replace(" ", "_").replace(",", "").replace("+", "plus").replace("(", "").replace(")", "")
+            shutil.rmtree(out, ignore_errors=True)
+            config = run_config(data, out, 64, 2, 1, args.student_steps, args.seed)
+            config["objectives"] = objectives
+            if settings:
+                config["distill"] = settings
+            jobs.append((name, start(config, out.with_suffix(".yaml"))))
+        for name, job in jobs:
+            results[name] = {**finish(job), "round": number}
+            print(name, results[name], flush=True)
+    print("\n| run | round | zero-shot top-1 | samples/s | vs clip alone, same round | cache hit rate |\n|---|---|---|---|---|---|")
     for name, r in results.items():
-        speed = f"{r['samples_per_s']:.0f}" if r["samples_per_s"] else "-"
-        ratio = f"{r['samples_per_s'] / base:.2f}x" if r["samples_per_s"] and name != "teacher" else "-"
+        base = next((v["samples_per_s"] for k, v in results.items() if k.startswith("student, clip") and
+                     "distill" not in k and v.get("round") == r.get("round")), None)
+        speed = f"{r['samples_per_s']:.1f}" if r["samples_per_s"] else "-"
+        ratio = f"{r['samples_per_s'] / base:.2f}x" if r["samples_per_s"] and base and name != "teacher" else "-"
         hits = f"{r['hit_rate']:.0%}" if r["hit_rate"] is not None else "-"
-        print(f"| {name} | {r['acc1']:.1%} | {speed} | {ratio} | {hits} |")
+        print(f"| {name} | {r.get('round', '-')} | {r['acc1']:.1%} | {speed} | {ratio} | {hits} |")
     (args.work / "results.json").write_text(json.dumps(results, indent=2))
 
 
