@@ -97,6 +97,31 @@ class ClipQueueConfig:
 
 
 @dataclass
+class DistillConfig:
+    """The `distill` objective: the student's image-text logits follow a frozen teacher's softmax
+    over the same global batch (OpenCLIP's DistillClipLoss; combine with clip by weight).
+
+    The teacher runs outside DeepSpeed (not trained, not partitioned, not checkpointed: resume
+    loads it again from `teacher` and checks the weights' SHA-256), replicated on every rank,
+    and sees its own inputs: the same decoded image at its own size and normalisation (the
+    student's random crop box, or its centre crop when `cache_dir` is set) and the caption
+    through its own tokenizer.
+    """
+
+    # "openclip:<architecture>" (with `weights`), "hf-hub:<org>/<name>" (an OpenCLIP model on the
+    # Hub; needs a network), or a local directory: a transformers CLIP / SigLIP /
+    # VisionTextDualEncoder model (e.g. an mmcl export) or an mmcl model directory.
+    teacher: str | None = None
+    weights: str | None = field(default=None, metadata=PATH)  # openclip: the local weights file (.pt/.bin/.safetensors)
+    openclip_config: str | None = field(default=None, metadata=PATH)  # openclip: a model config JSON to register (stem = name)
+    precision: Literal["fp32", "bf16"] = "fp32"  # the teacher's weights and compute
+    # Teacher features per sample key (and per caption's tokens) written here, so a multi-epoch
+    # run encodes each sample once. The teacher then sees a deterministic centre crop. Refused
+    # when it was written for other teacher weights or another transform.
+    cache_dir: str | None = None
+
+
+@dataclass
 class ViewsConfig:
     """The two augmented views of each image for the self-supervised objectives (SimCLR's recipe).
 
@@ -281,6 +306,7 @@ class RunConfig:
     objectives: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})  # weighted sum: clip, siglip, simclr, byol
     loss: LossConfig = field(default_factory=LossConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)  # simclr / byol settings
+    distill: DistillConfig = field(default_factory=DistillConfig)  # the distill objective's teacher
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -290,13 +316,13 @@ class RunConfig:
     seed: int = 0  # seeds model init, data order and augmentation
 
 
-KNOWN_OBJECTIVES = ("clip", "siglip", "clip_queue", "simclr", "byol", "moco", "simsiam", "triplet")
-CONTRASTIVE_OBJECTIVES = ("clip", "siglip", "clip_queue")  # image-text objectives: need the text tower
+KNOWN_OBJECTIVES = ("clip", "siglip", "clip_queue", "simclr", "byol", "moco", "simsiam", "triplet", "distill")
+CONTRASTIVE_OBJECTIVES = ("clip", "siglip", "clip_queue", "distill")  # image-text objectives: need the text tower
 SSL_OBJECTIVES = ("simclr", "byol", "moco", "simsiam", "triplet")  # image objectives on two augmented views
 
 
 def uses_text(config: RunConfig) -> bool:
-    """Whether an objective needs the text tower (clip/siglip/clip_queue, or triplet on image-text pairs)."""
+    """Whether an objective needs the text tower (clip/siglip/clip_queue/distill, or triplet on image-text pairs)."""
     return any(name in CONTRASTIVE_OBJECTIVES for name in config.objectives) or (
         "triplet" in config.objectives and config.ssl.triplet.pairs == "image_text")
 
@@ -596,6 +622,7 @@ def _check_semantics(config: RunConfig, source: str) -> None:
         raise ConfigError(f"{source}: objective 'clip_queue' computes its loss densely; remove 'loss.chunk_size'.")
     if len(set(config.objectives) & {"clip", "siglip", "clip_queue"}) > 1 and "clip_queue" in config.objectives:
         raise ConfigError(f"{source}: 'clip_queue' already is CLIP's loss (with extra negatives); use it instead of clip/siglip.")
+    _check_distill(config, source)
     data = config.data
     if data.resampled and data.samples_per_epoch is None and data.train_shards is not None:
         raise ConfigError(f"{source}: 'data.samples_per_epoch' is required with 'data.resampled: true'.")
@@ -611,6 +638,34 @@ def _check_semantics(config: RunConfig, source: str) -> None:
         values = getattr(data, name)
         if values is not None and len(values) != 3:
             raise ConfigError(f"{source}: 'data.{name}' must have 3 values (R, G, B), got {len(values)}.")
+
+
+def _check_distill(config: RunConfig, source: str) -> None:
+    """The distill objective needs a teacher; distill.* keys without it are a mistake."""
+    settings = config.distill
+    if "distill" not in config.objectives:
+        if settings.teacher is not None:
+            raise ConfigError(f"{source}: 'distill.teacher' is set but 'objectives' has no 'distill'; add distill: 1.0 to it.")
+        return
+    teacher = settings.teacher
+    if teacher is None:
+        raise ConfigError(f"{source}: objective 'distill' needs 'distill.teacher' (openclip:<architecture>, hf-hub:<id> "
+                          "or a transformers / mmcl model directory).")
+    if teacher.startswith("openclip:"):
+        if not teacher[len("openclip:"):]:
+            raise ConfigError(f"{source}: 'distill.teacher' must name the architecture after 'openclip:', e.g. openclip:ViT-B-32.")
+        if settings.weights is None:
+            raise ConfigError(f"{source}: 'distill.teacher: {teacher}' needs 'distill.weights', the local weights file "
+                              "(a random teacher teaches nothing).")
+    elif teacher.startswith("hf-hub:"):
+        if settings.weights is not None or settings.openclip_config is not None:
+            raise ConfigError(f"{source}: 'distill.weights' / 'distill.openclip_config' only apply to openclip:<architecture> teachers.")
+    else:
+        if not Path(teacher).expanduser().is_dir():
+            raise ConfigError(f"{source}: 'distill.teacher' points to '{teacher}', which is not a directory; use a transformers "
+                              "or mmcl model directory, openclip:<architecture> or hf-hub:<id>.")
+        if settings.weights is not None or settings.openclip_config is not None:
+            raise ConfigError(f"{source}: 'distill.weights' / 'distill.openclip_config' only apply to openclip:<architecture> teachers.")
 
 
 def _check_image_only(config: RunConfig, source: str) -> None:

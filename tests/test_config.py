@@ -55,6 +55,7 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_configs_load(path, tmp_path, monkeypatch):
     # Shipped configs point at data that `make demo` builds later; stand it in with empty folders.
     (tmp_path / "data" / "demo" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "model").mkdir(parents=True)  # distill_demo's teacher: the demo's model
     monkeypatch.chdir(tmp_path)
     assert isinstance(load_config(path), RunConfig)
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -329,6 +330,7 @@ def build_train_loader(
     exhaust: bool = False,
     caption_key: str = "txt",
     pin_memory: bool = False,
+    teacher: Any | None = None,
 ) -> ShardLoader:
     """The training loader for `data_cfg` (a `mmcl.config.DataConfig`).
 
@@ -341,6 +343,9 @@ def build_train_loader(
         are unset; CLIP's when both are None. Applied to uint8 transform outputs, per batch.
     exhaust: every sample once per epoch, partial last batches, no equal-steps guarantee.
     rank / world_size: default to the process group's (single process without one).
+    teacher: a `TeacherData` (a distillation teacher's transform, tokenizer, context length,
+        mean and std): batches then also hold teacher_pixel_values, teacher_input_ids and
+        teacher_attention_mask from the same decoded image and caption.
     """
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
@@ -403,12 +408,28 @@ def build_train_loader(
             view_transforms=list(view_transforms) if view_transforms else None,
             caption_key=caption_key if tokenizer is not None else None,
             max_pixels=int(data_cfg.max_pixels),
+            teacher_transform=teacher.transform if teacher is not None else None,
         ),
         tokenize=CaptionTokenizer(tokenizer, context_length) if tokenizer is not None else None,
         mean=_mean_std(data_cfg.image_mean, image_mean, CLIP_MEAN),
         std=_mean_std(data_cfg.image_std, image_std, CLIP_STD),
+        teacher_tokenize=(CaptionTokenizer(teacher.tokenizer, teacher.context_length)
+                          if teacher is not None and tokenizer is not None else None),
+        teacher_mean=_mean_std(teacher.mean, None, CLIP_MEAN) if teacher is not None else None,
+        teacher_std=_mean_std(teacher.std, None, CLIP_STD) if teacher is not None else None,
     )
     return ShardLoader(cfg, steps, train=True, pin_memory=pin_memory)
+
+
+@dataclass(frozen=True)
+class TeacherData:
+    """What the loader needs to prepare a distillation teacher's inputs."""
+
+    transform: Callable  # uint8 [3, H, W] -> [3, S_t, S_t]
+    tokenizer: Any  # the teacher's tokenizer (see tokenize.py)
+    context_length: int
+    mean: Sequence[float]
+    std: Sequence[float]
 
 
 def build_eval_loader(

@@ -81,6 +81,10 @@ class StreamConfig:
     tokenize: CaptionTokenizer | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # A distillation teacher's inputs (its transform is sample.teacher_transform); None without one.
+    teacher_tokenize: CaptionTokenizer | None = None
+    teacher_mean: tuple[float, float, float] | None = None
+    teacher_std: tuple[float, float, float] | None = None
 
     @property
     def workers_per_rank(self) -> int:
@@ -239,7 +243,7 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
         pending.append(sample)
         if len(pending) == cfg.batch_size:
             batches += 1
-            batch = collate(pending, cfg.tokenize, cfg.mean, cfg.std)
+            batch = collate(pending, cfg.tokenize, cfg.mean, cfg.std, cfg.teacher_tokenize, cfg.teacher_mean, cfg.teacher_std)
             batch["_meta"] = meta(True)
             reported = (context.snapshot(), repeated)
             pending = []
@@ -248,7 +252,7 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
                 return
     if pending and not cfg.drop_last:
         batches += 1
-        batch = collate(pending, cfg.tokenize, cfg.mean, cfg.std)
+        batch = collate(pending, cfg.tokenize, cfg.mean, cfg.std, cfg.teacher_tokenize, cfg.teacher_mean, cfg.teacher_std)
         batch["_meta"] = meta(True)
         yield batch
     elif (context.snapshot(), repeated) != reported:

@@ -56,6 +56,9 @@ class SampleSpec:
     view_transforms: transforms for `views` (e.g. two SimCLR augmentations), or None.
     caption_key: tar extension holding the caption ("txt"); None = image-only, no caption needed.
     all_captions: keep every caption of a JSON list (evaluation) in `captions`.
+    teacher_transform: uint8 [3,H,W] -> [3,S_t,S_t] for `teacher_pixel_values` (a distillation
+        teacher's own size), applied to the same decoded image with the RNGs re-seeded to the
+        sample's seed, so a random crop of the same class and scale picks the student's box.
     """
 
     image_transform: Callable[[Tensor], Tensor] | None
@@ -63,6 +66,7 @@ class SampleSpec:
     caption_key: str | None = "txt"
     max_pixels: int = 89_478_485
     all_captions: bool = False
+    teacher_transform: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Sample:
     caption: str | None
     captions: list[str] | None
     label: int | None
+    teacher_image: Tensor | None = None
 
 
 @contextmanager
@@ -93,7 +98,8 @@ def seeded_rngs(seed: int, restore: bool):
 
 def _transforms(spec: SampleSpec) -> list[Callable]:
     found = [spec.image_transform] if spec.image_transform is not None else []
-    return found + list(spec.view_transforms or [])
+    teacher = [spec.teacher_transform] if spec.teacher_transform is not None else []
+    return found + list(spec.view_transforms or []) + teacher
 
 
 def decode_image_tensor(
@@ -165,7 +171,15 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
         except Exception as error:
             _log_first_transform_error(error)
             raise BadSample("transform_error", f"{type(error).__name__}: {error}") from error
-    return Sample(str(raw["__key__"]), main, views, caption, captions, label)
+    teacher = None
+    if spec.teacher_transform is not None:
+        with seeded_rngs(seed, restore_rng):  # the same draws as the student's transform made first
+            try:
+                teacher = spec.teacher_transform(image)
+            except Exception as error:
+                _log_first_transform_error(error)
+                raise BadSample("transform_error", f"{type(error).__name__}: {error}") from error
+    return Sample(str(raw["__key__"]), main, views, caption, captions, label, teacher)
 
 
 _transform_error_logged = False
@@ -228,13 +242,18 @@ def collate(
     tokenize: Callable[[list[str]], tuple[Tensor, Tensor]] | None,
     mean: Sequence[float],
     std: Sequence[float],
+    teacher_tokenize: Callable[[list[str]], tuple[Tensor, Tensor]] | None = None,
+    teacher_mean: Sequence[float] | None = None,
+    teacher_std: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Samples -> batch dict.
 
     pixel_values [B,3,S,S] float (when an image transform is set), views: list of [B,3,S,S]
     float (when view transforms are set), input_ids / attention_mask [B,L] long (when captions
     are read), labels [B] long (when any sample has `.cls`; -1 where missing), keys: list[str],
-    captions: list[list[str]] (evaluation with all captions).
+    captions: list[list[str]] (evaluation with all captions). With a distillation teacher:
+    teacher_pixel_values [B,3,S_t,S_t] float (normalised with teacher_mean/std) and
+    teacher_input_ids / teacher_attention_mask [B,L_t] long (the teacher's tokenizer).
     """
     in_worker = get_worker_info() is not None
     batch: dict[str, Any] = {"keys": [s.key for s in samples]}
@@ -246,6 +265,11 @@ def collate(
         ]
     if tokenize is not None and samples[0].caption is not None:
         batch["input_ids"], batch["attention_mask"] = tokenize([s.caption for s in samples])
+    if samples[0].teacher_image is not None:
+        batch["teacher_pixel_values"] = _images([s.teacher_image for s in samples], teacher_mean or mean,
+                                                teacher_std or std, in_worker)
+    if teacher_tokenize is not None and samples[0].caption is not None:
+        batch["teacher_input_ids"], batch["teacher_attention_mask"] = teacher_tokenize([s.caption for s in samples])
     if any(s.label is not None for s in samples):
         batch["labels"] = torch.tensor([-1 if s.label is None else s.label for s in samples], dtype=torch.long)
     if samples[0].captions is not None:

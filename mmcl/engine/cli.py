@@ -31,12 +31,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmcl.engine.checkpoint import ResumeError
     from mmcl.engine.ds_config import DeepSpeedConfigError, read_deepspeed_json
     from mmcl.engine.runtime import TrainingError, exit_with_error
+    from mmcl.engine.teacher import TeacherLoadError
+    from mmcl.engine.teacher_cache import StaleCacheError
     from mmcl.engine.trainer import train
     from mmcl.export.errors import ExportError, PushError
     from mmcl.models import TokenizerLoadError, TowerLoadError
 
     user_errors = (ConfigError, NoDataError, NoShardsError, DeepSpeedConfigError, ResumeError, TrainingError, TokenizerLoadError, TowerLoadError,
-                   ExportError, PushError)
+                   ExportError, PushError, TeacherLoadError, StaleCacheError)
     try:
         cfg = load_config(args.config, args.overrides)  # every config mistake surfaces here, on every rank
         train(cfg, read_deepspeed_json(args.deepspeed_config), args.deepspeed_config or "DeepSpeed config")

@@ -5,10 +5,11 @@ import os
 from typing import Any, Iterator
 
 from mmcl.config import RunConfig
-from mmcl.data.loader import ShardLoader, build_train_loader
+from mmcl.data.loader import ShardLoader, TeacherData, build_train_loader
 from mmcl.data.shards import expand_shards, is_local
 from mmcl.data.transforms import ssl_view_pair
 from mmcl.engine.objectives import needs_of
+from mmcl.engine.objectives.distill import teacher_transform
 from mmcl.engine.runtime import TrainingError
 
 
@@ -29,15 +30,22 @@ def check_shards(cfg: RunConfig) -> None:
             )
 
 
-def build(cfg: RunConfig, tokenizer, rank: int, world_size: int) -> ShardLoader:
+def build(cfg: RunConfig, tokenizer, rank: int, world_size: int, teacher=None) -> ShardLoader:
     """The training loader, yielding what the objectives need: the CLIP view (`pixel_values`) and
-    captions for clip/siglip, two SSL views (`views`) for simclr/byol."""
+    captions for clip/siglip, two SSL views (`views`) for simclr/byol, and with `teacher` (a
+    distillation teacher's `TeacherInputs`) its own view and tokens of each sample."""
     needs = needs_of(cfg.objectives, cfg)
     context_length = cfg.model.text.context_length if cfg.model.text is not None else 77
+    teacher_data = None
+    if "teacher" in needs:
+        if teacher is None:
+            raise TrainingError("the distill objective needs its teacher's inputs to build the data stream.")
+        teacher_data = TeacherData(teacher_transform(cfg, teacher), teacher.tokenizer, teacher.context_length,
+                                   teacher.mean, teacher.std)
     return build_train_loader(cfg.data, tokenizer if "text" in needs else None, context_length,
                               batch_size=cfg.train.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
                               view_transforms=ssl_views(cfg) if "views" in needs else None,
-                              pixel_values="pixel_values" in needs)
+                              pixel_values="pixel_values" in needs, teacher=teacher_data)
 
 
 def ssl_views(cfg: RunConfig):

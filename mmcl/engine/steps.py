@@ -77,12 +77,16 @@ def feature_cache_step(engine, micro_batches: list[dict[str, Tensor]], timer: St
     after_encode = capture_rng()
     features = {key: torch.cat([c[key] for c in cached]).float().requires_grad_() for key in FEATURE_KEYS}
     scales = {key: cached[0][key] for key in ("logit_scale", "logit_bias") if key in cached[0]}
-    result = engine.module.combine({**features, **scales})
+    # Outputs objectives add without gradient (a distillation teacher's features [B, D_t] and
+    # scale): rows over all micro-batches, scalars once.
+    extras = {key: torch.cat([c[key] for c in cached]) if value.ndim else value for key, value in cached[0].items()
+              if key not in features and key not in scales}
+    result = engine.module.combine({**features, **scales, **extras})
     if not all_finite(result["loss"].detach()):
         restore_rng(after_encode)
         return None, 1
     gradients = torch.autograd.grad(result["loss"], [features[key] for key in FEATURE_KEYS])
-    detached = {key: value.detach() for key, value in features.items()}
+    detached = {**{key: value.detach() for key, value in features.items()}, **extras}
     start = 0
     for index, batch in enumerate(micro_batches):
         size = cached[index]["image_features"].shape[0]

@@ -64,16 +64,21 @@ class TrainingTask(nn.Module):
             return {"text_features": self.model.encode_text(batch["input_ids"], batch["attention_mask"])}
         raise ValueError(f"unknown task mode {mode!r}")
 
-    def encode(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode(self, batch: dict[str, Tensor], batch_outputs: bool = True) -> dict[str, Tensor]:
         """batch -> image_features [B, D], text_features [B, D], view_features [2B, W] (as the
-        objectives need), logit_scale (, logit_bias)."""
+        objectives need), logit_scale (, logit_bias), and with `batch_outputs` what objectives
+        add without gradient (the distillation teacher's features; not needed on re-encoding)."""
         text = "text" in self.needs
-        return self.model(
+        outputs = self.model(
             pixel_values=batch["pixel_values"] if "pixel_values" in self.needs else None,
             input_ids=batch["input_ids"] if text else None,
             attention_mask=batch["attention_mask"] if text else None,
             views=batch["views"] if "views" in self.needs else None,
         )
+        if batch_outputs:
+            for objective in self.objectives.values():
+                outputs.update(objective.batch_outputs(batch))
+        return outputs
 
     def combine(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
         """Weighted sum of the objectives over `outputs`, plus each objective's value and metrics."""
@@ -111,7 +116,7 @@ class TrainingTask(nn.Module):
         zero weight so every parameter's gradient hook fires on every micro-step, which
         DeepSpeed's ZeRO bookkeeping expects.
         """
-        outputs = self.encode(batch)
+        outputs = self.encode(batch, batch_outputs=False)
         total = sum((outputs[key] * feature_grads[key]).sum() for key in FEATURE_KEYS)
         if cached_features is not None:
             total = total + self.combine({**cached_features, **{k: outputs[k] for k in ("logit_scale", "logit_bias") if k in outputs}})["loss"]
@@ -120,6 +125,11 @@ class TrainingTask(nn.Module):
         return {"loss": total}
 
     # -------------------------------------------------------------- outside the engine's forward
+
+    def teacher_inputs(self):
+        """The distillation teacher's `TeacherInputs` (image size, normalisation, tokenizer), or None."""
+        teacher = getattr(self.objectives["distill"], "teacher", None) if "distill" in self.objectives else None
+        return teacher.inputs() if teacher is not None else None
 
     def after_optimizer_step(self, step: int, total_steps: int, gather: Gather = no_gather) -> dict[str, float]:
         """Per-step updates of the objectives (BYOL's EMA target) after optimizer step `step`

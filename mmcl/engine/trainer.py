@@ -93,7 +93,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     rank, world_size = get_rank(), get_world_size()
     if chunk_size is not None and task.uses_logit_scale:
         say(f"contrastive loss: tiled exact, {chunk_size}-row tiles (loss.chunk_size={cfg.loss.chunk_size})")
-    loader = data_stream.build(cfg, tokenizer, rank, world_size)
+    loader = data_stream.build(cfg, tokenizer, rank, world_size, teacher=task.teacher_inputs())
     total_steps = cfg.train.steps or cfg.train.epochs * data_stream.steps_per_epoch(loader, cfg, world_size)
     if saved_layout is not None and saved_layout.get("global_batch", layout["global_batch"]) != layout["global_batch"]:
         total_steps = elastic.remaining_total_steps(saved_layout, layout) or total_steps

@@ -8,6 +8,7 @@ from torch import nn
 from mmcl.losses.byol import BYOLLoss, byol_loss
 from mmcl.losses.clip import ClipLoss, clip_loss
 from mmcl.losses.clip_queue import ClipQueueLoss, clip_queue_loss
+from mmcl.losses.distill import DistillLoss, distill_loss
 from mmcl.losses.moco import MoCoLoss, moco_loss
 from mmcl.losses.ntxent import NTXentLoss, ntxent_loss
 from mmcl.losses.siglip import SigLipLoss, siglip_loss
@@ -23,6 +24,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "simsiam": SimSiamLoss,
     "triplet": TripletLoss,
     "clip_queue": ClipQueueLoss,
+    "distill": DistillLoss,
 }
 
 
@@ -34,7 +36,7 @@ def build_loss(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = [
-    "LOSSES", "BYOLLoss", "ClipLoss", "ClipQueueLoss", "MoCoLoss", "NTXentLoss", "SigLipLoss", "SimSiamLoss",
-    "TripletLoss", "build_loss", "byol_loss", "clip_loss", "clip_queue_loss", "moco_loss", "ntxent_loss",
+    "LOSSES", "BYOLLoss", "ClipLoss", "ClipQueueLoss", "DistillLoss", "MoCoLoss", "NTXentLoss", "SigLipLoss", "SimSiamLoss",
+    "TripletLoss", "build_loss", "byol_loss", "clip_loss", "clip_queue_loss", "distill_loss", "moco_loss", "ntxent_loss",
     "siglip_loss", "simsiam_loss", "triplet_loss",
 ]

@@ -10,8 +10,10 @@ imports no torch).
 `outputs` is the dual encoder's forward on the batch (computed once by the task for all
 objectives): `image_features`, `text_features` [B, D] (normalised), `view_features` [2B, W]
 (pooled image-tower outputs of the two SSL views, view 1 then view 2), `logit_scale`,
-`logit_bias`. Each objective declares what it reads from the batch (`needs`:
-"pixel_values", "text", "views"), so the task encodes and the data pipeline produces only
+`logit_bias`, plus what objectives add from the batch without gradient (`batch_outputs`: the
+distillation teacher's `teacher_image_features`, `teacher_text_features`, `teacher_logit_scale`).
+Each objective declares what it reads from the batch (`needs`: "pixel_values", "text", "views",
+"teacher"), so the task encodes and the data pipeline produces only
 what is used.
 
 | objective | module | reads | state outside the optimizer |
@@ -23,6 +25,7 @@ what is used.
 | moco | moco.py | views | key encoder, key queue |
 | simsiam | simsiam.py | views | - |
 | triplet | triplet.py | views, or CLIP view + captions | - |
+| distill | distill.py | CLIP view + captions, the teacher's view + tokens | frozen teacher (only its SHA-256 is saved) |
 
 State outside the optimizer is deliberately not registered as submodules or buffers:
 DeepSpeed never sees it, so it is not trained, not cast to bf16/fp16, not partitioned by
@@ -37,6 +40,7 @@ from collections.abc import Iterable
 from mmcl.config import RunConfig
 from mmcl.engine.objectives.base import Objective
 from mmcl.engine.objectives.byol import BYOLObjective
+from mmcl.engine.objectives.distill import DistillObjective
 from mmcl.engine.objectives.image_text import ClipQueueObjective, ContrastiveObjective, SigLipObjective
 from mmcl.engine.objectives.moco import MoCoObjective
 from mmcl.engine.objectives.simclr import SimCLRObjective, simclr_temperature
@@ -53,6 +57,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "moco": MoCoObjective,
     "simsiam": SimSiamObjective,
     "triplet": TripletObjective,
+    "distill": DistillObjective,
 }
 
 
@@ -88,12 +93,12 @@ def loss_chunk_size(cfg: RunConfig, world_size: int) -> int | None:
 
 
 def needs_of(objectives: Iterable[str], cfg: RunConfig | None = None) -> frozenset[str]:
-    """What the named objectives read from a batch under `cfg`: "pixel_values", "text", "views"."""
+    """What the named objectives read from a batch under `cfg`: "pixel_values", "text", "views", "teacher"."""
     return frozenset().union(*(OBJECTIVES[name].needs_for(cfg) for name in objectives))
 
 
 __all__ = [
-    "OBJECTIVES", "BYOLObjective", "ClipQueueObjective", "ContrastiveObjective", "Gather", "MoCoObjective",
+    "OBJECTIVES", "BYOLObjective", "ClipQueueObjective", "ContrastiveObjective", "DistillObjective", "Gather", "MoCoObjective",
     "Objective", "SigLipObjective", "SimCLRObjective", "SimSiamObjective", "TripletObjective", "build_objective",
     "loss_chunk_size", "needs_of", "no_gather", "simclr_temperature",
 ]

@@ -28,6 +28,11 @@ class Objective(nn.Module):
         """The objective for `model`, configured from `cfg` (defaults when None)."""
         raise NotImplementedError
 
+    def batch_outputs(self, batch: dict) -> dict[str, Tensor]:
+        """Extra outputs computed from the batch without gradient, beside the model's (the
+        distillation teacher's features); they travel with the features through feature caching."""
+        return {}
+
     def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
 

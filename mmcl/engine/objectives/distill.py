@@ -1,0 +1,133 @@
+"""distill: the student's image-text logits follow a frozen teacher's softmax (OpenCLIP's DistillClipLoss).
+
+The teacher (`mmcl.engine.teacher`) encodes its own inputs of the batch — `teacher_pixel_values`
+(the same decoded image at its size and normalisation) and `teacher_input_ids` /
+`teacher_attention_mask` (the caption through its tokenizer) — without gradient, inside the
+task's `encode` (`batch_outputs`), so its features travel with the student's: feature-cache
+accumulation concatenates them over the micro-batches and the loss sees the teacher's logits
+over the whole accumulated global batch. The loss is `mmcl.losses.DistillLoss`.
+
+The teacher is a plain attribute, hidden from DeepSpeed (no optimizer state, no ZeRO, no
+checkpoint). `extra_state` holds only its weights' SHA-256, so resume refuses other weights.
+With `distill.cache_dir` the features come from `TeacherFeatureCache` where it has them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmcl.config import RunConfig
+from mmcl.engine.objectives.base import Objective
+from mmcl.engine.teacher import Teacher, TeacherInputs, TeacherLoadError, load_teacher
+from mmcl.engine.teacher_cache import TeacherFeatureCache, token_key
+from mmcl.losses import DistillLoss
+from mmcl.models import DualEncoder, Gather, no_gather
+
+TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
+FLUSH_EVERY = 50  # optimizer steps between writes of new cache entries
+
+
+def teacher_transform(cfg: RunConfig, inputs: TeacherInputs):
+    """The teacher's image transform: the student's random crop box at the teacher's size, or a
+    deterministic centre crop when features are cached (one view per sample key)."""
+    from mmcl.data.transforms import clip_eval_transform, clip_train_transform
+
+    if cfg.distill.cache_dir is not None:
+        return clip_eval_transform(inputs.image_size)
+    return clip_train_transform(inputs.image_size, cfg.data.train_crop_scale)
+
+
+def cache_fingerprint(cfg: RunConfig, teacher: Teacher) -> dict:
+    """What the cached features depend on: weights, precision, image transform and normalisation, tokenizer."""
+    inputs = teacher.inputs()
+    return {"teacher_sha256": teacher.sha256, "precision": cfg.distill.precision,
+            "transform": repr(teacher_transform(cfg, inputs)), "mean": list(inputs.mean), "std": list(inputs.std),
+            "tokenizer": type(inputs.tokenizer).__name__, "context_length": inputs.context_length}
+
+
+class DistillObjective(Objective):
+    """forward -> {"loss", "i2t_agree", "t2i_agree"} (see `mmcl.losses.DistillLoss`)."""
+
+    needs = frozenset({"pixel_values", "text", "teacher"})
+    cacheable = True
+
+    def __init__(self, teacher: Teacher, cache: TeacherFeatureCache | None = None):
+        super().__init__()
+        self.loss = DistillLoss()
+        # Plain attributes, not submodules: hidden from DeepSpeed.
+        object.__setattr__(self, "teacher", teacher)
+        object.__setattr__(self, "cache", cache)
+
+    @classmethod
+    def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
+        if cfg is None or cfg.distill.teacher is None:
+            raise TeacherLoadError("the distill objective needs distill.teacher.")
+        teacher = load_teacher(cfg.distill)
+        cache = None
+        if cfg.distill.cache_dir is not None:
+            import os
+
+            cache = TeacherFeatureCache(cfg.distill.cache_dir, cache_fingerprint(cfg, teacher),
+                                        int(os.environ.get("RANK", "0")))
+        return cls(teacher, cache)
+
+    # ------------------------------------------------------------------ the teacher's pass
+
+    def batch_outputs(self, batch: dict) -> dict[str, Tensor]:
+        """The teacher's normalised features of the batch [B, D_t] (float32, no gradient) and its scale."""
+        pixels = batch["teacher_pixel_values"]
+        if self.teacher.device != pixels.device:
+            self.teacher.to(pixels.device)
+        ids, mask = batch["teacher_input_ids"], batch["teacher_attention_mask"]
+        if self.cache is None:
+            image = self.teacher.encode_image(pixels)
+            text = self.teacher.encode_text(ids, mask)
+        else:
+            image = self._cached(self.cache.images, self.cache.add_images, list(batch["keys"]),
+                                 lambda rows: self.teacher.encode_image(pixels[rows]))
+            text = self._cached(self.cache.texts, self.cache.add_texts, [token_key(row) for row in ids],
+                                lambda rows: self.teacher.encode_text(ids[rows], mask[rows]))
+        scale = torch.tensor(self.teacher.logit_scale, dtype=torch.float32, device=pixels.device)
+        return {"teacher_image_features": image, "teacher_text_features": text, "teacher_logit_scale": scale}
+
+    def _cached(self, lookup, add, keys: list[str], encode) -> Tensor:
+        """Rows from the cache where it has them; the rest encoded (in one call) and added."""
+        found = lookup(keys)
+        missing = [i for i, row in enumerate(found) if row is None]
+        if missing:
+            encoded = encode(torch.tensor(missing, dtype=torch.long))
+            add([keys[i] for i in missing], encoded)
+            for i, row in zip(missing, encoded):
+                found[i] = row
+        device = self.teacher.device
+        return torch.stack([row.to(device) for row in found]).float()
+
+    # ------------------------------------------------------------------ the loss
+
+    def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
+        return self.loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
+                         outputs["teacher_image_features"], outputs["teacher_text_features"],
+                         outputs["teacher_logit_scale"], outputs.get("logit_bias"))
+
+    def after_step(self, step: int, total_steps: int, gather: Gather = no_gather) -> dict[str, float]:
+        if self.cache is None:
+            return {}
+        if step % FLUSH_EVERY == 0 or step == total_steps:
+            self.cache.flush()
+        looked_up = max(1, self.cache.hits + self.cache.misses)
+        return {"cache_hit_rate": self.cache.hits / looked_up}
+
+    def extra_state(self) -> dict[str, Tensor]:
+        if self.cache is not None:
+            self.cache.flush()  # the checkpoint's cache entries are on disk with it
+        return {"teacher_sha256": torch.tensor(list(bytes.fromhex(self.teacher.sha256)), dtype=torch.uint8)}
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        saved = state.get("teacher_sha256")
+        if saved is None:
+            raise ValueError("the checkpoint has no distill teacher fingerprint; it was not trained with distill.")
+        saved_hex = bytes(saved.tolist()).hex()
+        if saved_hex != self.teacher.sha256:
+            raise TeacherLoadError(
+                f"distill.teacher '{self.teacher.name}' is not the teacher this run was trained with (weights SHA-256 "
+                f"{self.teacher.sha256[:12]}..., the checkpoint's {saved_hex[:12]}...); resume with the same teacher.")
