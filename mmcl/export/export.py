@@ -30,6 +30,7 @@ import yaml
 from mmcl.export.errors import ExportError
 from mmcl.export.hf_loader import HEADS_FILE, INFO_FILE
 from mmcl.export.source import RunFacts, Source, load_model, locate, read_facts
+from mmcl.export.staging import staged
 
 FORMAT_VERSION = 1
 CONFIG_COPY = "mmcl_config.yaml"
@@ -64,10 +65,7 @@ def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFac
     facts = facts or RunFacts(config=config_to_dict(config))
     run_dir = source.run_dir if source is not None else None
     facts.config = portable_paths(facts.config or config_to_dict(config), run_dir)  # no machine paths leave with the model
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(out) as staging:
         model = model.float().eval().cpu()
         hf, reports, probes = convert(model, config, tokenizer)
         hf.save_pretrained(str(staging))
@@ -85,12 +83,6 @@ def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFac
         (staging / "README.md").write_text(render_card(info, facts, ".", files, license=license, datasets=datasets,
                                                        name=out.name))
         verify(staging, model, probes, info)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

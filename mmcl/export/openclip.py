@@ -21,8 +21,6 @@ OpenCLIP and reproduced mmcl's embeddings to 1e-5 on probe inputs.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,8 @@ import torch
 from torch import nn
 
 from mmcl.export.errors import ExportError
-from mmcl.export.openclip_import import TOLERANCE, relative_diff
+from mmcl.export.openclip_import import RESBLOCK_NAMES, TOLERANCE, relative_diff
+from mmcl.export.staging import staged
 
 CONFIG_NAME = "open_clip_config.json"  # open_clip.constants.HF_CONFIG_NAME
 WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip.constants.HF_SAFE_WEIGHTS_NAME
@@ -107,8 +106,7 @@ def _blocks(prefix_in: str, prefix_out: str, layers: int, state: dict[str, torch
     out = {}
     for i in range(layers):
         src, dst = f"{prefix_in}.encoder.layers.{i}.", f"{prefix_out}.resblocks.{i}."
-        for name_out, name_in in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
-                                  ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+        for name_out, name_in in RESBLOCK_NAMES:
             for kind in ("weight", "bias"):
                 out[f"{dst}{name_out}.{kind}"] = state[f"{src}{name_in}.{kind}"]
         for kind in ("weight", "bias"):
@@ -163,10 +161,7 @@ def export_openclip_model(model, config, tokenizer, out_dir: str | Path, overwri
         raise ExportError(f"export folder {out} already exists and is not empty; choose a new --out or pass --overwrite.")
     model = model.float().eval().cpu()
     check_representable(model, config, tokenizer)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(out) as staging:
         save_file(openclip_state(model, config.model.text.context_length), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.model_max_length = config.model.text.context_length
@@ -176,12 +171,6 @@ def export_openclip_model(model, config, tokenizer, out_dir: str | Path, overwri
         differences = verify(staging, model, config, tokenizer)
         (staging / "mmcl_openclip_export.json").write_text(json.dumps({"max_relative_diff": differences,
                                                                        "tolerance": TOLERANCE}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from typing import Any
 import torch
 
 from mmcl.export.errors import ExportError
+from mmcl.export.staging import staged
 
 TOLERANCE = 1e-5
 REPORT_FILE = "openclip_conversion.json"
@@ -231,12 +230,16 @@ def hf_clip_config(model_cfg: dict[str, Any], tokenizer):
     return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=model_cfg["embed_dim"])
 
 
+# OpenCLIP residual-block parameter -> transformers CLIP encoder-layer parameter (both directions use it).
+RESBLOCK_NAMES = (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
+                  ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))
+
+
 def _blocks(prefix_in: str, prefix_out: str, layers: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for i in range(layers):
         src, dst = f"{prefix_in}.resblocks.{i}.", f"{prefix_out}.encoder.layers.{i}."
-        for name_in, name_out in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
-                                  ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+        for name_in, name_out in RESBLOCK_NAMES:
             for kind in ("weight", "bias"):
                 out[f"{dst}{name_out}.{kind}"] = state[f"{src}{name_in}.{kind}"]
         for kind in ("weight", "bias"):
@@ -392,18 +395,9 @@ def convert_openclip(model: str, out_dir: str | Path, weights: str | None = None
                           f"image {report['image_max_diff']:.1e}, text {report['text_max_diff']:.1e}); this is a bug in "
                           "mmcl's converter, please report it.")
 
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(out) as staging:
         hf.save_pretrained(str(staging))
         CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(str(staging))
         processor.save_pretrained(str(staging))
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out, report
