@@ -109,6 +109,7 @@ def test_shipped_configs_export_exactly_or_say_why_not(path, tmp_path, monkeypat
     from mmcl.models import build_model
 
     (tmp_path / "data" / "demo" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "model").mkdir(parents=True)  # distill_demo's teacher: `make demo` writes it
     monkeypatch.chdir(tmp_path)
     config = load_config(path)
     openclip = getattr(config.model, "init_from", None) is not None
