@@ -206,3 +206,25 @@ def test_config_names_the_distill_mistake(distill, objectives, message):
            "objectives": objectives, "distill": distill}
     with pytest.raises(ConfigError, match=message):
         from_dict(raw)
+
+
+def test_an_mmcl_export_teaches_with_the_model_s_own_features_size_and_tokens(tmp_path, tokenizer_dir):
+    """An export (here inexact on the text side: BERT mean pooling) teaches through mmcl's loader, exactly."""
+    from mmcl.export import export_model
+    from mmcl.models import build_tokenizer, tokenize
+
+    cfg = run_config(tokenizer_dir, teacher=str(tmp_path))
+    cfg.model.text.pooling = "mean"
+    torch.manual_seed(7)
+    model = build_model(cfg.model).eval()
+    tokenizer = build_tokenizer(cfg.model.text)
+    export_model(model, cfg, tokenizer, tmp_path / "export")
+    teacher = load_teacher(DistillConfig(teacher=str(tmp_path / "export")))
+    pixels = torch.randn(2, 3, 16, 16)
+    tokens = tokenize(tokenizer, ["a photo of the digit seven.", "handwritten 3"], 16)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.encode_image(pixels), model.encode_image(pixels), atol=1e-5, rtol=0)
+        torch.testing.assert_close(teacher.encode_text(tokens["input_ids"], tokens["attention_mask"]),
+                                   model.encode_text(tokens["input_ids"], tokens["attention_mask"]), atol=1e-5, rtol=0)
+    assert teacher.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
+    assert teacher.inputs().context_length == 16 and teacher.inputs().image_size == 16
