@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmcl.export.plan import target_architecture
+from mmcl.export.plan import plan_export, target_architecture
 
 TOLERANCE = 1e-5
 PROBE_TEXTS = (
@@ -44,7 +44,6 @@ PROBE_TEXTS = (
     "handwritten 7",
     "a long caption " + " ".join(["that keeps going"] * 40) + " until it is truncated",
 )
-_TANH_POOLER = "adds a dense layer with a hard-wired tanh"
 
 
 @dataclass
@@ -162,33 +161,6 @@ def rebuilt_class(config, kind: str) -> type | None:
         return None
 
 
-def expected_reason(kind: str, tower: nn.Module, pooling: str, projection: str) -> str | None:
-    """Why transformers' features should differ from mmcl's, by the rules; None if they should agree."""
-    name = type(tower).__name__
-    rebuilt = rebuilt_class(tower.config, kind)
-    if rebuilt is not type(tower):
-        built = rebuilt.__name__ if rebuilt else "no known class"
-        return f"transformers rebuilds this tower as {built}, but mmcl trained {name}"
-    if projection == "mlp":
-        return "the mlp projection head (Linear, GELU, Linear) does not fit VisionTextDualEncoderModel's single bias-free Linear"
-    if pooling == "pooler_output":
-        return None
-    pooler = getattr(tower, "pooler", None)
-    # BERT-style poolers hard-wire tanh; ViT-style ones read `pooler_act` (and adapt_image_tower resets it).
-    tanh = isinstance(getattr(pooler, "activation", None), nn.Tanh) and not hasattr(tower.config, "pooler_act")
-    if pooling == "mean":
-        what = "the tokens kept by the attention mask" if kind == "text" else "all tokens"
-        return f"mmcl averages {what}, while transformers uses {name}'s pooler_output"
-    if pooling == "cls" and tower.config.model_type == "clip_vision_model":
-        return "mmcl pools the class token before CLIP's post-layernorm, transformers' pooler_output after it"
-    if pooling == "cls":
-        how = _TANH_POOLER if tanh else "is computed differently"
-        return f"mmcl pools the first token's last hidden state, while {name}'s pooler_output {how}"
-    if pooling == "eos":
-        return f"mmcl takes the last token kept by the attention mask, while {name}'s pooler_output is computed differently"
-    return f"mmcl's '{pooling}' pooling is not what {name}'s pooler_output computes"
-
-
 def _ensure_hidden_size(config, width: int) -> list[str]:
     if isinstance(getattr(config, "hidden_size", None), int):
         return []
@@ -243,7 +215,7 @@ def _image_only(model, probes) -> tuple[nn.Module, dict[str, SideReport]]:
     # AutoModel must rebuild the very class that was measured (a *WithProjection tower would lose its head).
     report.exact = rebuilt_class(tower.config, "image") is type(tower) and report.max_diff <= TOLERANCE
     if not report.exact:
-        report.reason = expected_reason("image", tower, pooling, "linear") \
+        report.reason = plan_export(model)["image"].reason \
             or f"the tower's pooler_output differs from mmcl's pooled features by {report.max_diff:.1e}"
     return tower, {"image": report}
 
@@ -260,10 +232,7 @@ def _dual(model, config, tokenizer, probes) -> tuple[nn.Module, dict[str, SideRe
         "image": SideReport(type(vision).__name__, vision.config.model_type, image_pooling, projection_kind(model.image_projection)),
         "text": SideReport(type(text).__name__, text.config.model_type, model.text_pooling, projection_kind(model.text_projection)),
     }
-    reasons = {
-        "image": expected_reason("image", vision, image_pooling, reports["image"].projection),
-        "text": expected_reason("text", text, model.text_pooling, reports["text"].projection),
-    }
+    reasons = {kind: plan.reason for kind, plan in plan_export(model).items()}  # why a side should differ, by the rules
     reports["image"].adjustments += adapt_image_tower(vision, image_pooling)
     reports["text"].adjustments += adapt_text_tower(text, model.text_pooling, tokenizer)
     reports["image"].adjustments += _ensure_hidden_size(vision.config, pooled_width(model.image_tower, image_pooling))

@@ -80,7 +80,7 @@ def _plan_side(kind: str, tower: nn.Module, pooling: str, projection: str, archi
     rebuilt = rebuilt_class(tower.config, kind)
     if rebuilt is not type(tower) and architecture != "SiglipModel":  # SiglipModel builds its towers itself
         built = rebuilt.__name__ if rebuilt else "no known class"
-        return SidePlan(kind, False, f"transformers rebuilds this tower as {built}, but mmcl trains {name}",
+        return SidePlan(kind, False, f"transformers rebuilds this tower as {built}, but mmcl trained {name}",
                         _NO_POOLER.format(model_type=model_type) if kind == "text" else None)
     if projection == "mlp":
         return SidePlan(kind, False, "the mlp projection head does not fit the single bias-free Linear of transformers' "
@@ -96,8 +96,8 @@ def _plan_side(kind: str, tower: nn.Module, pooling: str, projection: str, archi
     if pooling == exact_pooling:
         return SidePlan(kind, True)
     if exact_pooling is None and not _has_pooled_output(tower):
-        return SidePlan(kind, False, _reason(kind, name, pooling), None if kind == "image" else _NO_POOLER.format(model_type=model_type))
-    return SidePlan(kind, False, _reason(kind, name, pooling), f"{key}.pooling: {exact_pooling or 'pooler_output'}")
+        return SidePlan(kind, False, _reason(kind, tower, pooling), None if kind == "image" else _NO_POOLER.format(model_type=model_type))
+    return SidePlan(kind, False, _reason(kind, tower, pooling), f"{key}.pooling: {exact_pooling or 'pooler_output'}")
 
 
 def _has_pooled_output(tower: nn.Module) -> bool:
@@ -106,12 +106,19 @@ def _has_pooled_output(tower: nn.Module) -> bool:
         "clip_vision_model", "siglip_vision_model", "clip_text_model", "siglip_text_model", "dinov2")
 
 
-def _reason(kind: str, name: str, pooling: str) -> str:
+def _reason(kind: str, tower: nn.Module, pooling: str) -> str:
+    name = type(tower).__name__
     if pooling == "mean":
         what = "the tokens kept by the attention mask" if kind == "text" else "all tokens"
         return f"mmcl averages {what}, while transformers uses {name}'s pooler_output"
+    if pooling == "cls" and tower.config.model_type == "clip_vision_model":
+        return "mmcl pools the class token before CLIP's post-layernorm, transformers' pooler_output after it"
     if pooling == "cls":
-        return f"mmcl pools the first token's last hidden state, while transformers uses {name}'s pooler_output"
+        # BERT-style poolers hard-wire tanh; ViT-style ones read `pooler_act` (and the export resets it).
+        pooler = getattr(tower, "pooler", None)
+        tanh = isinstance(getattr(pooler, "activation", None), nn.Tanh) and not hasattr(tower.config, "pooler_act")
+        how = "adds a dense layer with a hard-wired tanh" if tanh else "is computed differently"
+        return f"mmcl pools the first token's last hidden state, while {name}'s pooler_output {how}"
     return f"mmcl's '{pooling}' pooling is not what {name}'s pooler_output computes"
 
 
