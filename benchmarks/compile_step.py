@@ -49,12 +49,12 @@ def build_step(precision: str, attn: str, compiled: bool):
     from mmcl.engine.compile import compile_towers
     from mmcl.engine.runtime import init_process_group
     from mmcl.engine.steps import plain_step
-    from mmcl.engine.task import ContrastiveTask
+    from mmcl.engine.task import TrainingTask
     from mmcl.models import build_model
 
     init_process_group()
     torch.manual_seed(0)
-    task = ContrastiveTask(build_model(train_step_config(attn)), {"clip": 1.0})
+    task = TrainingTask(build_model(train_step_config(attn)), {"clip": 1.0})
     optimizer = torch.optim.AdamW(task.parameters(), lr=1e-4)
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1},
                  "bf16": {"enabled": precision == "bf16"}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}

@@ -1,7 +1,7 @@
 """The GPU suite's worker: CLIP ViT-B/16 + a 12-layer 512-wide text tower, mmcl under DeepSpeed vs OpenCLIP.
 
 Run it through `benchmarks/gpu_suite.sh`, which starts it under the `deepspeed` launcher. For
-each variant — loss dense or tiled, patch dropout 0 or 0.5, eager or `torch.compile` — it
+each variant — loss dense or chunked, patch dropout 0 or 0.5, eager or `torch.compile` — it
 measures, on synthetic batches already on the device (the data pipeline is benchmarked
 elsewhere):
 
@@ -272,7 +272,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--precision", default=None, choices=["bf16", "fp32"])
     parser.add_argument("--stacks", nargs="+", default=["mmcl", "open_clip"])
-    parser.add_argument("--losses", nargs="+", default=["dense", "tiled"])
+    parser.add_argument("--losses", nargs="+", default=["dense", "chunked"])
     parser.add_argument("--patch-dropout", nargs="+", type=float, default=[0.0, 0.5])
     parser.add_argument("--compile", nargs="+", type=lambda v: v.lower() in ("1", "true", "yes"), default=[False, True])
     parser.add_argument("--out", default="gpu_suite.jsonl")

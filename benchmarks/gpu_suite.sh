@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite: CLIP ViT-B/16 + 12-layer 512-wide text tower, bf16, mmcl under `deepspeed` vs
 # OpenCLIP's same model; samples/s, MFU, peak memory and the largest global batch, for the
-# tiled vs the dense loss, patch dropout 0 / 0.5 and eager / torch.compile (benchmarks/gpu_suite.py).
+# chunked vs the dense loss, patch dropout 0 / 0.5 and eager / torch.compile (benchmarks/gpu_suite.py).
 #
 #   bash benchmarks/gpu_suite.sh                 # on a CUDA machine: full sizes, one GPU
 #   bash benchmarks/gpu_suite.sh --smoke         # tiny sizes on the CPU: tests the script itself

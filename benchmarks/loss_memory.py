@@ -4,8 +4,8 @@
     python benchmarks/loss_memory.py --batches 262144 --impls mmcl     # one configuration
     python benchmarks/loss_memory.py --report                          # table of collected results
 
-One process, CPU, float32, d = 512, global batch B: `mmcl.losses.ClipLoss(chunk_size=tile)`
-(tiled, exact) against `open_clip.loss.ClipLoss()` (dense). Every (loss, batch) runs in
+One process, CPU, float32, d = 512, global batch B: `mmcl.losses.ClipLoss(chunk_size=chunk)`
+(chunked, exact) against `open_clip.loss.ClipLoss()` (dense). Every (loss, batch) runs in
 a fresh subprocess (`--worker`) so that its peak RSS is its own:
 
     loss peak = ru_maxrss after all repeats - VmRSS after imports and input creation,
@@ -64,22 +64,22 @@ def _vm_rss_bytes() -> int:
 def predicted_bytes(impl: str, batch: int) -> float:
     if impl == "openclip":
         return OPENCLIP_BYTES_AT_32K * (batch / 32768) ** 2
-    return 4.0 * batch * DIM * 4 + 4 * 2048**2 * 4  # feature grads + accumulators + a few tiles
+    return 4.0 * batch * DIM * 4 + 4 * 2048**2 * 4  # feature grads + accumulators + a few chunks
 
 
 def repeats_for(batch: int) -> int:
     return 3 if batch <= 16384 else 1
 
 
-def worker(impl: str, batch: int, repeats: int, tile: int | None, threads: int) -> dict:
+def worker(impl: str, batch: int, repeats: int, chunk: int | None, threads: int) -> dict:
     """Runs in the fresh subprocess: build inputs, run forward + backward, report peak and times."""
     import torch
     from open_clip.loss import ClipLoss as OpenClipLoss
 
     from mmcl.losses import ClipLoss
-    from mmcl.losses.tiled import DEFAULT_TILE
+    from mmcl.losses.chunked import DEFAULT_CHUNK
 
-    tile = tile or DEFAULT_TILE
+    chunk = chunk or DEFAULT_CHUNK
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -92,7 +92,7 @@ def worker(impl: str, batch: int, repeats: int, tile: int | None, threads: int) 
     txt.requires_grad_()
     scale = torch.tensor(1 / 0.07, requires_grad=True)
     if impl == "mmcl":
-        module = ClipLoss(chunk_size=tile)
+        module = ClipLoss(chunk_size=chunk)
         loss_fn = lambda: module(img, txt, scale)["loss"]  # noqa: E731
     elif impl == "mmcl-dense":
         module = ClipLoss()
@@ -114,7 +114,7 @@ def worker(impl: str, batch: int, repeats: int, tile: int | None, threads: int) 
         del loss
     peak_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
-        "impl": impl, "batch": batch, "dim": DIM, "status": "ok", "tile": tile if impl == "mmcl" else None,
+        "impl": impl, "batch": batch, "dim": DIM, "status": "ok", "chunk": chunk if impl == "mmcl" else None,
         "threads": threads, "repeats": repeats, "times_s": times, "time_s": statistics.median(times),
         "loss": values[0], "scale_grad": scale.grad.item(),
         "base_rss_mb": base_rss / 2**20, "base_maxrss_mb": base_maxrss / 2**20,
@@ -139,7 +139,7 @@ def run_config(impl: str, batch: int, args) -> dict:
         time.sleep(60)
     # The parent never imports torch: its own RSS would sit beside the measured process.
     cmd = [sys.executable, __file__, "--worker", impl, str(batch), "--repeats", str(args.repeats or repeats_for(batch)),
-           "--threads", str(args.threads)] + (["--tile", str(args.tile)] if args.tile else [])
+           "--threads", str(args.threads)] + (["--chunk", str(args.chunk)] if args.chunk else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode != 0:
         return {"impl": impl, "batch": batch, "status": "failed",
@@ -184,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=BATCHES)
     parser.add_argument("--impls", type=lambda s: s.split(","), default=IMPLS, help="mmcl, openclip, mmcl-dense")
-    parser.add_argument("--tile", type=int, default=None, help="mmcl's chunk_size (default: mmcl.losses.tiled.DEFAULT_TILE)")
+    parser.add_argument("--chunk", type=int, default=None, help="mmcl's chunk_size (default: mmcl.losses.chunked.DEFAULT_CHUNK)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None, help="default: 3 up to 16k, 1 above")
     parser.add_argument("--wait-s", type=int, default=900, help="how long to wait for memory before skipping")
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats, args.tile, args.threads)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats, args.chunk, args.threads)))
         return
     if not args.report:
         for batch in args.batches:

@@ -92,7 +92,7 @@ def mmcl_step_fn(precision: str, attn: str, patch_dropout: float, batch: dict):
     from mmcl.config import ModelConfig, TextTowerConfig, TowerConfig
     from mmcl.engine.runtime import init_process_group
     from mmcl.engine.steps import plain_step
-    from mmcl.engine.task import ContrastiveTask
+    from mmcl.engine.task import TrainingTask
     from mmcl.models import build_model
 
     common = dict(hidden_act="gelu", attention_dropout=0.0)
@@ -109,7 +109,7 @@ def mmcl_step_fn(precision: str, attn: str, patch_dropout: float, batch: dict):
     )
     init_process_group()
     torch.manual_seed(0)
-    task = ContrastiveTask(build_model(config), {"clip": 1.0})
+    task = TrainingTask(build_model(config), {"clip": 1.0})
     flops = count_flops(lambda b: task(b)["loss"].backward(), batch)
     task.zero_grad(set_to_none=True)
     optimizer = torch.optim.AdamW(task.parameters(), lr=1e-4)

@@ -6,7 +6,7 @@ Both sides train the same architecture on the same synthetic batch with torch Ad
 - mmcl: a DualEncoder of `transformers` CLIP towers (clip_vision_model + clip_text_model) of
   the same widths, depths, heads, patch size and context length, pooled like OpenCLIP
   (vision: post-LN class token; text: end-of-text token), linear projections without bias,
-  trained through `ContrastiveTask` under a DeepSpeed ZeRO-1 engine (DeepSpeed's own bf16
+  trained through `TrainingTask` under a DeepSpeed ZeRO-1 engine (DeepSpeed's own bf16
   mode for bf16).
 
 The table also shows the achieved FLOP/s of each step (FLOPs counted once with
@@ -88,7 +88,7 @@ def mmcl_step_fn(precision: str, attn: str):
     from mmcl.config import ModelConfig, TextTowerConfig, TowerConfig
     from mmcl.engine.runtime import init_process_group
     from mmcl.engine.steps import plain_step
-    from mmcl.engine.task import ContrastiveTask
+    from mmcl.engine.task import TrainingTask
     from mmcl.models import build_model
 
     common = dict(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=4 * WIDTH,
@@ -102,7 +102,7 @@ def mmcl_step_fn(precision: str, attn: str):
         embed_dim=EMBED,
     )
     init_process_group()
-    task = ContrastiveTask(build_model(config), {"clip": 1.0})
+    task = TrainingTask(build_model(config), {"clip": 1.0})
     flops = count_flops(lambda batch: task(batch)["loss"].backward(), synthetic_batch(BATCH_FOR_FLOPS[0]))
     task.zero_grad(set_to_none=True)
     optimizer = torch.optim.AdamW(task.parameters(), lr=1e-4)

@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from mmcl.config import OptimConfig
+from mmcl.engine.settings import OptimConfig
 
 # Parameters that conventionally get no weight decay besides every 1-D tensor (biases,
 # norm weights, logit scale/bias): learned position tables and class/register tokens.

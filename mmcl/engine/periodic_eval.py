@@ -8,40 +8,21 @@ projection, normalised): the figures equal what `mmcl-knn --model <output_dir>/m
 In image-only (SimCLR/BYOL) runs the projection is `none`, so these are the pooled tower
 ("backbone") features, as in solo-learn.
 
-Under ZeRO-3 the parameters are partitioned; `full_parameters` gathers them on every rank
-for the duration of the evaluation (memory: one full copy of the model), so the model can
-be called directly, outside the engine's forward, and each rank encodes its share of the
-data. For the evaluation it also lifts ZeRO-3's per-module forward hooks (DeepSpeed's
-`unwrap_model_for_generation`): they would re-partition the parameters after each call and
-all-gather them again on the next, a collective that hangs when ranks encode different
-numbers of batches (evaluation shards rarely split evenly). Under ZeRO 1/2 it does nothing.
+Under ZeRO-3 the parameters are partitioned; `mmcl.engine.zero.full_parameters(hooks=False)`
+gathers them on every rank for the duration of the evaluation, so the model can be called
+directly, outside the engine's forward, and each rank encodes its share of the data.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmcl.config import RunConfig
+from mmcl.engine.zero import full_parameters
+from mmcl.evaluation.settings import entries
 
-
-@contextlib.contextmanager
-def full_parameters(engine, hooks: bool = True):
-    """Whole (read-only) parameters on every rank; with `hooks=False`, also no ZeRO-3 forward
-    hooks, so each rank may call the model any number of times (see the module docstring)."""
-    if engine.zero_optimization_stage() != 3:
-        yield
-    elif hooks:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            yield
-    else:
-        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-
-        with unwrap_model_for_generation(engine):
-            yield
+if TYPE_CHECKING:
+    from mmcl.config import RunConfig
 
 
 def evaluate(engine, cfg: RunConfig, tokenizer) -> dict[str, Any]:
@@ -50,7 +31,6 @@ def evaluate(engine, cfg: RunConfig, tokenizer) -> dict[str, Any]:
         return {}
     from mmcl.evaluation.data import build_eval_loader
     from mmcl.evaluation.loading import eval_transform, text_encoder
-    from mmcl.evaluation.prompts import read_list_file
     from mmcl.evaluation.retrieval import encode_retrieval_data, retrieval_metrics
     from mmcl.evaluation.zeroshot import zeroshot_classification
 
@@ -74,8 +54,8 @@ def evaluate(engine, cfg: RunConfig, tokenizer) -> dict[str, Any]:
             if cfg.eval.zeroshot_shards is not None:
                 loader = build_eval_loader(cfg.eval.zeroshot_shards, transform, batch_size=cfg.eval.batch_size,
                                            max_pixels=cfg.data.max_pixels)
-                classnames = read_list_file(cfg.eval.classnames, "classnames") if cfg.eval.classnames else loader.classnames
-                templates = read_list_file(cfg.eval.templates, "templates") if cfg.eval.templates else loader.templates
+                classnames = entries(cfg.eval.classnames, "classnames") or loader.classnames
+                templates = entries(cfg.eval.templates, "templates") or loader.templates
                 metrics = zeroshot_classification(encode_image, encode_text, loader, classnames, templates or ["{}"],
                                                   device=device)
                 results.update({f"zeroshot/{k}": v for k, v in metrics.items() if isinstance(v, float)})

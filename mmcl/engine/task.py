@@ -1,40 +1,43 @@
 """The one module DeepSpeed wraps: the model plus its weighted objectives.
 
-`forward(batch)` returns `{"loss": total, "<objective>": value, "<objective>/<metric>": value}`
+`task(batch)` returns `{"loss": total, "<objective>": value, "<objective>/<metric>": value}`
 (plus `"logit_scale"` when an image-text objective is present; OpenCLIP's newest code calls
-this shape a training task). The model encodes the batch once — the CLIP view, the captions
-and the SSL views, as the objectives need (`mmcl.engine.objectives`) — and every objective
-reads what it needs from those outputs. Every trainable parameter is used inside this
-forward, which ZeRO-3's parameter gathering needs, and the trainer loop stays free of model
-details. In runs without an image-text objective the (unused) logit scale enters the loss
-with weight 0, so it too gets its (zero) gradient every step.
+this shape a training task). The model encodes the batch once (`encode`: the CLIP view, the
+captions and the SSL views, as the objectives need) and every objective reads what it needs
+from those outputs (`combine`). Every trainable parameter is used inside this pass, which
+ZeRO-3's parameter gathering needs. In runs without an image-text objective the (unused)
+logit scale enters the loss with weight 0, so it too gets its (zero) gradient every step.
 
-Feature-cache gradient accumulation (GradCache's method, reshaped for DeepSpeed) uses two
-more modes of the same forward, so that everything touching parameters runs inside the
-engine: `encode` (features, logit scale and bias, without gradient) and `surrogate`
-(re-encode with gradient; a scalar whose backward pushes the cached feature gradients into
-the towers). In between, `combine` runs outside the engine on the cached features: the
-image-text objectives have no parameters, so ZeRO never sees it. Objectives with parameters
-or state of their own (SimCLR's and BYOL's heads with BatchNorm, BYOL's EMA target) are not
-cacheable (`cacheable` is False); the trainer then accumulates plainly.
+Whatever touches parameters runs inside the engine's forward (ZeRO-3 gathering, mixed
+precision autocast, DeepSpeed's timers): `engine(batch)` is the training loss, and
+`engine(batch, task.features)` runs another named method there: `features` and `surrogate`
+(feature-cache accumulation, `mmcl.engine.feature_cache`) and `zero_loss`. `combine` on cached features
+runs outside the engine: the image-text objectives have no parameters, so ZeRO never sees
+it. Objectives with parameters or state of their own (the SSL heads with BatchNorm, the
+momentum copies) are not cacheable (`cacheable` is False); the trainer then accumulates plainly.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from mmcl.config import CONTRASTIVE_OBJECTIVES, RunConfig
-from mmcl.engine.objectives import Gather, build_objective, no_gather
+from mmcl.engine.objectives import OBJECTIVES, Gather, build_objective, no_gather
 from mmcl.models import DualEncoder
+
+if TYPE_CHECKING:
+    from mmcl.config import RunConfig
 
 FEATURE_KEYS = ("image_features", "text_features")
 
 
 class TrainingTask(nn.Module):
-    """model + {objective name: weight}; see the module docstring for the forward modes.
+    """model + {objective name: weight}; see the module docstring.
 
-    cfg (the RunConfig) configures the self-supervised objectives (`ssl.*`); chunk_size
-    tiles the image-text losses (`loss.chunk_size`).
+    cfg (the RunConfig) configures the objectives' settings; chunk_size chunks the image-text
+    losses (`loss.chunk_size`).
     """
 
     def __init__(self, model: DualEncoder, objectives: dict[str, float], chunk_size: int | None = None,
@@ -45,24 +48,27 @@ class TrainingTask(nn.Module):
         self.objectives = nn.ModuleDict({name: build_objective(name, model, cfg, chunk_size) for name in objectives})
         self.needs = frozenset().union(*(objective.needs for objective in self.objectives.values()))
         self.cacheable = all(objective.cacheable for objective in self.objectives.values())
-        self.uses_logit_scale = any(name in CONTRASTIVE_OBJECTIVES for name in objectives)
+        self.uses_logit_scale = any(OBJECTIVES[name].image_text for name in objectives)
 
-    def forward(self, batch: dict[str, Tensor], mode: str = "train", **kwargs) -> dict[str, Tensor]:
-        if mode == "train":
-            return self.combine(self.encode(batch), batch)
-        if mode == "encode":
-            with torch.no_grad():
-                outputs = self.encode(batch)
-            return {key: value.detach() for key, value in outputs.items()}
-        if mode == "surrogate":
-            return self.surrogate(batch, **kwargs)
-        if mode == "zero":  # an exact-zero loss that still runs through DeepSpeed's backward
-            return {"loss": self.model()["logit_scale"] * 0.0}
-        if mode == "encode_image":
-            return {"image_features": self.model.encode_image(batch["pixel_values"])}
-        if mode == "encode_text":
-            return {"text_features": self.model.encode_text(batch["input_ids"], batch["attention_mask"])}
-        raise ValueError(f"unknown task mode {mode!r}")
+    def forward(self, batch: dict[str, Tensor], via: Callable[..., dict[str, Tensor]] | None = None,
+                *args) -> dict[str, Tensor]:
+        """The training loss of `batch`: encode it once, then every objective (`combine`).
+
+        With `via`, one of this task's other methods runs instead, `via(batch, *args)`, so that it
+        too runs inside the engine (`engine(batch, task.features)`; see the module docstring).
+        """
+        if via is not None:
+            return via(batch, *args)
+        return self.combine(self.encode(batch), batch)
+
+    @torch.no_grad()
+    def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`encode` without gradient, detached: what feature caching keeps of a micro-batch."""
+        return {key: value.detach() for key, value in self.encode(batch).items()}
+
+    def zero_loss(self, batch: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """An exact-zero loss that still runs through DeepSpeed's backward (a skipped micro-batch)."""
+        return {"loss": self.model()["logit_scale"] * 0.0}
 
     def encode(self, batch: dict[str, Tensor], batch_outputs: bool = True) -> dict[str, Tensor]:
         """batch -> image_features [B, D], text_features [B, D], view_features [2B, W] (as the
@@ -124,7 +130,7 @@ class TrainingTask(nn.Module):
             total = total + 0.0 * outputs["logit_scale"] + (0.0 * outputs["logit_bias"] if "logit_bias" in outputs else 0.0)
         return {"loss": total}
 
-    # -------------------------------------------------------------- outside the engine's forward
+    # -------------------------------------------------------------- outside the engine
 
     def teacher_inputs(self):
         """The distillation teacher's `TeacherInputs` (image size, normalisation, tokenizer), or None."""
@@ -148,6 +154,3 @@ class TrainingTask(nn.Module):
         for name, objective in self.objectives.items():
             prefix = f"{name}."
             objective.load_extra_state({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
-
-
-ContrastiveTask = TrainingTask  # the name before the self-supervised objectives existed

@@ -27,13 +27,14 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmcl.config import DistillConfig
+if TYPE_CHECKING:
+    from mmcl.engine.objectives.distill import DistillConfig
 
 
 class TeacherLoadError(ValueError):

@@ -204,7 +204,7 @@ def consolidate(checkpoint: Path) -> dict[str, Any]:
             raise ExportError(f"{checkpoint} is not a complete DeepSpeed checkpoint ({str(error).splitlines()[0][:150]}).") from error
         state = {k: v.float() if v.is_floating_point() else v
                  for k, v in torch.load(states, map_location="cpu", weights_only=False)["module"].items()}
-    # The engine wraps ContrastiveTask, whose DualEncoder is its `model` attribute.
+    # The engine wraps TrainingTask, whose DualEncoder is its `model` attribute.
     return {name[len("model."):]: tensor for name, tensor in state.items() if name.startswith("model.")}
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmcl.distributed import all_gather_with_grad, get_rank
-from mmcl.losses.tiled import tiled_infonce
+from mmcl.losses.chunked import chunked_infonce
 
 
 def _dense_rows(queries: Tensor, keys: Tensor, logit_scale: Tensor, label_offset: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,15 +47,15 @@ def _clip_terms(
     """
     symmetric = all_image_features is image_features and all_text_features is text_features and label_offset == 0
     if chunk_size is not None and symmetric:
-        i2t_sum, t2i_sum, i2t_correct, t2i_correct = tiled_infonce(
-            image_features, text_features, logit_scale, tile=chunk_size, columns=True
+        i2t_sum, t2i_sum, i2t_correct, t2i_correct = chunked_infonce(
+            image_features, text_features, logit_scale, chunk=chunk_size, columns=True
         )
     elif chunk_size is not None:
-        i2t_sum, _, i2t_correct, _ = tiled_infonce(
-            image_features, all_text_features, logit_scale, label_offset=label_offset, tile=chunk_size
+        i2t_sum, _, i2t_correct, _ = chunked_infonce(
+            image_features, all_text_features, logit_scale, label_offset=label_offset, chunk=chunk_size
         )
-        t2i_sum, _, t2i_correct, _ = tiled_infonce(
-            text_features, all_image_features, logit_scale, label_offset=label_offset, tile=chunk_size
+        t2i_sum, _, t2i_correct, _ = chunked_infonce(
+            text_features, all_image_features, logit_scale, label_offset=label_offset, chunk=chunk_size
         )
     elif symmetric:
         logits, i2t_sum, i2t_correct = _dense_rows(image_features, text_features, logit_scale, 0)
@@ -107,10 +107,10 @@ def clip_loss(
     With the defaults this is the single-process loss over the batch. For the local-loss
     form pass the gathered [N, D] features as all_*_features and label_offset = rank * B:
     local row i's positive is then column label_offset + i.
-    chunk_size: None for the dense loss (holds the [B, N] logits); a tile side to compute
-    the same value and gradients over [chunk_size, chunk_size] tiles of the logits without
-    ever holding them (`mmcl.losses.tiled`; memory O(chunk_size^2 + (B + N) * D)).
-    `mmcl.losses.tiled.recommended_chunk_size` says when to tile.
+    chunk_size: None for the dense loss (holds the [B, N] logits); a chunk side to compute
+    the same value and gradients over [chunk_size, chunk_size] chunks of the logits without
+    ever holding them (`mmcl.losses.chunked`; memory O(chunk_size^2 + (B + N) * D)).
+    `mmcl.losses.chunked.recommended_chunk_size` says when to chunk.
     Returns a scalar: the mean over the B local rows.
     """
     _check_pair(image_features, text_features)
@@ -133,9 +133,9 @@ class ClipLoss(nn.Module):
     gradient convention: mean over ranks of L_r is the global loss). The accuracies are
     this rank's in-batch top-1 retrieval accuracies against all W*B candidates, detached;
     their mean over ranks is the global accuracy.
-    chunk_size: None for the dense loss, else the side of the score tiles of the exact
-    tiled loss (see `clip_loss`); the trainer picks it with
-    `mmcl.losses.tiled.recommended_chunk_size(local_batch, global_batch)`.
+    chunk_size: None for the dense loss, else the side of the score chunks of the exact
+    chunked loss (see `clip_loss`); the trainer picks it with
+    `mmcl.losses.chunked.recommended_chunk_size(local_batch, global_batch)`.
     """
 
     def __init__(self, chunk_size: int | None = None):

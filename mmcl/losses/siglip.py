@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mmcl.distributed import all_gather_no_grad, all_gather_with_grad, get_rank
 from mmcl.losses.clip import _check_pair
-from mmcl.losses.tiled import tiled_sigmoid, tiled_top1_hits
+from mmcl.losses.chunked import chunked_sigmoid, chunked_top1_hits
 
 
 def _dense_sigmoid(
@@ -52,7 +52,7 @@ def siglip_loss(
     gathered texts [N, D] as all_text_features and label_offset = rank * B (image i's
     positive is text label_offset + i); text_features is then unused.
     chunk_size: None for the dense loss, else the side of the [chunk_size, chunk_size]
-    score tiles of the exact tiled loss (`mmcl.losses.tiled`), same value and gradients.
+    score chunks of the exact chunked loss (`mmcl.losses.chunked`), same value and gradients.
     Returns a scalar: -sum_{i, j} logsigmoid(label_ij * logit_ij) / B.
     """
     _check_pair(image_features, text_features)
@@ -60,8 +60,8 @@ def siglip_loss(
     if chunk_size is None:
         _, loss_sum, _ = _dense_sigmoid(image_features, keys, logit_scale, logit_bias, label_offset)
     else:
-        loss_sum, _, _ = tiled_sigmoid(
-            image_features, keys, logit_scale, logit_bias, label_offset=label_offset, tile=chunk_size
+        loss_sum, _, _ = chunked_sigmoid(
+            image_features, keys, logit_scale, logit_bias, label_offset=label_offset, chunk=chunk_size
         )
     return loss_sum / image_features.shape[0]
 
@@ -76,8 +76,8 @@ class SigLipLoss(nn.Module):
     loss; gradient convention in the module docstring). Accuracies are top-1 in-batch
     retrieval, detached: i2t of local images among all texts, t2i of local texts among
     all images (images gathered without gradient, for the metric only).
-    chunk_size: None for the dense loss, else the side of the score tiles of the exact
-    tiled loss (see `siglip_loss`).
+    chunk_size: None for the dense loss, else the side of the score chunks of the exact
+    chunked loss (see `siglip_loss`).
     """
 
     def __init__(self, chunk_size: int | None = None):
@@ -105,13 +105,13 @@ class SigLipLoss(nn.Module):
             if single:  # one process: the t2i scores are the columns of the same matrix
                 t2i_correct = (logits.detach().argmax(dim=0) == torch.arange(batch, device=logits.device)).sum()
         else:
-            loss_sum, i2t_correct, t2i_correct = tiled_sigmoid(
+            loss_sum, i2t_correct, t2i_correct = chunked_sigmoid(
                 image_features, all_text_features, logit_scale, logit_bias,
-                label_offset=offset, tile=self.chunk_size, columns=single,
+                label_offset=offset, chunk=self.chunk_size, columns=single,
             )
         if not single:  # local texts against all images: a metric only, so no gradient
             all_image_features = all_gather_no_grad(image_features)
-            t2i_correct = tiled_top1_hits(text_features, all_image_features, offset, self.chunk_size or batch)
+            t2i_correct = chunked_top1_hits(text_features, all_image_features, offset, self.chunk_size or batch)
         return {
             "loss": loss_sum / batch,
             "i2t_acc": i2t_correct.float() / batch,

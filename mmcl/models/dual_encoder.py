@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from mmcl.config import ModelConfig, TowerConfig
+from mmcl.models.settings import ModelConfig, TowerConfig
 from mmcl.models.locking import eval_frozen_modules, lock_tower
 from mmcl.models.patch_dropout import attach_patch_dropout
 from mmcl.models.pooling import pool, pooled_width, resolve_pooling

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mmcl.config import TextTowerConfig
+from mmcl.models.settings import TextTowerConfig
 
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError)
 

@@ -29,7 +29,7 @@ from packaging.version import Version
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING, MODEL_MAPPING
 
-from mmcl.config import TowerConfig
+from mmcl.models.settings import TowerConfig
 from mmcl.models.resolution import ResolutionError, resize_position_embeddings
 
 Kind = Literal["image", "text"]

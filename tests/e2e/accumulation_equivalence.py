@@ -24,9 +24,9 @@ import deepspeed  # noqa: E402
 
 from mmcl.config import ModelConfig, TextTowerConfig, TowerConfig  # noqa: E402
 from mmcl.distributed import get_rank  # noqa: E402
-from mmcl.engine.periodic_eval import full_parameters  # noqa: E402
+from mmcl.engine.zero import full_parameters  # noqa: E402
 from mmcl.engine.steps import feature_cache_step, plain_step  # noqa: E402
-from mmcl.engine.task import ContrastiveTask  # noqa: E402
+from mmcl.engine.task import TrainingTask  # noqa: E402
 from mmcl.models import build_model  # noqa: E402
 from mmcl.models.patch_dropout import patch_dropout_hooks  # noqa: E402
 
@@ -52,7 +52,7 @@ def batch(rank: int, size: int, offset: int) -> dict:
 
 def one_step(stage: int, micro: int, accum: int, cached: bool, model_cfg: ModelConfig = MODEL) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    task = ContrastiveTask(build_model(model_cfg), {"clip": 1.0})
+    task = TrainingTask(build_model(model_cfg), {"clip": 1.0})
     optimizer = torch.optim.SGD(task.parameters(), lr=1.0)
     config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
               "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,

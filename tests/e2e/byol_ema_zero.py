@@ -20,10 +20,10 @@ import deepspeed  # noqa: E402
 from mmcl.config import from_dict  # noqa: E402
 from mmcl.distributed import get_rank  # noqa: E402
 from mmcl.engine.optim import parameter_groups  # noqa: E402
-from mmcl.engine.periodic_eval import full_parameters  # noqa: E402
+from mmcl.engine.zero import full_parameters  # noqa: E402
 from mmcl.engine.steps import plain_step  # noqa: E402
 from mmcl.engine.task import TrainingTask  # noqa: E402
-from mmcl.engine.trainer import _gatherer  # noqa: E402
+from mmcl.engine.zero import gatherer  # noqa: E402
 from mmcl.models import build_model, cosine_momentum  # noqa: E402
 
 CONFIG = from_dict({
@@ -53,7 +53,7 @@ def check(stage: int) -> dict:
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=config)
     plain_step(engine, [views(get_rank())])
-    logged = task.after_optimizer_step(1, TOTAL_STEPS, _gatherer(engine))
+    logged = task.after_optimizer_step(1, TOTAL_STEPS, gatherer(engine))
     momentum = cosine_momentum(0, TOTAL_STEPS, 0.9)
     with full_parameters(engine):
         online = [o.detach().clone().float() for _, o in byol.parameter_pairs()]

@@ -22,7 +22,7 @@ import deepspeed  # noqa: E402
 from mmcl.config import ModelConfig, TextTowerConfig, TowerConfig  # noqa: E402
 from mmcl.distributed import get_rank  # noqa: E402
 from mmcl.engine.objectives import DistillObjective  # noqa: E402
-from mmcl.engine.periodic_eval import full_parameters  # noqa: E402
+from mmcl.engine.zero import full_parameters  # noqa: E402
 from mmcl.engine.steps import feature_cache_step, plain_step  # noqa: E402
 from mmcl.engine.task import TrainingTask  # noqa: E402
 from mmcl.engine.teacher import Teacher, TeacherInputs  # noqa: E402

@@ -49,7 +49,7 @@ def distill_zero3(digits, tmp_path_factory):
 
 
 def test_distill_trains_beside_clip_with_the_teacher_kept_out_of_checkpoints(distill_zero3):
-    from mmcl.config import DistillConfig
+    from mmcl.engine.objectives.distill import DistillConfig
     from mmcl.engine.teacher import load_teacher
 
     _, out, distill = distill_zero3

@@ -42,7 +42,7 @@ def test_moco_under_zero3_saves_its_queue_and_key_encoder(moco_zero3):
     state = load_file(out / "checkpoints" / "step_00000008" / "task_state.safetensors")
     assert state["moco.queue.pointer"].item() == (8 * 64) % 100 and state["moco.queue.keys"].shape == (100, 16)
     assert torch.allclose(state["moco.queue.keys"].norm(dim=-1), torch.ones(100), atol=1e-5)
-    assert any(key.startswith("moco.key_encoder.tower.") for key in state)
+    assert any(key.startswith("moco.momentum.tower.") for key in state)
 
 
 def test_moco_resume_gives_the_same_losses_queue_and_key_encoder(moco_zero3, tmp_path):

@@ -62,7 +62,7 @@ def test_byol_under_zero3_trains_the_image_tower_and_exports_an_image_encoder(by
     # the target is saved beside every checkpoint and moved between them
     step4 = load_file(out / "checkpoints" / "step_00000004" / "task_state.safetensors")
     step8 = load_file(out / "checkpoints" / "step_00000008" / "task_state.safetensors")
-    assert step4.keys() == step8.keys() and any(k.startswith("byol.target.tower.") for k in step8)
+    assert step4.keys() == step8.keys() and any(k.startswith("byol.momentum.tower.") for k in step8)
     assert any(not torch.equal(step4[k], step8[k]) for k in step8)
     # model/ is an image encoder (no text tower) that the evaluation commands load
     model = mmcl_eval_model(out / "model")
@@ -85,17 +85,17 @@ def test_byol_resume_continues_with_identical_losses_and_target(byol_zero3, tmp_
 def test_joint_clip_and_simclr_under_zero2(digits, tmp_path):
     """SLIP-style: each image gives the CLIP view and two SSL views; both losses are logged and fall;
     zero-shot and kNN evaluation; feature caching gives way to plain accumulation; the projector's
-    BatchNorm over the global batch; the tiled CLIP loss."""
+    BatchNorm over the global batch; the chunked CLIP loss."""
     config = tiny_run_config(digits, tmp_path / "run", micro_batch_size=8, grad_accum_steps=2)
     config["objectives"] = {"clip": 1.0, "simclr": 0.5}
     config["ssl"] = {"simclr": SSL_HEADS["simclr"], "sync_batchnorm": True}
-    config["loss"] = {"chunk_size": 4}  # the tiled exact CLIP loss: 8 local rows x 16 global columns in 4x4 tiles
+    config["loss"] = {"chunk_size": 4}  # the chunked exact CLIP loss: 8 local rows x 16 global columns in 4x4 chunks
     config["eval"] = {**knn_eval(digits), "zeroshot_shards": str(digits / "classification" / "00000.tar")}
     path = write_config(tmp_path / "run.yaml", config)
     result = run(deepspeed_command(path, "configs/ds/zero2.json"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "plain gradient accumulation" in result.stdout
-    assert "contrastive loss: tiled exact, 4-row tiles" in result.stdout
+    assert "image-text loss: chunked exact, 4-row chunks" in result.stdout
     logged = [r for r in records(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in logged] == list(range(1, 9))
     for r in logged:

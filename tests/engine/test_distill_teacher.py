@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from mmcl.config import ConfigError, DistillConfig, RunConfig, from_dict
+from mmcl.config import ConfigError, RunConfig, from_dict
+from mmcl.engine.objectives.distill import DistillConfig
 from mmcl.engine.objectives import DistillObjective
 from mmcl.engine.teacher import Teacher, TeacherInputs, TeacherLoadError, load_teacher
 from mmcl.engine.teacher_cache import StaleCacheError, TeacherFeatureCache

@@ -74,13 +74,13 @@ def test_image_only_run_gives_the_unused_logit_scale_a_zero_gradient():
 def test_byol_target_never_receives_gradients_and_is_outside_the_optimizer():
     task = task_for({"byol": 1.0})
     byol: BYOLObjective = task.objectives["byol"]
-    target_ids = {id(p) for p in byol.target.parameters()}
+    target_ids = {id(p) for p in byol.momentum.target.parameters()}
     assert target_ids and not target_ids & {id(p) for p in task.parameters()}  # not registered: DeepSpeed never sees it
     assert not target_ids & {id(p) for g in parameter_groups(task, config({"byol": 1.0}).optim, "model.") for p in g["params"]}
     assert "target" not in "".join(task.state_dict())
     out = task({"views": batch()["views"]})
     out["loss"].backward()
-    assert all(not p.requires_grad and p.grad is None for p in byol.target.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in byol.momentum.target.parameters())
     assert byol.predictor.layers[0].weight.grad.abs().sum() > 0 and byol.projector.layers[0].weight.grad.abs().sum() > 0
     assert set(out) == {"loss", "byol", "byol/cos"}
 
@@ -107,10 +107,10 @@ def test_byol_target_runs_in_the_online_networks_mode():
     byol: BYOLObjective = task.objectives["byol"]
     task.eval()
     byol.encode_target(batch()["views"])
-    assert not any(m.training for key in ("tower", "projector") for m in byol.target[key].modules())
+    assert not any(m.training for key in ("tower", "projector") for m in byol.momentum.target[key].modules())
     task.train()
     byol.encode_target(batch()["views"])
-    assert all(m.training for m in byol.target["projector"].modules())
+    assert all(m.training for m in byol.momentum.target["projector"].modules())
 
 
 def test_extra_state_restores_the_target_exactly():
@@ -120,7 +120,7 @@ def test_extra_state_restores_the_target_exactly():
             online.mul_(1.5)
     task.after_optimizer_step(1, 10)
     state = task.extra_state()
-    assert state and all(key.startswith("byol.target.") for key in state)
+    assert state and all(key.startswith("byol.momentum.") for key in state)
     fresh = task_for({"byol": 1.0}, seed=1)
     fresh.load_extra_state(state)
     for (a, _), (b, _) in zip(task.objectives["byol"].parameter_pairs(), fresh.objectives["byol"].parameter_pairs()):
@@ -148,24 +148,24 @@ def chunk_config(objectives: dict, micro: int = 256, accum: int = 1, accumulatio
                       "train": {"micro_batch_size": micro, "grad_accum_steps": accum, "accumulation": accumulation}})
 
 
-def test_auto_chunk_size_tiles_once_the_logits_of_one_loss_evaluation_pass_4096_squared():
-    from mmcl.losses.tiled import DEFAULT_TILE
+def test_auto_chunk_size_chunks_once_the_logits_of_one_loss_evaluation_pass_4096_squared():
+    from mmcl.losses.chunked import DEFAULT_CHUNK
 
     clip = {"clip": 1.0}
     assert loss_chunk_size(chunk_config(clip, micro=4096), 1) is None  # 4096 x 4096: dense
-    assert loss_chunk_size(chunk_config(clip, micro=4097), 1) == DEFAULT_TILE
+    assert loss_chunk_size(chunk_config(clip, micro=4097), 1) == DEFAULT_CHUNK
     assert loss_chunk_size(chunk_config(clip, micro=256), 256) is None  # 256 x 65536 = 4096^2
-    assert loss_chunk_size(chunk_config(clip, micro=256), 512) == DEFAULT_TILE
+    assert loss_chunk_size(chunk_config(clip, micro=256), 512) == DEFAULT_CHUNK
     # feature caching evaluates the loss once over all micro-batches: 8 x 256 rows x 2 ranks' columns
     assert loss_chunk_size(chunk_config(clip, micro=256, accum=8), 2) is None
-    assert loss_chunk_size(chunk_config(clip, micro=256, accum=8), 8) == DEFAULT_TILE
+    assert loss_chunk_size(chunk_config(clip, micro=256, accum=8), 8) == DEFAULT_CHUNK
     assert loss_chunk_size(chunk_config(clip, micro=256, accum=8, accumulation="plain"), 8) is None
     # SimCLR's heads are not cacheable, so the step accumulates plainly: one micro-batch per loss
     assert loss_chunk_size(chunk_config({"clip": 1.0, "simclr": 0.5}, micro=256, accum=8), 8) is None
     assert loss_chunk_size(chunk_config({"clip_queue": 1.0}, micro=8192), 1) is None  # always dense
 
 
-def test_explicit_chunk_size_wins_and_auto_gives_the_objectives_a_tiled_loss():
+def test_explicit_chunk_size_wins_and_auto_gives_the_objectives_a_chunked_loss():
     assert loss_chunk_size(chunk_config({"clip": 1.0}, micro=8, chunk_size=512), 1) == 512
     assert loss_chunk_size(chunk_config({"clip": 1.0}, micro=8192, chunk_size=None), 1) is None
     cfg = chunk_config({"siglip": 1.0}, micro=8192)

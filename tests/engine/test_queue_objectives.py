@@ -42,7 +42,7 @@ def test_moco_queue_holds_the_normalised_keys_of_each_batch_in_order_with_wrap_a
     task = task_for(config({"moco": 1.0}))
     moco: MoCoObjective = task.objectives["moco"]
     assert moco.queue.filled == 10 and torch.allclose(moco.queue.keys.norm(dim=-1), torch.ones(10))  # random unit keys
-    key_ids = {id(p) for p in moco.key_encoder.target.parameters()}
+    key_ids = {id(p) for p in moco.momentum.target.parameters()}
     assert key_ids and not key_ids & {id(p) for p in task.parameters()}
     first, second = batch(seed=1), batch(seed=2)  # 4 images: 8 keys per batch
     keys1 = F.normalize(moco.encode_keys(first["views"]), dim=-1)
@@ -53,7 +53,7 @@ def test_moco_queue_holds_the_normalised_keys_of_each_batch_in_order_with_wrap_a
     assert torch.equal(moco.queue.keys[8:10], keys2[:2]) and torch.equal(moco.queue.keys[:6], keys2[2:])
     assert torch.equal(moco.queue.keys[6:8], keys1[6:8]) and moco.queue.pointer == 6
     out["loss"].backward()  # the queue changed after the loss: its snapshot was taken first
-    assert all(p.grad is None for p in moco.key_encoder.target.parameters())
+    assert all(p.grad is None for p in moco.momentum.target.parameters())
     assert moco.projector.layers[0].weight.grad.abs().sum() > 0
 
 
@@ -63,7 +63,7 @@ def test_moco_v3_uses_the_batch_keys_and_a_predictor():
     assert moco.queue is None and moco.predictor is not None and moco.loss.scale_by_temperature
     out = task({"views": batch()["views"]})
     assert set(out) == {"loss", "moco", "moco/acc"} and out["loss"] > 0
-    assert all(key.startswith("moco.key_encoder.") for key in task.extra_state())
+    assert all(key.startswith("moco.momentum.") for key in task.extra_state())
 
 
 def test_simsiam_and_triplet_train_their_heads():

@@ -14,8 +14,8 @@ from mmcl.losses import ClipLoss, SigLipLoss, clip_loss
 
 GLOBAL_BATCH, DIM, SEED = 16, 8, 1234
 GATHER_ROWS = 3
-# Tile side of the tiled forms: divides none of the local batches (16, 8, 4) nor the 16 columns.
-TILE = 3
+# Chunk side of the chunked forms: divides none of the local batches (16, 8, 4) nor the 16 columns.
+CHUNK = 3
 
 
 def make_batch(n: int = GLOBAL_BATCH, d: int = DIM, seed: int = SEED) -> dict[str, Tensor]:
@@ -75,8 +75,8 @@ def loss_case(rank: int, world_size: int) -> dict[str, Tensor]:
     rows = slice(rank * local, (rank + 1) * local)
 
     modules = {
-        "clip": ClipLoss(), "clip_tiled": ClipLoss(chunk_size=TILE),
-        "siglip": SigLipLoss(), "siglip_tiled": SigLipLoss(chunk_size=TILE),
+        "clip": ClipLoss(), "clip_chunked": ClipLoss(chunk_size=CHUNK),
+        "siglip": SigLipLoss(), "siglip_chunked": SigLipLoss(chunk_size=CHUNK),
     }
     for dtype, suffix in ((torch.float64, ""), (torch.float32, "_f32")):
         for name, module in modules.items():

@@ -2,7 +2,7 @@
 
 Convention under test (see mmcl/losses/clip.py): mean_r L_r == L; rank r's feature grad
 == W * dL/dx_r; mean over ranks of the scale/bias grads == dL/d(scale, bias). Every loss
-runs dense and tiled (`chunk_size=TILE`, a tile that divides no batch), on 1, 2 and 4 ranks.
+runs dense and chunked (`chunk_size=CHUNK`, a chunk that divides no batch), on 1, 2 and 4 ranks.
 """
 
 import pytest
@@ -18,7 +18,7 @@ TOL = 1e-10
 MAX_GRAD_DIFF: dict[tuple[str, int], float] = {}
 
 
-FORMS = ["clip", "clip_tiled", "siglip", "siglip_tiled"]
+FORMS = ["clip", "clip_chunked", "siglip", "siglip_chunked"]
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"W{w}")
@@ -109,26 +109,26 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("dtype, tol", [("", 1e-10), ("_f32", 1e-5)], ids=["float64", "float32"])
-def test_tiled_loss_equals_dense_loss_in_value_and_grads(ranks, kind, dtype, tol):
+def test_chunked_loss_equals_dense_loss_in_value_and_grads(ranks, kind, dtype, tol):
     world_size, results = ranks
-    tiled = _as_single_process(results, f"{kind}_tiled{dtype}")
+    chunked = _as_single_process(results, f"{kind}_chunked{dtype}")
     dense = _as_single_process(results, f"{kind}{dtype}")
     exact = _single_process(kind)  # float64, one process, dense
     keys = ["loss", "img_grad", "txt_grad", "scale_grad"] + (["bias_grad"] if kind == "siglip" else [])
     for key in keys:
-        assert _rel_err(tiled[key], dense[key]) < tol, key
-        assert _rel_err(tiled[key], exact[key]) < tol, key
+        assert _rel_err(chunked[key], dense[key]) < tol, key
+        assert _rel_err(chunked[key], exact[key]) < tol, key
     if kind == "clip":  # softmax ignores the bias: its gradient is exactly zero, not noise
-        assert tiled["bias_grad"].item() == 0.0 and dense["bias_grad"].item() == 0.0
+        assert chunked["bias_grad"].item() == 0.0 and dense["bias_grad"].item() == 0.0
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("dtype", ["", "_f32"], ids=["float64", "float32"])
-def test_tiled_accuracies_equal_dense_accuracies(ranks, kind, dtype):
+def test_chunked_accuracies_equal_dense_accuracies(ranks, kind, dtype):
     world_size, results = ranks
     for res in results:
         for metric in ("i2t_acc", "t2i_acc"):
-            assert res[f"{kind}_tiled{dtype}/{metric}"].item() == res[f"{kind}{dtype}/{metric}"].item()
+            assert res[f"{kind}_chunked{dtype}/{metric}"].item() == res[f"{kind}{dtype}/{metric}"].item()
 
 
 def test_issue_616_global_loss_with_gather_grad_gives_world_size_times_feature_grads(ranks):

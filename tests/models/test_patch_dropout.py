@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmcl.config import ConfigError, TowerConfig, from_dict
-from mmcl.engine.checkpoint import capture_rng, restore_rng
+from mmcl.engine.rng import capture_rng, restore_rng
 from mmcl.models import DualEncoder, build_tower
 from mmcl.models.patch_dropout import (attach_patch_dropout, drop_patches, kept_count, keep_indices,
                                        patch_dropout_active, patch_dropout_hooks, set_patch_dropout)

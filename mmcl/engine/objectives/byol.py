@@ -2,14 +2,33 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from mmcl.config import BYOLConfig, RunConfig
-from mmcl.engine.objectives.base import Objective, encode_with, image_width, split_state
+from mmcl.coerce import count
+from mmcl.engine.objectives.base import (Objective, check_momenta, encode_with, image_width, momentum_field, split_legacy_state,
+                                         sync_batchnorm)
 from mmcl.losses import BYOLLoss
 from mmcl.models import DualEncoder, Gather, MLPHead, MomentumEncoder, no_gather
+
+if TYPE_CHECKING:
+    from mmcl.config import RunConfig
+
+
+@dataclass
+class BYOLConfig:
+    """BYOL: online tower + projector + predictor, EMA target tower + projector."""
+
+    base_momentum: float = momentum_field(0.99)  # target EMA momentum at the first step (BYOL: 0.996 for long runs)
+    final_momentum: float = momentum_field(1.0)  # momentum at the last step; cosine schedule in between
+    hidden_dim: int = count(4096)  # projector and predictor hidden width
+    out_dim: int = count(256)  # projector and predictor output width
+
+    def validate(self, key: str, source: str) -> None:
+        check_momenta(self, key, source)
 
 
 class BYOLObjective(Objective):
@@ -18,10 +37,14 @@ class BYOLObjective(Objective):
     The target (copies of the image tower and the projector, `mmcl.models.MomentumEncoder`)
     encodes the same views without gradient, in the online network's train/eval modes, with
     the online pooling. forward -> {"loss", "cos"} (see `mmcl.losses.BYOLLoss`);
-    `after_step` -> {"momentum"}. Saved as `target.*` in the checkpoint's task state.
+    `after_step` -> {"momentum"}. Saved as `momentum.*` in the checkpoint's task state.
     """
 
+    name = "byol"
+    settings = BYOLConfig
+    settings_key = "ssl.byol"
     needs = frozenset({"views"})
+    state = "momentum copy (EMA target: tower + projector)"
 
     def __init__(self, model: DualEncoder, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256,
                  base_momentum: float = 0.99, final_momentum: float = 1.0, sync_batchnorm: bool = False):
@@ -36,13 +59,9 @@ class BYOLObjective(Objective):
 
     @classmethod
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
-        settings = cfg.ssl.byol if cfg is not None else BYOLConfig()
+        settings = cls.settings_in(cfg)
         return cls(model, image_width(model), settings.hidden_dim, settings.out_dim, settings.base_momentum,
-                   settings.final_momentum, sync_batchnorm=cfg is not None and cfg.ssl.sync_batchnorm)
-
-    @property
-    def target(self) -> nn.ModuleDict:
-        return self.momentum.target
+                   settings.final_momentum, sync_batchnorm=sync_batchnorm(cfg))
 
     def parameter_pairs(self) -> Iterator[tuple[Tensor, nn.Parameter]]:
         """(target tensor, online parameter) pairs, matched by name."""
@@ -63,7 +82,7 @@ class BYOLObjective(Objective):
         return {"momentum": self.momentum.update(step, total_steps, gather)}
 
     def extra_state(self) -> dict[str, Tensor]:
-        return {f"target.{name}": tensor for name, tensor in self.momentum.state_dict().items()}
+        return {f"momentum.{name}": tensor for name, tensor in self.momentum.state_dict().items()}
 
     def load_extra_state(self, state: dict[str, Tensor]) -> None:
-        self.momentum.load_state_dict(split_state(state, "target"), "BYOL target")
+        self.momentum.load_state_dict(split_legacy_state(state, "momentum", "target"), "BYOL momentum copy")

@@ -1,24 +1,31 @@
 """Image-text objectives: clip and siglip (on the model's features), clip_queue (plus queued negatives)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
-from mmcl.config import RunConfig
-from mmcl.engine.objectives.base import Objective, split_state
+from mmcl.coerce import ConfigError, count, probability
+from mmcl.engine.objectives.base import Objective, check_momenta, momentum_field, split_state
 from mmcl.losses import ClipQueueLoss, build_loss
 from mmcl.models import DualEncoder, Gather, KeyQueue, MomentumEncoder, no_gather
 
+if TYPE_CHECKING:
+    from mmcl.config import RunConfig
 
-class ContrastiveObjective(Objective):
-    """clip / siglip: the image-text loss on the normalised features (see mmcl.losses).
 
-    They have no parameters of their own (the logit scale/bias belong to the model), so they
-    can be evaluated on cached features (`cacheable`: feature-cache gradient accumulation).
+class ClipObjective(Objective):
+    """clip: CLIP's symmetric InfoNCE on the normalised features, over the global batch (see mmcl.losses).
+
+    It has no parameters of its own (the logit scale/bias belong to the model), so it can be
+    evaluated on cached features (`cacheable`: feature-cache gradient accumulation).
     """
 
+    name = "clip"
     needs = frozenset({"pixel_values", "text"})
     cacheable = True
-    loss_name = "clip"
+    image_text = True
 
     def __init__(self, loss: nn.Module):
         super().__init__()
@@ -26,14 +33,34 @@ class ContrastiveObjective(Objective):
 
     @classmethod
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
-        return cls(build_loss(cls.loss_name, chunk_size=chunk_size))
+        return cls(build_loss(cls.name, chunk_size=chunk_size))
 
     def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
         return self.loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], outputs.get("logit_bias"))
 
 
-class SigLipObjective(ContrastiveObjective):
-    loss_name = "siglip"
+class SigLipObjective(ClipObjective):
+    """siglip: SigLIP's pairwise sigmoid loss over the global batch (needs model.logit_bias_init)."""
+
+    name = "siglip"
+
+    @classmethod
+    def check(cls, cfg: RunConfig, source: str) -> None:
+        if cls.name in cfg.objectives and cfg.model.logit_bias_init is None:
+            raise ConfigError(f"{source}: objective 'siglip' needs 'model.logit_bias_init' (SigLIP uses -10).")
+
+
+@dataclass
+class ClipQueueConfig:
+    """The `clip_queue` objective: CLIP's InfoNCE plus queued negatives from momentum towers (ALBEF-style)."""
+
+    size: int = count(4096)  # queued image and text features (each) used as extra negatives
+    base_momentum: float = momentum_field(0.995)  # momentum towers' EMA momentum at the first step (ALBEF: 0.995) ...
+    final_momentum: float = momentum_field(1.0)  # ... cosine to this at the last step
+    distill: float = probability(0.0)  # ALBEF's momentum distillation: target = distill * momentum softmax + (1 - distill) * one-hot
+
+    def validate(self, key: str, source: str) -> None:
+        check_momenta(self, key, source)
 
 
 class ClipQueueObjective(Objective):
@@ -47,7 +74,21 @@ class ClipQueueObjective(Objective):
     forward -> {"loss", "i2t_acc", "t2i_acc", "negatives"}; `after_step` -> {"momentum"}.
     """
 
+    name = "clip_queue"
+    settings = ClipQueueConfig
+    settings_key = "loss.clip_queue"
     needs = frozenset({"pixel_values", "text"})
+    image_text = True
+    state = "momentum copy (both towers), image and text queues"
+
+    @classmethod
+    def check(cls, cfg: RunConfig, source: str) -> None:
+        if cls.name not in cfg.objectives:
+            return
+        if isinstance(cfg.loss.chunk_size, int):
+            raise ConfigError(f"{source}: objective 'clip_queue' computes its loss densely; remove 'loss.chunk_size'.")
+        if set(cfg.objectives) & {"clip", "siglip"}:
+            raise ConfigError(f"{source}: 'clip_queue' already is CLIP's loss (with extra negatives); use it instead of clip/siglip.")
 
     def __init__(self, model: DualEncoder, dim: int, size: int = 4096, base_momentum: float = 0.995,
                  final_momentum: float = 1.0, distill: float = 0.0):
@@ -62,7 +103,7 @@ class ClipQueueObjective(Objective):
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
         if cfg is None:
             raise ValueError("the clip_queue objective needs the run config (its queues are model.embed_dim wide).")
-        settings = cfg.loss.clip_queue
+        settings = cls.settings_in(cfg)
         return cls(model, cfg.model.embed_dim, settings.size, settings.base_momentum, settings.final_momentum,
                    settings.distill)
 

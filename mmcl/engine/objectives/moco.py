@@ -10,7 +10,7 @@ wrapping around K). As in MoCo, the queue starts full of random unit vectors (dr
 the global generator, which the trainer seeds alike on every rank). v3 (`queue_size: 0`, usually with `predictor: true`): the negatives are
 the keys of the global batch. The key encoder is `mmcl.models.MomentumEncoder` (BYOL's
 machinery, ZeRO-3 aware); the queue is `mmcl.models.KeyQueue`. Both are saved in every
-checkpoint's task state (`key_encoder.*`, `queue.keys|pointer|filled`) and restored exactly.
+checkpoint's task state (`momentum.*`, `queue.keys|pointer|filled`) and restored exactly.
 
 Shuffling BN (`shuffle_bn`, MoCo v2): BatchNorm in the key encoder (in its projector here,
 and in CNN towers) computes statistics over the rank's key batch; if that batch holds
@@ -22,21 +22,56 @@ shuffle with (as in MoCo); ViT towers have no BatchNorm, only the projector does
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmcl.config import MoCoConfig, RunConfig
+from mmcl.coerce import ConfigError, count, nonnegative, positive
 from mmcl.distributed import all_gather_no_grad, get_rank, get_world_size
-from mmcl.engine.objectives.base import Objective, encode_with, image_width, split_state
+from mmcl.engine.objectives.base import (Objective, check_momenta, encode_with, image_width, momentum_field,
+                                         split_legacy_state, split_state, sync_batchnorm)
 from mmcl.losses import MoCoLoss
 from mmcl.models import DualEncoder, Gather, KeyQueue, MLPHead, MomentumEncoder, no_gather
+
+if TYPE_CHECKING:
+    from mmcl.config import RunConfig
+
+
+@dataclass
+class MoCoConfig:
+    """MoCo: query encoder (tower + projector [+ predictor]) vs an EMA momentum copy, InfoNCE against a queue."""
+
+    temperature: float = positive(0.2)  # InfoNCE temperature (MoCo v2 0.2)
+    queue_size: int = nonnegative(65536, note="(0 = MoCo v3, no queue)")  # past keys used as negatives; 0 = MoCo v3 (the keys of the global batch)
+    predictor: bool = False  # MoCo v3's predictor MLP on the query side
+    hidden_dim: int = count(2048)  # projector (and predictor) hidden width
+    out_dim: int = count(128)  # key dimension
+    num_layers: int = count(2)  # projector depth (MoCo v2 2, v3 3)
+    base_momentum: float = momentum_field(0.99)  # momentum copy's EMA momentum at the first step (MoCo v2: 0.999 constant) ...
+    final_momentum: float = momentum_field(1.0)  # ... cosine to this at the last step
+    shuffle_bn: bool = True  # shuffle the key batch across ranks so BatchNorm statistics cannot leak the positive
+
+    def validate(self, key: str, source: str) -> None:
+        check_momenta(self, key, source)
 
 
 class MoCoObjective(Objective):
     """See the module docstring. forward -> {"loss", "acc"[, "queue_filled"]}; `after_step` -> {"momentum"}."""
 
+    name = "moco"
+    settings = MoCoConfig
+    settings_key = "ssl.moco"
     needs = frozenset({"views"})
+    state = "momentum copy (the key encoder), key queue"
+
+    @classmethod
+    def check(cls, cfg: RunConfig, source: str) -> None:
+        if cls.name in cfg.objectives and cfg.ssl.sync_batchnorm and cfg.ssl.moco.shuffle_bn:
+            raise ConfigError(f"{source}: 'ssl.sync_batchnorm' makes 'ssl.moco.shuffle_bn' pointless (the statistics are "
+                              "global either way); set ssl.moco.shuffle_bn: false.")
 
     def __init__(self, model: DualEncoder, in_dim: int, settings: MoCoConfig, sync_batchnorm: bool = False):
         super().__init__()
@@ -48,7 +83,7 @@ class MoCoObjective(Objective):
         self.shuffle_bn = s.shuffle_bn
         # Plain attributes, not submodules: hidden from DeepSpeed (see mmcl.models.ema).
         object.__setattr__(self, "pooling", model.image_pooling)
-        object.__setattr__(self, "key_encoder", MomentumEncoder({"tower": model.image_tower, "projector": self.projector},
+        object.__setattr__(self, "momentum", MomentumEncoder({"tower": model.image_tower, "projector": self.projector},
                                                                 s.base_momentum, s.final_momentum))
         object.__setattr__(self, "queue", KeyQueue(s.queue_size, s.out_dim) if s.queue_size > 0 else None)
         if self.queue is not None:  # MoCo starts from random unit keys: K negatives from the first step
@@ -57,14 +92,13 @@ class MoCoObjective(Objective):
 
     @classmethod
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
-        return cls(model, image_width(model), cfg.ssl.moco if cfg is not None else MoCoConfig(),
-                   sync_batchnorm=cfg is not None and cfg.ssl.sync_batchnorm)
+        return cls(model, image_width(model), cls.settings_in(cfg), sync_batchnorm=sync_batchnorm(cfg))
 
     def encode_keys(self, views: list[Tensor]) -> Tensor:
         """views: 2 batches [B, 3, H, W] -> keys [2B, out_dim] (float32, no gradient), view 1 then view 2."""
         images = torch.cat(list(views))
         world = get_world_size()
-        with self.key_encoder.ready(images) as target:
+        with self.momentum.ready(images) as target:
             if not self.shuffle_bn or world == 1:
                 return encode_with(target, self.pooling, images)
             gathered = all_gather_no_grad(images)  # [W * 2B, ...]
@@ -92,15 +126,15 @@ class MoCoObjective(Objective):
         return {**terms, "queue_filled": torch.tensor(float(self.queue.filled))}
 
     def after_step(self, step: int, total_steps: int, gather: Gather = no_gather) -> dict[str, float]:
-        return {"momentum": self.key_encoder.update(step, total_steps, gather)}
+        return {"momentum": self.momentum.update(step, total_steps, gather)}
 
     def extra_state(self) -> dict[str, Tensor]:
-        state = {f"key_encoder.{k}": v for k, v in self.key_encoder.state_dict().items()}
+        state = {f"momentum.{k}": v for k, v in self.momentum.state_dict().items()}
         if self.queue is not None:
             state.update({f"queue.{k}": v for k, v in self.queue.state_dict().items()})
         return state
 
     def load_extra_state(self, state: dict[str, Tensor]) -> None:
-        self.key_encoder.load_state_dict(split_state(state, "key_encoder"), "MoCo key encoder")
+        self.momentum.load_state_dict(split_legacy_state(state, "momentum", "key_encoder"), "MoCo momentum copy")
         if self.queue is not None:
             self.queue.load_state_dict(split_state(state, "queue"))

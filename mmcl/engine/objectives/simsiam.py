@@ -1,12 +1,28 @@
 """SimSiam: projector + predictor, negative cosine against the stop-gradient projection of the other view."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
-from mmcl.config import RunConfig, SimSiamConfig
-from mmcl.engine.objectives.base import Objective, image_width
+from mmcl.coerce import count
+from mmcl.engine.objectives.base import Objective, image_width, sync_batchnorm
 from mmcl.losses import SimSiamLoss
 from mmcl.models import DualEncoder, MLPHead
+
+if TYPE_CHECKING:
+    from mmcl.config import RunConfig
+
+
+@dataclass
+class SimSiamConfig:
+    """SimSiam: projector + predictor, negative cosine against the stop-gradient projection of the other view."""
+
+    hidden_dim: int = count(2048)  # projector hidden width
+    out_dim: int = count(2048)  # projector output width
+    num_layers: int = count(3)  # projector depth (SimSiam 3)
+    predictor_hidden_dim: int = count(512)  # predictor bottleneck width (SimSiam: out_dim / 4)
 
 
 class SimSiamObjective(Objective):
@@ -18,6 +34,9 @@ class SimSiamObjective(Objective):
     output, as in SimSiam); the predictor is a Linear-BN-ReLU-Linear bottleneck.
     """
 
+    name = "simsiam"
+    settings = SimSiamConfig
+    settings_key = "ssl.simsiam"
     needs = frozenset({"views"})
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048, num_layers: int = 3,
@@ -29,9 +48,9 @@ class SimSiamObjective(Objective):
 
     @classmethod
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
-        s = cfg.ssl.simsiam if cfg is not None else SimSiamConfig()
+        s = cls.settings_in(cfg)
         return cls(image_width(model), s.hidden_dim, s.out_dim, s.num_layers, s.predictor_hidden_dim,
-                   sync_batchnorm=cfg is not None and cfg.ssl.sync_batchnorm)
+                   sync_batchnorm=sync_batchnorm(cfg))
 
     def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
         z = self.projector(outputs["view_features"])

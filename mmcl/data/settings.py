@@ -1,0 +1,74 @@
+"""The `data` section of a run config (WebDataset input) and `ssl.views` (the two augmented views).
+
+Field comments document the keys (README's configuration reference is generated from them).
+Imports neither torch nor transformers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmcl.coerce import ConfigError, bounded, count, nonnegative, positive, probability
+
+
+@dataclass
+class DataConfig:
+    """WebDataset input. Shard patterns use brace expansion; several sources join with `::`."""
+
+    train_shards: str | None = None  # e.g. "data/{00000..00127}.tar::other/{0..9}.tar"
+    train_weights: list[float] | None = nonnegative(None)  # sampling weight per `::` source (resampled mode)
+    resampled: bool = False  # draw shards with replacement forever (epoch = samples_per_epoch)
+    samples_per_epoch: int | None = count(None)  # epoch length in resampled mode
+    shuffle_buffer: int = nonnegative(1000)  # samples held for shuffling (0 = no sample shuffle)
+    num_workers: int = nonnegative(2)  # DataLoader worker processes per rank
+    image_size: int = count(224)  # side of the square crops fed to the image tower
+    image_mean: list[float] | None = bounded(None, 0, 1)  # normalisation; None = the image tower's processor or CLIP's
+    image_std: list[float] | None = positive(None)
+    train_crop_scale: list[float] = bounded([0.9, 1.0], 0, 1, low_open=True)  # RandomResizedCrop scale range
+    max_pixels: int = count(89_478_485)  # images above this are skipped (decompression bombs)
+    val_shards: str | None = None  # held-out image-caption shards (retrieval)
+
+    def validate(self, key: str, source: str) -> None:
+        if self.resampled and self.samples_per_epoch is None and self.train_shards is not None:
+            raise ConfigError(f"{source}: 'data.samples_per_epoch' is required with 'data.resampled: true'.")
+        if self.train_weights is not None and self.train_shards is not None:
+            sources = self.train_shards.count("::") + 1
+            if len(self.train_weights) != sources:
+                raise ConfigError(
+                    f"{source}: 'data.train_weights' has {len(self.train_weights)} weights for {sources} '::'-joined sources."
+                )
+        if len(self.train_crop_scale) != 2 or not self.train_crop_scale[0] <= self.train_crop_scale[1]:
+            raise ConfigError(f"{source}: 'data.train_crop_scale' must be [min, max] with 0 < min <= max <= 1.")
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if values is not None and len(values) != 3:
+                raise ConfigError(f"{source}: 'data.{name}' must have 3 values (R, G, B), got {len(values)}.")
+
+
+@dataclass
+class ViewsConfig:
+    """The two augmented views of each image for the self-supervised objectives (SimCLR's recipe).
+
+    Per-view settings are lists of two values (view 1, view 2). Their defaults depend on the
+    run: SimCLR's symmetric views, or BYOL's asymmetric ones when `byol` is an objective.
+    """
+
+    crop_scale: list[float] = bounded([0.08, 1.0], 0, 1, low_open=True)  # RandomResizedCrop area range
+    flip_p: float = probability(0.5)  # horizontal flip probability
+    color_jitter: list[float] = nonnegative([0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
+    color_jitter_p: float = probability(0.8)  # probability of applying the colour jitter
+    grayscale_p: float = probability(0.2)  # probability of converting to grey
+    blur_p: list[float] | None = probability(None)  # Gaussian blur probability per view; None = [0.5, 0.5], BYOL [1.0, 0.1]
+    blur_sigma: list[float] = positive([0.1, 2.0])  # blur sigma range (pixels); kernel = 10% of the side
+    solarize_p: list[float] | None = probability(None)  # solarize probability per view; None = [0, 0], BYOL [0, 0.2]
+
+    def validate(self, key: str, source: str) -> None:
+        if len(self.crop_scale) != 2 or not self.crop_scale[0] <= self.crop_scale[1]:
+            raise ConfigError(f"{source}: '{key}.crop_scale' must be [min, max] with 0 < min <= max <= 1.")
+        if len(self.color_jitter) != 4 or self.color_jitter[3] > 0.5:
+            raise ConfigError(f"{source}: '{key}.color_jitter' must be [brightness, contrast, saturation, hue] >= 0 with hue <= 0.5.")
+        if len(self.blur_sigma) != 2 or not self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(f"{source}: '{key}.blur_sigma' must be [min, max] with 0 < min <= max.")
+        for name in ("blur_p", "solarize_p"):
+            values = getattr(self, name)
+            if values is not None and len(values) != 2:
+                raise ConfigError(f"{source}: '{key}.{name}' must have 2 values (view 1, view 2), got {len(values)}.")

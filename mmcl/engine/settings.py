@@ -1,0 +1,57 @@
+"""The `optim` and `train` sections of a run config.
+
+Field comments document the keys (README's configuration reference is generated from them).
+Imports neither torch nor deepspeed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mmcl.coerce import ConfigError, bounded, count, nonnegative, positive, probability
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with parameter groups and a schedule."""
+
+    lr: float = positive(5e-4)  # peak learning rate of the projections, logit scale and fresh towers
+    image_lr: float | None = positive(None)  # image tower's learning rate (None = lr); pretrained towers often want less
+    text_lr: float | None = positive(None)  # text tower's learning rate (None = lr)
+    weight_decay: float = nonnegative(0.2)  # not applied to biases, norms, embeddings' position tables, logit scale/bias
+    betas: list[float] = bounded([0.9, 0.98], 0, 1, high_open=True)  # AdamW's beta1, beta2
+    eps: float = positive(1e-6)  # AdamW's epsilon
+    schedule: Literal["cosine", "constant_cooldown", "constant"] = "cosine"  # all with linear warmup
+    warmup_steps: int = nonnegative(0)  # linear warmup from 0 to the peak over the first N steps
+    cooldown_steps: int = nonnegative(0)  # constant_cooldown: linear decay to min_lr over the last N steps
+    min_lr_ratio: float = probability(0.0)  # floor of the schedule, as a fraction of each group's peak
+    grad_clip: float | None = positive(1.0)  # max global gradient norm (None = no clipping)
+
+    def validate(self, key: str, source: str) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"{source}: '{key}.betas' must have 2 values (beta1, beta2), got {len(self.betas)}.")
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, length, precision, and how often to log, evaluate and save."""
+
+    micro_batch_size: int = count(32)  # samples per rank per forward
+    grad_accum_steps: int = count(1)  # micro-batches per optimizer step
+    global_batch_size: int | None = count(None)  # optional check: must equal micro * accum * world size
+    accumulation: Literal["feature_cache", "plain"] = "feature_cache"  # contrastive accumulation method
+    steps: int | None = count(None)  # optimizer steps to train (None = epochs * steps per epoch)
+    epochs: int = count(1)  # used when steps is None
+    precision: Literal["fp32", "bf16", "fp16"] | None = None  # None: as the DeepSpeed JSON says (fp32 if silent)
+    log_every: int = count(10)  # steps between log lines / monitor events
+    eval_every: int | None = count(None)  # steps between evaluations (None = only at the end)
+    checkpoint_every: int | None = count(None)  # steps between checkpoints (None = only at the end)
+    keep_checkpoints: int = count(2)  # newest checkpoints kept on disk
+    resume: str | None = None  # "latest" or a checkpoint directory (any world size / workers / micro batch)
+    allow_batch_change: bool = False  # resume with another global batch: remaining steps re-derived from remaining samples
+    zero_stage: int | None = bounded(None, 0, 3)  # ZeRO stage when no --deepspeed_config is given (default 2)
+    max_nonfinite_steps: int = count(5)  # abort after this many non-finite losses in a row
+    patch_dropout_final_steps: int = nonnegative(0)  # train the last N steps with every patch token (FLIP's unmasked tuning)
+    # torch.compile the towers (inductor; the CPU needs a C++ compiler). The first steps include
+    # the compilation. Not with ZeRO stage 3 (refused at start-up).
+    compile: bool = False
