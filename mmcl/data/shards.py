@@ -167,11 +167,16 @@ def _shard_name(url: str) -> str | None:
     """The shard's file name: a local path's or URL path's last part; for `pipe:COMMAND`, the
     last word part of the command that names a `.tar` (`.tar.gz`, `.tgz`...) file."""
     if url.startswith("pipe:"):
-        matches = list(_TAR_NAME.finditer(url))
-        return matches[-1].group(0) if matches else None
+        span = _pipe_name_span(url)
+        return url[span[0]:span[1]] if span else None
     if is_local(url):
         return os.path.basename(_local_path(url)) or None
     return urlsplit(url).path.rpartition("/")[2] or None
+
+
+def _pipe_name_span(url: str) -> tuple[int, int] | None:
+    matches = list(_TAR_NAME.finditer(url))
+    return matches[-1].span() if matches else None
 
 
 def sibling_url(url: str, file_name: str) -> str:
@@ -179,13 +184,15 @@ def sibling_url(url: str, file_name: str) -> str:
 
     Local: same folder. URL (http(s)://, s3://, ...): the path's last part replaced, query kept
     (`http://host/d/00001.tar?t=x` -> `http://host/d/00001_stats.json?t=x`). `pipe:COMMAND`: the
-    same command with the shard's file name replaced in its last occurrence
+    same command with the shard's file name (the last `NAME.tar` in it) replaced
     (`pipe:curl -s http://host/d/00001.tar` -> `pipe:curl -s http://host/d/00001_stats.json`).
+    A `pipe:` command without a `NAME.tar` has no sibling: `ValueError`.
     """
-    name = _shard_name(url)
     if url.startswith("pipe:"):
-        at = url.rfind(name)
-        return url[:at] + file_name + url[at + len(name):]
+        span = _pipe_name_span(url)
+        if span is None:
+            raise ValueError(f"no shard file name (NAME.tar) in '{url}'")
+        return url[:span[0]] + file_name + url[span[1]:]
     if is_local(url):
         return os.path.join(os.path.dirname(_local_path(url)) or ".", file_name)
     parts = urlsplit(url)
@@ -248,7 +255,7 @@ def _run_pipe(command: str, timeout: float = 120) -> bytes:
 
 
 def _http_get(url: str, attempts: int = 3, timeout: float = 30) -> bytes:
-    """GET `url`; a missing file (4xx) fails at once, a server or network error is retried."""
+    """GET `url`; a missing file (4xx) fails at once, a server or network error (5xx, 429) is retried."""
     from urllib.error import HTTPError, URLError
     from urllib.request import urlopen
 
@@ -257,7 +264,7 @@ def _http_get(url: str, attempts: int = 3, timeout: float = 30) -> bytes:
             with urlopen(url, timeout=timeout) as response:
                 return response.read()
         except HTTPError as error:
-            if error.code < 500 or attempt == attempts - 1:
+            if (error.code < 500 and error.code != 429) or attempt == attempts - 1:
                 raise OSError(f"HTTP {error.code}") from None
         except (URLError, OSError) as error:
             if attempt == attempts - 1:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import threading
 from collections import Counter
-from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from data_tools.samples import SourceItem
 from data_tools.write_shards import write_shards
@@ -24,15 +26,13 @@ SUCCESSES = [10, 10, 10, 2]
 def served(tmp_path_factory):
     """(root folder, base URL) of a loopback HTTP server over a folder of real JPEG shards with
     per-shard NNNNN_stats.json and no sizes.json (img2dataset's output)."""
-    from conftest import WORDS, image_bytes
-
     root = tmp_path_factory.mktemp("served")
     items, seed = [], 0
     for shard, good in enumerate(SUCCESSES):
         for i in range(good + (shard == 1)):
             seed += 1
-            image = b"not a jpeg" if shard == 1 and i == 4 else image_bytes(seed)
-            items.append(SourceItem(source=f"in{seed}", image=image, captions=(f"a photo of the {WORDS[seed % 12]}",)))
+            image = b"not a jpeg" if shard == 1 and i == 4 else jpeg(seed)
+            items.append(SourceItem(source=f"in{seed}", image=image, captions=(f"a photo of number {seed}",)))
     stats = write_shards(items, root / "img2dataset", samples_per_shard=10)
     assert [s.successes for s in stats.shards] == SUCCESSES and len(stats.shards[1].failures) == 1
     (root / "img2dataset" / "sizes.json").unlink()  # img2dataset writes only the per-shard stats
@@ -43,6 +43,13 @@ def served(tmp_path_factory):
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+def jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, "JPEG")
+    return out.getvalue()
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -117,3 +124,8 @@ def test_loader_splits_http_shards_by_their_stats_each_sample_once(served, token
     assert [[(p.url[-9:], p.start, p.stop) for p in consumer] for consumer in pieces] == [
         [("00000.tar", 0, 8)], [("00000.tar", 8, None), ("00001.tar", 0, 6)],
         [("00001.tar", 6, None), ("00002.tar", 0, 4)], [("00002.tar", 4, None), ("00003.tar", 0, None)]]
+
+
+def test_a_pipe_command_without_a_tar_name_has_no_size():
+    lookup = lookup_shard_sizes(["pipe:cat shard-0"])
+    assert lookup.sizes is None and lookup.missing == "no shard file name (NAME.tar) to look up sizes for in 'pipe:cat shard-0'"
