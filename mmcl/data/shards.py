@@ -10,7 +10,8 @@ of them, consumer `c = rank * W + worker`. In epoch mode `assign_pieces` gives e
 list of `ShardPiece`s (a shard plus the sample indices to keep from it) such that, for every
 shard count, every sample index of every shard is kept by exactly one consumer:
 
-- shard sizes known (``sizes.json`` next to the shards): the epoch's shards, in order, form one
+- shard sizes known (``sizes.json`` or img2dataset's ``NNNNN_stats.json`` next to the shards, read
+  through the shards' own URL scheme, see `sibling_url`): the epoch's shards, in order, form one
   index space of `T` samples cut into `n` contiguous ranges `[c*T//n, (c+1)*T//n)`. Consumers
   get equal shares (+-1 sample) whatever the shard count; a shard is read by every consumer
   whose range overlaps it (at most `S + n - 1` shard reads per epoch). The last range inside a
@@ -26,8 +27,12 @@ import glob
 import hashlib
 import json
 import os
+import re
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import braceexpand
 
@@ -36,6 +41,9 @@ __all__ = [
     "ShardPiece",
     "expand_shards",
     "read_shard_sizes",
+    "lookup_shard_sizes",
+    "SizeLookup",
+    "sibling_url",
     "assign_pieces",
     "derive_seed",
 ]
@@ -108,38 +116,169 @@ def expand_shards(pattern: str) -> list[list[str]]:
 
 
 def read_shard_sizes(urls: list[str]) -> list[int] | None:
-    """Sample count of each shard, or None if any is unknown.
+    """Sample count of each shard, or None if any is unknown (see `lookup_shard_sizes`)."""
+    return lookup_shard_sizes(urls).sizes
 
-    Looks next to each local shard for `sizes.json` (`{"00000.tar": 10000, ...}`, the
-    WebDataset/OpenCLIP convention) or img2dataset's `00000_stats.json` (`successes`).
+
+@dataclass(frozen=True)
+class SizeLookup:
+    """`sizes`: one sample count per shard, or None when some shard's is unknown; `missing`
+    then says which shard first and why (e.g. "no sizes.json entry or 00002_stats.json for
+    http://host/00002.tar (HTTP 404)")."""
+
+    sizes: list[int] | None
+    missing: str | None = None
+
+
+def lookup_shard_sizes(urls: list[str], threads: int = 16) -> SizeLookup:
+    """Sample counts from `sizes.json` (`{"00000.tar": 10000, ...}`, the WebDataset/OpenCLIP
+    convention) beside the shards, else img2dataset's `00000_stats.json` (`successes`) beside
+    each shard, both read through the shard's own URL scheme (`sibling_url`): a local file, an
+    http(s) GET, the shard's `pipe:` command run for the sibling, or `webdataset.gopen` for its
+    other schemes. Each distinct `sizes.json` is read once; remote files are read `threads` at
+    a time, in blocks that stop at the first shard without a size. Every rank reads the same
+    files, so all agree without a collective.
     """
-    cache: dict[str, dict] = {}
-    sizes = []
-    for url in urls:
-        if not is_local(url):
-            return None
-        path = _local_path(url)
-        folder, name = os.path.split(path)
-        if folder not in cache:
-            table = {}
-            sizes_file = os.path.join(folder or ".", "sizes.json")
-            if os.path.isfile(sizes_file):
-                try:
-                    with open(sizes_file) as f:
-                        table = {str(k): int(v) for k, v in json.load(f).items()}
-                except (OSError, ValueError, AttributeError, TypeError):
-                    table = {}
-            cache[folder] = table
-        size = cache[folder].get(name)
-        if size is None:
-            stats = os.path.join(folder or ".", name.split(".")[0] + "_stats.json")
-            try:
-                with open(stats) as f:
-                    size = int(json.load(f)["successes"])
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-        sizes.append(size)
-    return sizes
+    located = [(url, _shard_name(url)) for url in urls]
+    unnamed = next((url for url, name in located if name is None), None)
+    if unnamed is not None:
+        return SizeLookup(None, f"no shard file name (NAME.tar) to look up sizes for in '{unnamed}'")
+    tables = _map(_sizes_table, sorted({sibling_url(url, "sizes.json") for url in urls}), threads)
+    sizes: list[int | None] = [tables[sibling_url(url, "sizes.json")].get(name) for url, name in located]
+    todo = [i for i, size in enumerate(sizes) if size is None]
+    block = max(1, 4 * threads)
+    for first in range(0, len(todo), block):
+        chunk = todo[first:first + block]
+        stats = _map(lambda i: _read_json(sibling_url(urls[i], stats_file_name(located[i][1]))), chunk, threads)
+        for i in chunk:
+            value, why = stats[i]
+            count = value.get("successes") if isinstance(value, dict) else None
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                why = why or "it has no 'successes' count"
+                return SizeLookup(None, f"no sizes.json entry or {stats_file_name(located[i][1])} for {urls[i]} ({why})")
+            sizes[i] = count
+    return SizeLookup([int(size) for size in sizes])
+
+
+_TAR_NAME = re.compile(r"[^/\s'\"=:;|&<>()]+?\.(?:tar|tgz|tar\.[A-Za-z0-9]+)(?=$|[\s'\"?#;|&<>)])")
+
+
+def _shard_name(url: str) -> str | None:
+    """The shard's file name: a local path's or URL path's last part; for `pipe:COMMAND`, the
+    last word part of the command that names a `.tar` (`.tar.gz`, `.tgz`...) file."""
+    if url.startswith("pipe:"):
+        span = _pipe_name_span(url)
+        return url[span[0]:span[1]] if span else None
+    if is_local(url):
+        return os.path.basename(_local_path(url)) or None
+    return urlsplit(url).path.rpartition("/")[2] or None
+
+
+def _pipe_name_span(url: str) -> tuple[int, int] | None:
+    matches = list(_TAR_NAME.finditer(url))
+    return matches[-1].span() if matches else None
+
+
+def sibling_url(url: str, file_name: str) -> str:
+    """Where `file_name` lies beside shard `url`, addressed the same way.
+
+    Local: same folder. URL (http(s)://, s3://, ...): the path's last part replaced, query kept
+    (`http://host/d/00001.tar?t=x` -> `http://host/d/00001_stats.json?t=x`). `pipe:COMMAND`: the
+    same command with the shard's file name (the last `NAME.tar` in it) replaced
+    (`pipe:curl -s http://host/d/00001.tar` -> `pipe:curl -s http://host/d/00001_stats.json`).
+    A `pipe:` command without a `NAME.tar` has no sibling: `ValueError`.
+    """
+    if url.startswith("pipe:"):
+        span = _pipe_name_span(url)
+        if span is None:
+            raise ValueError(f"no shard file name (NAME.tar) in '{url}'")
+        return url[:span[0]] + file_name + url[span[1]:]
+    if is_local(url):
+        return os.path.join(os.path.dirname(_local_path(url)) or ".", file_name)
+    parts = urlsplit(url)
+    folder = parts.path.rpartition("/")[0]
+    return urlunsplit(parts._replace(path=f"{folder}/{file_name}"))
+
+
+def stats_file_name(shard_name: str) -> str:
+    """img2dataset's stats file of a shard: `00003.tar` -> `00003_stats.json`."""
+    stem = re.sub(r"\.(?:tar|tgz|tar\.[A-Za-z0-9]+)$", "", shard_name)
+    return f"{stem}_stats.json"
+
+
+def _sizes_table(where: str) -> dict[str, int]:
+    """A `sizes.json`'s entries (shard file name -> count); empty when absent or malformed."""
+    value, _ = _read_json(where)
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+
+
+_remote_json: dict[str, object] = {}  # location -> parsed JSON: one process reads a remote file once
+
+
+def _read_json(where: str) -> tuple[object | None, str | None]:
+    """(parsed JSON, None), or (None, why not) when `where` cannot be read or parsed."""
+    if where in _remote_json:
+        return _remote_json[where], None
+    try:
+        if where.startswith("pipe:"):
+            data = _run_pipe(where[len("pipe:"):])
+        elif is_local(where):
+            with open(_local_path(where), "rb") as f:
+                data = f.read()
+        elif urlsplit(where).scheme in ("http", "https"):
+            data = _http_get(where)
+        else:
+            from webdataset.gopen import gopen
+
+            with gopen(where, "rb") as f:
+                data = f.read()
+    except FileNotFoundError:
+        return None, "not found"
+    except Exception as error:  # any failure to read means "size unknown", reported with its reason
+        return None, str(error) or type(error).__name__
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None, "not valid JSON"
+    if not is_local(where):
+        _remote_json[where] = value
+    return value, None
+
+
+def _run_pipe(command: str, timeout: float = 120) -> bytes:
+    result = subprocess.run(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=timeout)
+    if result.returncode != 0:
+        raise OSError(f"the command exited with status {result.returncode}")
+    return result.stdout
+
+
+def _http_get(url: str, attempts: int = 3, timeout: float = 30) -> bytes:
+    """GET `url`; a missing file (4xx) fails at once, a server or network error (5xx, 429) is retried."""
+    from urllib.error import HTTPError, URLError
+    from urllib.request import urlopen
+
+    for attempt in range(attempts):
+        try:
+            with urlopen(url, timeout=timeout) as response:
+                return response.read()
+        except HTTPError as error:
+            if (error.code < 500 and error.code != 429) or attempt == attempts - 1:
+                raise OSError(f"HTTP {error.code}") from None
+        except (URLError, OSError) as error:
+            if attempt == attempts - 1:
+                raise OSError(str(getattr(error, "reason", error))) from None
+        time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _map(function, items: list, threads: int) -> dict:
+    """item -> function(item), several at a time (reads of remote files wait on the network)."""
+    if len(items) <= 1:
+        return {item: function(item) for item in items}
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return dict(zip(items, pool.map(function, items)))
 
 
 def assign_pieces(urls: list[str], sizes: list[int] | None, consumer: int, num_consumers: int) -> list[ShardPiece]:

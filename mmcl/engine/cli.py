@@ -10,13 +10,27 @@ from typing import Sequence
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train.py", description="Train a CLIP-style model with mmcl under DeepSpeed.")
+    """The flags, and every other word as a `key.sub=value` override, wherever it stands.
+
+    Launch scripts often put overrides on both sides of a flag (`--config c.yaml train.steps=24
+    --deepspeed_config ds.json train.resume=latest`), and launchers insert their own
+    `--local_rank=N`; overrides keep their order. An unknown flag is a one-sentence usage error
+    here; a word that is not `key=value` is one from `load_config` (a `ConfigError`).
+    """
+    parser = argparse.ArgumentParser(prog="train.py", description="Train a CLIP-style model with mmcl under DeepSpeed.",
+                                     usage="%(prog)s --config RUN.yaml [--deepspeed_config DS.json] [key.sub=value ...]",
+                                     epilog="key.sub=value overrides of run-config keys may stand anywhere among the flags.")
     parser.add_argument("--config", required=True, help="run YAML (see README.md / configs/)")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
                         help="DeepSpeed JSON (configs/ds/*.json); batch sizes and precision come from the run YAML")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of run-config keys")
-    return parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    for word in rest:
+        if word.startswith("-"):
+            parser.error(f"unrecognized flag '{word}': train.py takes --config, --deepspeed_config and "
+                         "key.sub=value overrides (written without dashes, anywhere on the line).")
+    args.overrides = rest
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

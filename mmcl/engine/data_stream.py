@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 from mmcl.config import RunConfig
 from mmcl.data.loader import ShardLoader, TeacherData, build_train_loader
-from mmcl.data.shards import expand_shards, is_local
+from mmcl.data.shards import expand_shards, is_local, lookup_shard_sizes
 from mmcl.data.transforms import ssl_view_pair
 from mmcl.engine.objectives import needs_of
 from mmcl.engine.objectives.distill import teacher_transform
@@ -28,6 +28,27 @@ def check_shards(cfg: RunConfig) -> None:
                 f"{len(missing)} of the {len(urls)} shards named by data.train_shards do not exist "
                 f"(first: {missing[0]}); fix the {{start..end}} range."
             )
+    check_epoch_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # the process group does not exist yet
+
+
+def check_epoch_size(cfg: RunConfig, world_size: int) -> None:
+    """Epoch mode needs the data's size when the run length comes from epochs, or when several
+    ranks must run equal steps: from `sizes.json` or img2dataset's `NNNNN_stats.json` beside the
+    shards (local or remote, `shards.lookup_shard_sizes`), else `data.samples_per_epoch`. Every
+    rank reads the same files, so all stop here with the same sentence, or none does."""
+    data = cfg.data
+    if data.resampled or data.samples_per_epoch is not None or (cfg.train.steps is not None and world_size == 1):
+        return
+    urls = [url for source in expand_shards(data.train_shards) for url in source]
+    lookup = lookup_shard_sizes(urls)
+    if lookup.sizes is None:
+        steps = " or train.steps" if world_size == 1 else ""
+        need = "the epoch length" if cfg.train.steps is None else f"equal steps on {world_size} ranks"
+        raise TrainingError(
+            f"{need} needs the size of data.train_shards, which is unknown: {lookup.missing}; put a sizes.json "
+            f"(shard file name -> sample count) or img2dataset's NNNNN_stats.json files beside the shards, "
+            f"or set data.samples_per_epoch{steps} (or use data.resampled: true)."
+        )
 
 
 def build(cfg: RunConfig, tokenizer, rank: int, world_size: int, teacher=None) -> ShardLoader:
