@@ -57,6 +57,7 @@ class DistillObjective(Objective):
         # Plain attributes, not submodules: hidden from DeepSpeed.
         object.__setattr__(self, "teacher", teacher)
         object.__setattr__(self, "cache", cache)
+        self.encoded_images = 0  # images this rank's teacher encoded since the last optimizer step
 
     @classmethod
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
@@ -83,8 +84,11 @@ class DistillObjective(Objective):
             image = self.teacher.encode_image(pixels)
             text = self.teacher.encode_text(ids, mask)
         else:
-            image = self._cached(self.cache.images, self.cache.add_images, list(batch["keys"]),
-                                 lambda rows: self.teacher.encode_image(pixels[rows]))
+            def encode_images(rows: Tensor) -> Tensor:
+                self.encoded_images += len(rows)
+                return self.teacher.encode_image(pixels[rows])
+
+            image = self._cached(self.cache.images, self.cache.add_images, list(batch["keys"]), encode_images)
             text = self._cached(self.cache.texts, self.cache.add_texts, [token_key(row) for row in ids],
                                 lambda rows: self.teacher.encode_text(ids[rows], mask[rows]))
         scale = torch.tensor(self.teacher.logit_scale, dtype=torch.float32, device=pixels.device)
@@ -112,10 +116,12 @@ class DistillObjective(Objective):
     def after_step(self, step: int, total_steps: int, gather: Gather = no_gather) -> dict[str, float]:
         if self.cache is None:
             return {}
+        self.cache.share()  # every rank, every step: no rank re-encodes what another one did
         if step % FLUSH_EVERY == 0 or step == total_steps:
             self.cache.flush()
         looked_up = max(1, self.cache.hits + self.cache.misses)
-        return {"cache_hit_rate": self.cache.hits / looked_up}
+        encoded, self.encoded_images = self.encoded_images, 0
+        return {"cache_hit_rate": self.cache.hits / looked_up, "encoded_images": float(encoded)}
 
     def extra_state(self) -> dict[str, Tensor]:
         if self.cache is not None:
