@@ -12,8 +12,10 @@ shard order changes between epochs, so a rank meets samples another rank encoded
 only carry entries from one run (or a resumed one) to the next. The directory holds
 `manifest.json` (the fingerprint: teacher weights' SHA-256, its precision, image transform,
 normalisation and tokenizer) and `features-*.safetensors` files, each written atomically
-(temporary name, then rename) by one rank. A directory whose manifest differs from the run's
-fingerprint is refused: its features came from other weights or other inputs.
+(temporary name, fsync, then rename) by one rank; a file found unreadable anyway (a machine
+crash) is skipped and counted in `unreadable_files`, its entries encoded again. A directory
+whose manifest differs from the run's fingerprint is refused: its features came from other
+weights or other inputs.
 
 Images are keyed by the samples' `__key__` (assumed unique over the training data, as
 img2dataset's keys are), texts by a hash of the teacher's token ids, so a sample whose
