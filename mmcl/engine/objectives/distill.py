@@ -9,7 +9,9 @@ over the whole accumulated global batch. The loss is `mmcl.losses.DistillLoss`.
 
 The teacher is a plain attribute, hidden from DeepSpeed (no optimizer state, no ZeRO, no
 checkpoint). `extra_state` holds only its weights' SHA-256, so resume refuses other weights.
-With `distill.cache_dir` the features come from `TeacherFeatureCache` where it has them.
+With `distill.cache_dir` the features come from `TeacherFeatureCache` where it has them; after
+each optimizer step the ranks share their new entries (`after_step`), and `encoded_images`
+(logged) counts the images the teacher encoded in the step.
 """
 from __future__ import annotations
 
