@@ -230,7 +230,11 @@ def _transformers_teacher(path: Path) -> Teacher:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
     config = AutoConfig.from_pretrained(str(path))
-    if config.model_type not in ("clip", "siglip", "siglip2", "vision-text-dual-encoder"):
+    if config.model_type == "siglip2":  # its image tower takes patch sequences + spatial shapes, not [B, 3, S, S]
+        raise TeacherLoadError(f"distill.teacher '{path}' is a SigLIP 2 model, whose image tower takes patchified "
+                               "variable-resolution inputs the teacher pipeline does not make; use a CLIP, SigLIP or "
+                               "VisionTextDualEncoder model.")
+    if config.model_type not in ("clip", "siglip", "vision-text-dual-encoder"):
         raise TeacherLoadError(f"distill.teacher '{path}' is a transformers '{config.model_type}' model; a teacher "
                                "must be a CLIP, SigLIP or VisionTextDualEncoder model.")
     model = AutoModel.from_pretrained(str(path))
@@ -241,7 +245,7 @@ def _transformers_teacher(path: Path) -> Teacher:
     text_config = getattr(config, "text_config", None)
     context = getattr(text_config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 77)
     context = min(int(context), 512)
-    siglip = config.model_type.startswith("siglip")  # SigLIP's text tower is used unmasked at max_length (its training)
+    siglip = config.model_type == "siglip"  # SigLIP's text tower is used unmasked at max_length (its training)
     inputs = TeacherInputs(int(size), tuple(processor.image_mean), tuple(processor.image_std), tokenizer, context)
 
     def encode_text(input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -3,13 +3,19 @@
     cache = TeacherFeatureCache(cfg.distill.cache_dir, fingerprint, rank)   # refuses a stale cache
     hits = cache.images(keys)             # [B] list of [D_t] tensors or None
     cache.add_images(keys, features)      # remembered now, written by flush()
+    cache.share()                         # every optimizer step, on every rank: the ranks swap their new entries
     cache.flush()                         # this rank's new entries -> one new file; reads the other ranks' files
 
-A multi-epoch run then encodes each sample with the teacher once. The directory holds
+A multi-epoch run then encodes each sample with the teacher once, whichever rank meets it:
+shard order changes between epochs, so a rank meets samples another rank encoded, and `share`
+(an all-gather of the entries added since the last step) has given it them by then; the files
+only carry entries from one run (or a resumed one) to the next. The directory holds
 `manifest.json` (the fingerprint: teacher weights' SHA-256, its precision, image transform,
 normalisation and tokenizer) and `features-*.safetensors` files, each written atomically
-(temporary name, then rename) by one rank. A directory whose manifest differs from the run's
-fingerprint is refused: its features came from other weights or other inputs.
+(temporary name, fsync, then rename) by one rank; a file found unreadable anyway (a machine
+crash) is skipped and counted in `unreadable_files`, its entries encoded again. A directory
+whose manifest differs from the run's fingerprint is refused: its features came from other
+weights or other inputs.
 
 Images are keyed by the samples' `__key__` (assumed unique over the training data, as
 img2dataset's keys are), texts by a hash of the teacher's token ids, so a sample whose
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -26,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 class StaleCacheError(ValueError):
@@ -58,9 +67,11 @@ class TeacherFeatureCache:
             os.replace(temporary, manifest)
         self._image: dict[str, Tensor] = {}
         self._text: dict[str, Tensor] = {}
-        self._pending: dict[str, Tensor] = {}
+        self._pending: dict[str, Tensor] = {}  # this rank's entries not written yet (flush)
+        self._unshared: dict[str, Tensor] = {}  # this rank's entries not sent to the other ranks yet (share)
         self._read: set[str] = set()
         self.hits = self.misses = 0
+        self.unreadable_files = 0
         self.refresh()
 
     def __len__(self) -> int:
@@ -73,10 +84,20 @@ class TeacherFeatureCache:
         for path in sorted(self.root.glob("features-*.safetensors")):
             if path.name in self._read:
                 continue
-            for name, tensor in load_file(str(path)).items():
-                kind, _, key = name.partition("/")
-                (self._image if kind == "image" else self._text)[key] = tensor
             self._read.add(path.name)
+            try:
+                entries = load_file(str(path))
+            except Exception as error:  # cut short by a crash of the machine: its entries get encoded again
+                log.warning("distill.cache_dir: skipping unreadable %s (%s)", path, error)
+                self.unreadable_files += 1
+                continue
+            self._merge(entries)
+
+    def _merge(self, entries: dict[str, Tensor]) -> None:
+        # An entry already known wins: what a rank uses never changes mid-run (exact resume).
+        for name, tensor in entries.items():
+            kind, _, key = name.partition("/")
+            (self._image if kind == "image" else self._text).setdefault(key, tensor)
 
     def _lookup(self, table: dict[str, Tensor], keys: list[str]) -> list[Tensor | None]:
         found = [table.get(key) for key in keys]
@@ -101,7 +122,24 @@ class TeacherFeatureCache:
         for key, row in zip(keys, features.detach().float().cpu()):
             if key not in table:
                 table[key] = row.clone()
-                self._pending[f"{kind}/{key}"] = table[key]
+                self._pending[f"{kind}/{key}"] = self._unshared[f"{kind}/{key}"] = table[key]
+
+    def share(self) -> None:
+        """Send this rank's entries added since the last call to every other rank and take theirs.
+
+        A collective (all-gather): every rank calls it at the same point, once per optimizer step.
+        Without a process group (or with one rank) it only forgets what was to be sent."""
+        import torch.distributed as dist
+
+        unshared, self._unshared = self._unshared, {}
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        mine = (list(unshared), torch.stack(list(unshared.values())) if unshared else None)
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)  # between the ranks of this run only: their own entries
+        for rank, (their_names, rows) in enumerate(everyone):
+            if rank != dist.get_rank() and their_names:
+                self._merge(dict(zip(their_names, rows)))
 
     def flush(self) -> None:
         """Write this rank's new entries to a new file (atomically), then read other ranks' new files."""
@@ -111,6 +149,8 @@ class TeacherFeatureCache:
             name = f"features-r{self.rank}-{uuid.uuid4().hex[:12]}.safetensors"
             temporary = self.root / f".{name}.tmp"
             save_file(self._pending, str(temporary))
+            with open(temporary, "rb") as written:
+                os.fsync(written.fileno())  # on disk before it gets its name: a crash leaves no half file behind it
             os.replace(temporary, self.root / name)
             self._read.add(name)
             self._pending = {}

@@ -1,5 +1,5 @@
 """Launched by `deepspeed --num_gpus 2`: with clip + distill, one feature-cached optimizer step over k
-micro-batches must equal one step over the k-times-larger micro-batch, under ZeRO 1 and 3 (the
+micro-batches must equal one step over the k-times-larger micro-batch, under ZeRO 1, 2 and 3 (the
 teacher's logits then span the whole accumulated global batch, as the large batch's do).
 
 The teacher is a second, differently seeded mmcl model at another image size (24 px against the
@@ -89,7 +89,7 @@ def main() -> None:
     out_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
     init_process_group()
     results = {}
-    for stage in (1, 3):
+    for stage in (1, 2, 3):
         reference, reference_loss, seen = one_step(stage, MICRO * ACCUM, 1, cached=False)
         accumulated, accumulated_loss, _ = one_step(stage, MICRO, ACCUM, cached=True)
         diffs = {name: (reference[name] - accumulated[name]).abs().max().item() for name in reference}

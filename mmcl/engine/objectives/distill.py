@@ -9,7 +9,9 @@ over the whole accumulated global batch. The loss is `mmcl.losses.DistillLoss`.
 
 The teacher is a plain attribute, hidden from DeepSpeed (no optimizer state, no ZeRO, no
 checkpoint). `extra_state` holds only its weights' SHA-256, so resume refuses other weights.
-With `distill.cache_dir` the features come from `TeacherFeatureCache` where it has them.
+With `distill.cache_dir` the features come from `TeacherFeatureCache` where it has them; after
+each optimizer step the ranks share their new entries (`after_step`), and `encoded_images`
+(logged) counts the images the teacher encoded in the step.
 """
 from __future__ import annotations
 
@@ -122,6 +124,7 @@ class DistillObjective(Objective):
         # Plain attributes, not submodules: hidden from DeepSpeed.
         object.__setattr__(self, "teacher", teacher)
         object.__setattr__(self, "cache", cache)
+        self.encoded_images = 0  # images this rank's teacher encoded since the last optimizer step
 
     @classmethod
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
@@ -148,8 +151,11 @@ class DistillObjective(Objective):
             image = self.teacher.encode_image(pixels)
             text = self.teacher.encode_text(ids, mask)
         else:
-            image = self._cached(self.cache.images, self.cache.add_images, list(batch["keys"]),
-                                 lambda rows: self.teacher.encode_image(pixels[rows]))
+            def encode_images(rows: Tensor) -> Tensor:
+                self.encoded_images += len(rows)
+                return self.teacher.encode_image(pixels[rows])
+
+            image = self._cached(self.cache.images, self.cache.add_images, list(batch["keys"]), encode_images)
             text = self._cached(self.cache.texts, self.cache.add_texts, [token_key(row) for row in ids],
                                 lambda rows: self.teacher.encode_text(ids[rows], mask[rows]))
         scale = torch.tensor(self.teacher.logit_scale, dtype=torch.float32, device=pixels.device)
@@ -177,10 +183,12 @@ class DistillObjective(Objective):
     def after_step(self, step: int, total_steps: int, gather: Gather = no_gather) -> dict[str, float]:
         if self.cache is None:
             return {}
+        self.cache.share()  # every rank, every step: no rank re-encodes what another one did
         if step % FLUSH_EVERY == 0 or step == total_steps:
             self.cache.flush()
         looked_up = max(1, self.cache.hits + self.cache.misses)
-        return {"cache_hit_rate": self.cache.hits / looked_up}
+        encoded, self.encoded_images = self.encoded_images, 0
+        return {"cache_hit_rate": self.cache.hits / looked_up, "encoded_images": float(encoded)}
 
     def extra_state(self) -> dict[str, Tensor]:
         if self.cache is not None:

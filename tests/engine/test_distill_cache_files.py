@@ -1,0 +1,57 @@
+"""The distill feature cache's files: two processes flushing into one `distill.cache_dir` while reading
+each other's files never see a partial file (write to a temporary name, fsync, rename), and a file
+left unreadable by a machine crash is skipped (its entries get encoded again), not a crash."""
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from mmcl.engine.teacher_cache import TeacherFeatureCache
+
+FINGERPRINT = {"teacher_sha256": "0" * 64, "transform": "ResizeCenterCropU8(size=24)"}
+FLUSHES, ROWS, WIDTH = 20, 250, 256  # 256 kB a file
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from mmcl.engine.teacher_cache import TeacherFeatureCache
+    directory, rank = sys.argv[1], int(sys.argv[2])
+    cache = TeacherFeatureCache(directory, {fingerprint!r}, rank)
+    for flush in range({flushes}):
+        cache.add_images([f"r{{rank}}-{{flush}}-{{row}}" for row in range({rows})],
+                         torch.full(({rows}, {width}), float(1000 * rank + flush)))
+        cache.flush()  # writes this flush's file, then reads every file the other writer finished
+    print(len(cache), cache.unreadable_files)
+""").format(fingerprint=FINGERPRINT, flushes=FLUSHES, rows=ROWS, width=WIDTH)
+
+
+def test_two_writers_sharing_a_cache_dir_never_expose_a_partial_file(tmp_path):
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(rank)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    reader = TeacherFeatureCache(tmp_path, FINGERPRINT, rank=2)
+    while any(w.poll() is None for w in writers):
+        reader.refresh()  # load_file raises on a truncated file; refresh would count it unreadable
+    results = [w.communicate() for w in writers]
+    assert all(w.returncode == 0 for w in writers), [err[-2000:] for _, err in results]
+    reader.refresh()
+    assert reader.unreadable_files == 0
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+    assert len(list(tmp_path.glob("features-r*.safetensors"))) == 2 * FLUSHES
+    final = TeacherFeatureCache(tmp_path, FINGERPRINT, rank=3)
+    assert len(final) == len(reader) == 2 * FLUSHES * ROWS
+    # each writer read whatever the other had finished (timing), never a partial file; every row has its value
+    assert all(int(out.split()[0]) >= FLUSHES * ROWS and out.split()[1] == "0" for out, _ in results), results
+    for rank in (0, 1):
+        for flush in (0, FLUSHES - 1):
+            row = final.images([f"r{rank}-{flush}-{ROWS - 1}"])[0]
+            assert torch.equal(row, torch.full((WIDTH,), float(1000 * rank + flush)))
+
+
+def test_an_unreadable_feature_file_is_skipped_and_counted(tmp_path):
+    first = TeacherFeatureCache(tmp_path, FINGERPRINT)
+    first.add_images(["a", "b"], torch.ones(2, 4))
+    first.flush()
+    (tmp_path / "features-r1-cutshort.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"image/c\":")
+    later = TeacherFeatureCache(tmp_path, FINGERPRINT, rank=1)
+    assert later.unreadable_files == 1
+    assert [row is not None for row in later.images(["a", "b", "c"])] == [True, True, False]
