@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from transformers import (AutoTokenizer, BertConfig, SiglipConfig, SiglipImageProcessor, SiglipModel,
                           ViTConfig, ViTImageProcessor, VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
 
-from mmcl.config import DistillConfig, from_dict
+from mmcl.config import from_dict
+from mmcl.engine.objectives.distill import DistillConfig
 from mmcl.data.tokenize import CaptionTokenizer
 from mmcl.engine.objectives import DistillObjective
 from mmcl.engine.teacher import load_teacher
