@@ -7,13 +7,11 @@ with the same key form one sample.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
-from pathlib import Path
 from typing import Iterator
 
-from braceexpand import braceexpand
+from mmcl.data.shards import NoShardsError, expand_shards
 
 from .errors import DataToolsError
 
@@ -30,21 +28,15 @@ class ShardError(Exception):
 
 
 def expand_urls(specs: str | list[str]) -> list[str]:
-    """Shard paths from brace patterns (`out/{00000..00009}.tar`), globs, `::`-joined lists or folders.
-
-    A folder stands for the sorted `.tar` files in it. Order is kept, duplicates dropped.
-    """
-    specs = [specs] if isinstance(specs, str) else list(specs)
+    """Shard paths from brace patterns (`out/{00000..00009}.tar`), globs, `::`-joined lists or folders
+    (mmcl's own expander, `mmcl.data.shards.expand_shards`); order kept, duplicates dropped. A named
+    shard that does not exist stays (the inspector reports it); [] when nothing matches (`require_shards`)."""
     urls: list[str] = []
-    for spec in specs:
-        for part in spec.split("::"):
-            for url in braceexpand(part):
-                if os.path.isdir(url):
-                    urls.extend(sorted(str(p) for p in Path(url).glob("*.tar")))
-                elif any(ch in url for ch in "*?["):
-                    urls.extend(sorted(glob.glob(url)))
-                else:
-                    urls.append(url)
+    for spec in [specs] if isinstance(specs, str) else list(specs):
+        try:
+            urls.extend(url for source in expand_shards(spec, require_existing=False) for url in source)
+        except NoShardsError:  # an empty pattern or '::' part
+            continue
     return list(dict.fromkeys(urls))
 
 

@@ -313,6 +313,37 @@ def _mean_std(explicit: Sequence[float] | None, fallback: Sequence[float] | None
     return tuple(float(v) for v in values)
 
 
+def _epoch_plan(data_cfg: Any, sizes: list[int] | None, batch_size: int, world_size: int,
+                exhaust: bool) -> tuple[int | None, list[int] | None]:
+    """(steps per epoch per rank, their split over the workers), or (None, None) when one rank runs
+    to the end of data of unknown size (or `exhaust`: every sample once, partial batches)."""
+    if data_cfg.resampled:
+        if data_cfg.samples_per_epoch is None:
+            raise ValueError("data.samples_per_epoch is required with data.resampled: true.")
+        total = data_cfg.samples_per_epoch
+    else:
+        if data_cfg.train_weights is not None:
+            log.warning("data.train_weights only applies with data.resampled: true; epoch mode reads every shard once")
+        total = sum(sizes) if sizes is not None else data_cfg.samples_per_epoch
+    if not (data_cfg.resampled or not exhaust):
+        return None, None
+    if total is None and world_size > 1:
+        raise ValueError(
+            f"epoch mode on {world_size} ranks needs the dataset size to give every rank the same number "
+            f"of steps: put a sizes.json next to the shards of '{data_cfg.train_shards}' or set "
+            "data.samples_per_epoch (or use data.resampled: true)."
+        )
+    if total is None:  # one rank without sizes: run to the end of the data, full batches only
+        return None, None
+    steps = total // (batch_size * world_size)
+    if steps == 0:
+        raise ValueError(
+            f"an epoch of {total} samples is smaller than one global batch ({batch_size} x {world_size} ranks); "
+            "lower the batch size or add data."
+        )
+    return steps, split_evenly(steps, max(1, data_cfg.num_workers))
+
+
 def build_train_loader(
     data_cfg: Any,
     tokenizer: Callable[..., Any] | None,
@@ -361,34 +392,9 @@ def build_train_loader(
         image_transform = None
     if image_transform is None and not view_transforms:
         raise ValueError("the loader needs an image transform or view transforms")
-    workers = max(1, data_cfg.num_workers)
-    global_batch = batch_size * world_size
     sizes = None if data_cfg.resampled else read_shard_sizes(urls)
-    quotas, steps = None, None
+    steps, quotas = _epoch_plan(data_cfg, sizes, batch_size, world_size, exhaust)
     drop_last = not exhaust  # training batches are full (all ranks gather the same shapes)
-    if data_cfg.resampled:
-        if data_cfg.samples_per_epoch is None:
-            raise ValueError("data.samples_per_epoch is required with data.resampled: true.")
-        total = data_cfg.samples_per_epoch
-    else:
-        if data_cfg.train_weights is not None:
-            log.warning("data.train_weights only applies with data.resampled: true; epoch mode reads every shard once")
-        total = sum(sizes) if sizes is not None else data_cfg.samples_per_epoch
-    if data_cfg.resampled or not exhaust:
-        if total is None and world_size > 1:
-            raise ValueError(
-                f"epoch mode on {world_size} ranks needs the dataset size to give every rank the same number "
-                f"of steps: put a sizes.json next to the shards of '{data_cfg.train_shards}' or set "
-                "data.samples_per_epoch (or use data.resampled: true)."
-            )
-        if total is not None:  # else one rank without sizes: run to the end of the data, full batches only
-            steps = total // global_batch
-            if steps == 0:
-                raise ValueError(
-                    f"an epoch of {total} samples is smaller than one global batch ({batch_size} x {world_size} ranks); "
-                    "lower the batch size or add data."
-                )
-            quotas = split_evenly(steps, workers)
     cfg = StreamConfig(
         sources=sources,
         weights=list(data_cfg.train_weights) if data_cfg.resampled and data_cfg.train_weights else None,

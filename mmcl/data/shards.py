@@ -85,12 +85,13 @@ def _local_path(url: str) -> str:
     return urlparse(url).path if url.startswith("file:") else url
 
 
-def expand_shards(pattern: str) -> list[list[str]]:
-    """Expand a `::`-joined shard pattern into one URL list per source.
+def expand_shards(pattern: str, require_existing: bool = True) -> list[list[str]]:
+    """Expand a `::`-joined shard pattern (brace ranges, globs, folders of .tar files) into one URL list per source.
 
     Local sources keep only the shards that exist, unless none do: then `NoShardsError` names
     the pattern (a partly missing local source is allowed; its missing shards are counted as
-    `unreadable_shard` when read). Remote URLs (`pipe:`, `http://`...) cannot be checked and are
+    `unreadable_shard` when read; with `require_existing=False`, as the shard inspector wants, a
+    wholly missing source is kept as named too). Remote URLs (`pipe:`, `http://`...) cannot be checked and are
     kept as written.
     """
     if not pattern or not pattern.strip():
@@ -105,9 +106,13 @@ def expand_shards(pattern: str) -> list[list[str]]:
             found = []
             for url in urls:
                 path = os.path.expanduser(_local_path(url))
-                # A wildcard lists what exists; a named shard stays even if missing (counted when read).
-                found.extend(sorted(glob.glob(path)) if glob.has_magic(path) else [path])
-            if not any(os.path.isfile(u) for u in found):
+                # A wildcard lists what exists, a folder its .tar files; a named shard stays even if
+                # missing (counted when read).
+                if os.path.isdir(path):
+                    found.extend(sorted(glob.glob(os.path.join(glob.escape(path), "*.tar"))))
+                else:
+                    found.extend(sorted(glob.glob(path)) if glob.has_magic(path) else [path])
+            if require_existing and not any(os.path.isfile(u) for u in found):
                 where = f" (in '{pattern}')" if part != pattern else ""
                 raise NoShardsError(f"no shard files match '{part}'{where}; check the path and the {{start..end}} range.")
             urls = found

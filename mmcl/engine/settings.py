@@ -44,8 +44,8 @@ class TrainConfig:
     epochs: int = count(1)  # used when steps is None
     precision: Literal["fp32", "bf16", "fp16"] | None = None  # None: as the DeepSpeed JSON says (fp32 if silent)
     log_every: int = count(10)  # steps between log lines / monitor events
-    eval_every: int | None = count(None)  # steps between evaluations (None = only at the end)
-    checkpoint_every: int | None = count(None)  # steps between checkpoints (None = only at the end)
+    eval_every: int | None = nonnegative(None)  # steps between evaluations (None or 0 = only at the end)
+    checkpoint_every: int | None = nonnegative(None)  # steps between checkpoints (None or 0 = only at the end)
     keep_checkpoints: int = count(2)  # newest checkpoints kept on disk
     resume: str | None = None  # "latest" or a checkpoint directory (any world size / workers / micro batch)
     allow_batch_change: bool = False  # resume with another global batch: remaining steps re-derived from remaining samples

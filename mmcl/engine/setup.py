@@ -20,7 +20,7 @@ import torch
 
 from mmcl.config import RunConfig, save_config
 from mmcl.distributed import get_rank, get_world_size
-from mmcl.engine import data_stream
+from mmcl.engine import training_data
 from mmcl.engine.compile import check_compile, compile_towers
 from mmcl.engine.ds_config import build_deepspeed_config
 from mmcl.engine.objectives import loss_chunk_size, uses_feature_cache
@@ -96,7 +96,7 @@ def set_up(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str) -> Ru
     if cfg.train.accumulation == "feature_cache" and cfg.train.grad_accum_steps > 1 and not feature_cache:
         say(f"objectives {', '.join(cfg.objectives)}: plain gradient accumulation (feature caching applies to "
             "clip/siglip/distill alone)")
-    loader = data_stream.build(cfg, tokenizer, rank, world_size, teacher=task.teacher_inputs())
+    loader = training_data.build(cfg, tokenizer, rank, world_size, teacher=task.teacher_inputs())
     total_steps = _total_steps(cfg, loader, world_size, saved_layout, layout)
 
     groups = parameter_groups(task, cfg.optim, prefix="model.")  # towers by name; SSL heads with the heads
@@ -120,7 +120,7 @@ def _check_before_work(cfg: RunConfig) -> None:
         raise TrainingError(
             f"output_dir '{output_dir}' already holds a run; set train.resume=latest to continue it, or choose a new output_dir."
         )
-    data_stream.check_shards(cfg)
+    training_data.check_shards(cfg)
     if cfg.push_to_hub is not None:
         from mmcl.export import check_push_config
 
@@ -129,7 +129,7 @@ def _check_before_work(cfg: RunConfig) -> None:
 
 def _total_steps(cfg: RunConfig, loader, world_size: int, saved_layout: dict | None, layout: dict) -> int:
     """train.steps, or the epochs' steps; after a global-batch change, the saved run's remaining samples."""
-    total_steps = cfg.train.steps or cfg.train.epochs * data_stream.steps_per_epoch(loader, cfg, world_size)
+    total_steps = cfg.train.steps or cfg.train.epochs * training_data.steps_per_epoch(loader, cfg, world_size)
     if saved_layout is not None and saved_layout.get("global_batch", layout["global_batch"]) != layout["global_batch"]:
         from mmcl.engine import elastic
 

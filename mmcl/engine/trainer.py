@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mmcl.config import RunConfig
-from mmcl.engine import data_stream
+from mmcl.engine import training_data
 from mmcl.engine.checkpoint import save_checkpoint
 from mmcl.engine.feature_cache import feature_cache_backward
 from mmcl.engine.metrics_log import MetricsLog, TrainingLog, plot_history
@@ -76,7 +76,7 @@ def loop(run: Run, log: TrainingLog) -> bool:
     gather = gatherer(engine)
     patch_dropout = _announce_patch_dropout(run)
     key_log = _debug_key_log(run.rank)
-    batches = data_stream.endless(run.loader)
+    batches = training_data.endless(run.loader)
     try:
         while run.step < run.total_steps:
             with log.timer.phase("data"):
@@ -116,7 +116,7 @@ def finish(run: Run, log: TrainingLog) -> dict[str, Any]:
     cfg, output_dir = run.cfg, run.output_dir
     final_metrics = _evaluate_and_log(run, log.metrics)
     final_metrics.update({"steps": run.step, "samples_seen": run.samples_seen, "nonfinite_steps": log.nonfinite_total,
-                          "skipped": data_stream.skip_counts(run.loader), "hardware": _hardware(run.engine, run.world_size),
+                          "skipped": training_data.skip_counts(run.loader), "hardware": _hardware(run.engine, run.world_size),
                           "wall_time_s": round(time.time() - run.started, 1)})
     if run.resumed_at is not None:
         final_metrics["resumed_at_step"] = run.resumed_at  # wall_time_s counts from that (re)start

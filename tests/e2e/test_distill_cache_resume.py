@@ -127,7 +127,7 @@ def test_each_sample_s_teacher_features_were_encoded_once_by_the_two_ranks_into_
 
 def test_cached_features_are_the_teacher_s_features_of_each_sample_s_centre_crop(runs, data):
     from mmcl.config import load_config
-    from mmcl.engine import data_stream
+    from mmcl.engine import training_data
     from mmcl.engine.teacher import load_teacher
     from mmcl.models import build_tokenizer
 
@@ -137,7 +137,7 @@ def test_cached_features_are_the_teacher_s_features_of_each_sample_s_centre_crop
     entries, _ = cache_entries(data / "reference" / "cache")
     resumed, _ = cache_entries(data / "interrupted" / "cache")
     checked = 0
-    for batch in data_stream.build(cfg, build_tokenizer(cfg.model.text), 0, 1, teacher=teacher.inputs()):
+    for batch in training_data.build(cfg, build_tokenizer(cfg.model.text), 0, 1, teacher=teacher.inputs()):
         fresh = teacher.encode_image(batch["teacher_pixel_values"])
         for key, row in zip(batch["keys"], fresh):
             torch.testing.assert_close(entries[f"image/{key}"][0][1], row, atol=1e-5, rtol=0)

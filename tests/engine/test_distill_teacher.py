@@ -172,19 +172,19 @@ def test_cached_teacher_features_equal_fresh_ones_across_runs_and_a_stale_cache_
 
 
 def test_the_loader_gives_the_teacher_the_student_s_crop_at_its_own_size_normalisation_and_tokens(tokenizer_dir, clip_dir):
-    from mmcl.engine import data_stream
+    from mmcl.engine import training_data
     from mmcl.engine.objectives.distill import teacher_transform
     from mmcl.models import build_tokenizer
 
     cfg = run_config(tokenizer_dir, teacher=str(clip_dir))
     tokenizer = build_tokenizer(cfg.model.text)
     same = TeacherInputs(16, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), tokenizer, 16)
-    batch = next(iter(data_stream.build(cfg, tokenizer, 0, 1, teacher=same)))
+    batch = next(iter(training_data.build(cfg, tokenizer, 0, 1, teacher=same)))
     # the same size and normalisation as the student: the replayed crop box gives the identical tensor
     assert torch.equal(batch["teacher_pixel_values"], batch["pixel_values"])
     assert torch.equal(batch["teacher_input_ids"], batch["input_ids"])
     own = load_teacher(cfg.distill).inputs()
-    batch = next(iter(data_stream.build(cfg, tokenizer, 0, 1, teacher=own)))
+    batch = next(iter(training_data.build(cfg, tokenizer, 0, 1, teacher=own)))
     assert batch["teacher_pixel_values"].shape == (cfg.train.micro_batch_size, 3, 24, 24)
     assert batch["teacher_input_ids"].shape == (cfg.train.micro_batch_size, 20)
     assert repr(teacher_transform(cfg, own)).startswith("RandomResizedCropU8(size=24")
@@ -193,7 +193,7 @@ def test_the_loader_gives_the_teacher_the_student_s_crop_at_its_own_size_normali
     plain = from_dict({"model": {"image": {"config": VIT}, "embed_dim": 16,
                                  "text": {"config": BERT, "tokenizer": str(tokenizer_dir / "tokenizer"), "context_length": 16}},
                        "data": {"train_shards": cfg.data.train_shards, "image_size": 16, "num_workers": 0}})
-    assert not any(key.startswith("teacher_") for key in next(iter(data_stream.build(plain, tokenizer, 0, 1))))
+    assert not any(key.startswith("teacher_") for key in next(iter(training_data.build(plain, tokenizer, 0, 1))))
 
 
 @pytest.mark.parametrize("distill, objectives, message", [

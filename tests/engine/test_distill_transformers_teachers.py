@@ -85,7 +85,7 @@ def features(output):
 
 def pipeline_batch(digits, teacher):
     """One real training batch (decoded digits shards) with the teacher's pixels and tokens."""
-    from mmcl.engine import data_stream
+    from mmcl.engine import training_data
     from mmcl.models import build_tokenizer
 
     cfg = from_dict({"model": {"image": {"config": VIT, "pooling": "cls"}, "embed_dim": 16,
@@ -94,7 +94,7 @@ def pipeline_batch(digits, teacher):
                      "data": {"train_shards": str(digits / "train" / "{00000..00003}.tar"), "image_size": 16,
                               "num_workers": 0, "shuffle_buffer": 0},
                      "train": {"micro_batch_size": 6}})
-    return next(iter(data_stream.build(cfg, build_tokenizer(cfg.model.text), 0, 1, teacher=teacher.inputs())))
+    return next(iter(training_data.build(cfg, build_tokenizer(cfg.model.text), 0, 1, teacher=teacher.inputs())))
 
 
 def test_teacher_inputs_are_the_directory_s_processor_size_normalisation_and_tokenizer(teacher_dir, digits):

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from mmcl.coerce import count
 from mmcl.engine.objectives.base import Objective, image_width, sync_batchnorm
-from mmcl.losses import SimSiamLoss
+from mmcl.losses.simsiam import SimSiamLoss
 from mmcl.models import DualEncoder, MLPHead
 
 if TYPE_CHECKING:

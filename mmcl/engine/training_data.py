@@ -1,4 +1,4 @@
-"""The trainer's side of the data pipeline: fail-fast checks, the loader, an endless batch stream."""
+"""The trainer's side of the data: fail-fast checks of the shards, the loader, endless batches."""
 from __future__ import annotations
 
 import os
