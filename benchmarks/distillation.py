@@ -182,6 +182,9 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=4800)
     parser.add_argument("--held-out", type=int, default=960)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--more-seeds", type=int, nargs="*", default=[],
+                        help="student seeds (init, data order) beyond --seed for the accuracy comparison: clip alone vs "
+                             "clip + distill per seed, two runs at a time; prints the mean and the paired difference")
     args = parser.parse_args()
     print(cpu_description(), flush=True)
     data = build_shapes(args.work / "shapes", args.train_images, args.held_out)
@@ -226,7 +229,36 @@ def main() -> None:
         ratio = f"{r['samples_per_s'] / base:.2f}x" if r["samples_per_s"] and base and name != "teacher" else "-"
         hits = f"{r['hit_rate']:.0%}" if r["hit_rate"] is not None else "-"
         print(f"| {name} | {r.get('round', '-')} | {r['acc1']:.1%} | {speed} | {ratio} | {hits} |")
+    if args.more_seeds:
+        results["seeds"] = compare_seeds(args, data, distill, [args.seed, *args.more_seeds], results)
     (args.work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def compare_seeds(args, data: Path, distill: dict, seeds: list[int], results: dict) -> dict:
+    """Zero-shot top-1 of clip alone and clip + distill for each student seed (`--seed`'s from the
+    rounds above), and the mean paired gain with its standard error over seeds."""
+    table = {args.seed: (results["student, clip"]["acc1"], results["student, clip + distill"]["acc1"])}
+    for seed in seeds[1:]:
+        jobs = []
+        for objectives, settings in (({"clip": 1.0}, None), ({"clip": 1.0, "distill": 1.0}, distill)):
+            out = args.work / f"seed{seed}_{'distill' if settings else 'clip'}"
+            shutil.rmtree(out, ignore_errors=True)
+            config = run_config(data, out, 64, 2, 1, args.student_steps, seed)
+            config["objectives"] = objectives
+            if settings:
+                config["distill"] = settings
+            jobs.append(start(config, out.with_suffix(".yaml")))
+        table[seed] = tuple(finish(job)["acc1"] for job in jobs)
+        print(f"seed {seed}: clip {table[seed][0]:.1%}, clip + distill {table[seed][1]:.1%}", flush=True)
+    gains = [with_teacher - alone for alone, with_teacher in table.values()]
+    mean_gain = statistics.mean(gains)
+    se = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
+    print("\n| student seed | clip alone | clip + distill | gain |\n|---|---|---|---|")
+    for seed, (alone, with_teacher) in table.items():
+        print(f"| {seed} | {alone:.1%} | {with_teacher:.1%} | {with_teacher - alone:+.1%} |")
+    print(f"| mean | {statistics.mean(a for a, _ in table.values()):.1%} | {statistics.mean(b for _, b in table.values()):.1%} | "
+          f"{mean_gain:+.1%} (SE {se:.1%}, {sum(g > 0 for g in gains)}/{len(gains)} seeds gain) |")
+    return {"per_seed": {str(k): v for k, v in table.items()}, "mean_gain": mean_gain, "se": se}
 
 
 if __name__ == "__main__":

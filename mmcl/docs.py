@@ -87,7 +87,7 @@ def _section(cls: type, depth: int, lines: list[str]) -> None:
         if bounds is not None:
             comment = f"{comment} ({bounds.describe()}{' ' + bounds.note if bounds.note else ''})".strip()
         choices = _choices(annotation)
-        if choices and choices not in comment:
+        if choices and not comment.startswith(tuple(choices.split(" | "))):
             comment = f"{choices}: {comment}" if comment else choices
         lines.append(_line(f"{indent}{spec.name}: {_value(_default(spec))}", comment))
 

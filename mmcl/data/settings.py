@@ -36,8 +36,7 @@ class DataConfig:
                 raise ConfigError(
                     f"{source}: 'data.train_weights' has {len(self.train_weights)} weights for {sources} '::'-joined sources."
                 )
-        if len(self.train_crop_scale) != 2 or not self.train_crop_scale[0] <= self.train_crop_scale[1]:
-            raise ConfigError(f"{source}: 'data.train_crop_scale' must be [min, max] with 0 < min <= max <= 1.")
+        check_min_max(self.train_crop_scale, "data.train_crop_scale", source, "0 < min <= max <= 1")
         for name in ("image_mean", "image_std"):
             values = getattr(self, name)
             if values is not None and len(values) != 3:
@@ -62,13 +61,17 @@ class ViewsConfig:
     solarize_p: list[float] | None = probability(None)  # solarize probability per view; None = [0, 0], BYOL [0, 0.2]
 
     def validate(self, key: str, source: str) -> None:
-        if len(self.crop_scale) != 2 or not self.crop_scale[0] <= self.crop_scale[1]:
-            raise ConfigError(f"{source}: '{key}.crop_scale' must be [min, max] with 0 < min <= max <= 1.")
+        check_min_max(self.crop_scale, f"{key}.crop_scale", source, "0 < min <= max <= 1")
         if len(self.color_jitter) != 4 or self.color_jitter[3] > 0.5:
             raise ConfigError(f"{source}: '{key}.color_jitter' must be [brightness, contrast, saturation, hue] >= 0 with hue <= 0.5.")
-        if len(self.blur_sigma) != 2 or not self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ConfigError(f"{source}: '{key}.blur_sigma' must be [min, max] with 0 < min <= max.")
+        check_min_max(self.blur_sigma, f"{key}.blur_sigma", source, "0 < min <= max")
         for name in ("blur_p", "solarize_p"):
             values = getattr(self, name)
             if values is not None and len(values) != 2:
                 raise ConfigError(f"{source}: '{key}.{name}' must have 2 values (view 1, view 2), got {len(values)}.")
+
+
+def check_min_max(values: list[float], key: str, source: str, rule: str) -> None:
+    """A [min, max] range (its items' bounds were checked already)."""
+    if len(values) != 2 or not values[0] <= values[1]:
+        raise ConfigError(f"{source}: '{key}' must be [min, max] with {rule}.")

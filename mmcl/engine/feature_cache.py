@@ -1,4 +1,4 @@
-"""Feature-cache gradient accumulation: the exact large-batch contrastive gradient from k
+"""Feature-cache gradient accumulation: the exact large-batch image-text gradient from k
 micro-batches (GradCache's method, made ZeRO-safe).
 
 1. Encode every micro-batch without gradient (`task.features`, inside the engine) and

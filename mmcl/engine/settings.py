@@ -39,7 +39,7 @@ class TrainConfig:
     micro_batch_size: int = count(32)  # samples per rank per forward
     grad_accum_steps: int = count(1)  # micro-batches per optimizer step
     global_batch_size: int | None = count(None)  # optional check: must equal micro * accum * world size
-    accumulation: Literal["feature_cache", "plain"] = "feature_cache"  # contrastive accumulation method
+    accumulation: Literal["feature_cache", "plain"] = "feature_cache"  # feature_cache: the exact large-batch gradient of clip/siglip/distill (GradCache); plain: per micro-batch
     steps: int | None = count(None)  # optimizer steps to train (None = epochs * steps per epoch)
     epochs: int = count(1)  # used when steps is None
     precision: Literal["fp32", "bf16", "fp16"] | None = None  # None: as the DeepSpeed JSON says (fp32 if silent)

@@ -122,7 +122,18 @@ def clip_loss(
     return _with_bias(loss, logit_bias)
 
 
-class ClipLoss(nn.Module):
+class ImageTextLoss(nn.Module):
+    """Base of the image-text losses: `chunk_size` None (dense) or the side of the exact chunked
+    loss's score chunks."""
+
+    def __init__(self, chunk_size: int | None = None):
+        super().__init__()
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}.")
+        self.chunk_size = chunk_size
+
+
+class ClipLoss(ImageTextLoss):
     """CLIP's symmetric InfoNCE over the global batch of all ranks (local-loss form).
 
     forward(image_features [B, D], text_features [B, D], logit_scale scalar,
@@ -137,12 +148,6 @@ class ClipLoss(nn.Module):
     chunked loss (see `clip_loss`); the trainer picks it with
     `mmcl.losses.chunked.recommended_chunk_size(local_batch, global_batch)`.
     """
-
-    def __init__(self, chunk_size: int | None = None):
-        super().__init__()
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}.")
-        self.chunk_size = chunk_size
 
     def forward(
         self,

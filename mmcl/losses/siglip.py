@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmcl.distributed import all_gather_no_grad, all_gather_with_grad, get_rank
-from mmcl.losses.clip import _check_pair
+from mmcl.losses.clip import ImageTextLoss, _check_pair
 from mmcl.losses.chunked import chunked_sigmoid, chunked_top1_hits
 
 
@@ -66,7 +66,7 @@ def siglip_loss(
     return loss_sum / image_features.shape[0]
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(ImageTextLoss):
     """SigLIP's sigmoid loss over the global batch of all ranks.
 
     forward(image_features [B, D], text_features [B, D], logit_scale scalar,
@@ -79,12 +79,6 @@ class SigLipLoss(nn.Module):
     chunk_size: None for the dense loss, else the side of the score chunks of the exact
     chunked loss (see `siglip_loss`).
     """
-
-    def __init__(self, chunk_size: int | None = None):
-        super().__init__()
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}.")
-        self.chunk_size = chunk_size
 
     def forward(
         self,
