@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=4800)
     parser.add_argument("--held-out", type=int, default=960)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distill-weight", type=float, default=1.0, help="the distill objective's weight beside clip: 1.0")
     parser.add_argument("--more-seeds", type=int, nargs="*", default=[],
                         help="student seeds (init, data order) beyond --seed for the accuracy comparison: clip alone vs "
                              "clip + distill per seed, two runs at a time; prints the mean and the paired difference")
@@ -200,7 +201,7 @@ def main() -> None:
     distill = {"teacher": str(teacher_dir / "model")}
     cache = args.work / "teacher_cache"
     shutil.rmtree(cache, ignore_errors=True)
-    clip, with_teacher = {"clip": 1.0}, {"clip": 1.0, "distill": 1.0}
+    clip, with_teacher = {"clip": 1.0}, {"clip": 1.0, "distill": args.distill_weight}
     cached = {**distill, "cache_dir": str(cache)}
     # Two rounds of concurrent runs: each round's runs share whatever else loads the machine, so
     # their throughput ratios compare like with like. Round 2's warm run reads round 1's cache
@@ -240,7 +241,7 @@ def compare_seeds(args, data: Path, distill: dict, seeds: list[int], results: di
     table = {args.seed: (results["student, clip"]["acc1"], results["student, clip + distill"]["acc1"])}
     for seed in seeds[1:]:
         jobs = []
-        for objectives, settings in (({"clip": 1.0}, None), ({"clip": 1.0, "distill": 1.0}, distill)):
+        for objectives, settings in (({"clip": 1.0}, None), ({"clip": 1.0, "distill": args.distill_weight}, distill)):
             out = args.work / f"seed{seed}_{'distill' if settings else 'clip'}"
             shutil.rmtree(out, ignore_errors=True)
             config = run_config(data, out, 64, 2, 1, args.student_steps, seed)
