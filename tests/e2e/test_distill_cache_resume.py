@@ -68,7 +68,7 @@ def runs(data):
     output, _ = process.communicate(timeout=300)
     assert "stop requested: saved step" in output, output[-3000:]
     stopped_at = int(latest_tag(out).split("_")[1])
-    assert 1 <= stopped_at < EPOCH_STEPS, output[-3000:]  # in the first epoch: the resumed run encodes the rest
+    assert 0 < stopped_at < EPOCH_STEPS, output[-3000:]  # in the first epoch: the resumed run encodes the rest
     result = run(deepspeed_command(interrupted, DS_JSON, 2, "train.resume=latest"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:08d}'} at step {stopped_at}" in result.stdout
