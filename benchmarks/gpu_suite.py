@@ -126,7 +126,9 @@ def mmcl_contender(dims: dict, variant: dict, precision: str):
     """(step(batch), flops_of(batch), cleanup()) for mmcl's DualEncoder under a DeepSpeed ZeRO-1 engine."""
     import deepspeed
 
+    from mmcl.config import OptimConfig
     from mmcl.engine.compile import compile_towers
+    from mmcl.engine.optim import build_optimizer
     from mmcl.engine.steps import plain_step
     from mmcl.engine.task import TrainingTask
     from mmcl.models import build_model
@@ -142,7 +144,7 @@ def mmcl_contender(dims: dict, variant: dict, precision: str):
         task.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
-    optimizer = torch.optim.AdamW(task.parameters(), lr=1e-4)
+    optimizer = build_optimizer(task, OptimConfig(lr=1e-4), prefix="model.")  # as the trainer builds it
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": 1}, "bf16": {"enabled": precision == "bf16"},
                  "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}

@@ -89,7 +89,8 @@ def openclip_step_fn(precision: str, patch_dropout: float, batch: dict):
 def mmcl_step_fn(precision: str, attn: str, patch_dropout: float, batch: dict):
     import deepspeed
 
-    from mmcl.config import ModelConfig, TextTowerConfig, TowerConfig
+    from mmcl.config import ModelConfig, OptimConfig, TextTowerConfig, TowerConfig
+    from mmcl.engine.optim import build_optimizer
     from mmcl.engine.runtime import init_process_group
     from mmcl.engine.steps import plain_step
     from mmcl.engine.task import TrainingTask
@@ -112,7 +113,7 @@ def mmcl_step_fn(precision: str, attn: str, patch_dropout: float, batch: dict):
     task = TrainingTask(build_model(config), {"clip": 1.0})
     flops = count_flops(lambda b: task(b)["loss"].backward(), batch)
     task.zero_grad(set_to_none=True)
-    optimizer = torch.optim.AdamW(task.parameters(), lr=1e-4)
+    optimizer = build_optimizer(task, OptimConfig(lr=1e-4), prefix="model.")  # as the trainer builds it
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1},
                  "bf16": {"enabled": precision == "bf16"}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)

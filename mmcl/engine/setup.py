@@ -24,7 +24,7 @@ from mmcl.engine import training_data
 from mmcl.engine.compile import check_compile, compile_towers
 from mmcl.engine.ds_config import build_deepspeed_config
 from mmcl.engine.objectives import loss_chunk_size, uses_feature_cache
-from mmcl.engine.optim import lr_lambda, parameter_groups
+from mmcl.engine.optim import build_optimizer, lr_lambda
 from mmcl.engine.resume import check_resume_layout
 from mmcl.engine.runtime import TrainingError, check_output_dir, init_process_group, say
 from mmcl.engine.task import TrainingTask
@@ -99,8 +99,7 @@ def set_up(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str) -> Ru
     loader = training_data.build(cfg, tokenizer, rank, world_size, teacher=task.teacher_inputs())
     total_steps = _total_steps(cfg, loader, world_size, saved_layout, layout)
 
-    groups = parameter_groups(task, cfg.optim, prefix="model.")  # towers by name; SSL heads with the heads
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    optimizer = build_optimizer(task, cfg.optim, prefix="model.")  # groups: towers by name, SSL heads with the heads
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if cfg.train.compile:
