@@ -47,3 +47,18 @@ def run_on_gloo_ranks(fn: Callable, world_size: int, *args) -> list[dict[str, to
             del os.environ["OMP_NUM_THREADS"]
         else:
             os.environ["OMP_NUM_THREADS"] = previous
+
+
+def assert_ranks_equal_concatenated(ranks: list[dict], ref: dict, global_batch: int, tol: float) -> None:
+    """The local-loss form over W ranks equals one process over the concatenated batch: the mean
+    loss, each rank's feature gradients (rank r's loss is the mean over its rows: W * dL/dx_r),
+    and the logit scale's gradient averaged over ranks (data-parallel averaging)."""
+    world = len(ranks)
+    assert abs(torch.stack([r["loss"] for r in ranks]).mean().item() - ref["loss"].item()) < tol
+    local = global_batch // world
+    for rank, result in enumerate(ranks):
+        rows = slice(rank * local, (rank + 1) * local)
+        for key in ("image_grad", "text_grad"):
+            assert (result[key] / world - ref[key][rows]).abs().max() < tol, (rank, key)
+    scale_grad = torch.stack([r["scale_grad"] for r in ranks]).mean()
+    assert abs(scale_grad.item() - ref["scale_grad"].item()) < tol
