@@ -21,6 +21,7 @@ import torch
 from mmcl.config import RunConfig, save_config
 from mmcl.distributed import get_rank, get_world_size
 from mmcl.engine import training_data
+from mmcl.engine.attention import EAGER_MAX_TOKENS, choose_attention
 from mmcl.engine.compile import check_compile, compile_towers
 from mmcl.engine.ds_config import build_deepspeed_config
 from mmcl.engine.objectives import loss_chunk_size, uses_feature_cache
@@ -87,9 +88,13 @@ def set_up(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str) -> Ru
     ds_config.update(_monitor_config(Path(cfg.output_dir)))
     if cfg.train.compile:
         check_compile(cfg, ds_config)
+    eager_attention = choose_attention(model, cfg.model, bf16=ds_config.get("bf16", {}).get("enabled") is True)
 
     init_process_group()
     rank, world_size = get_rank(), get_world_size()
+    if eager_attention:
+        say(f"attention: eager for {' and '.join(eager_attention)} (on the CPU in bf16 it trains faster than SDPA at "
+            f"<= {EAGER_MAX_TOKENS} tokens); set attn_implementation: sdpa to keep SDPA")
     if chunk_size is not None and task.uses_logit_scale:
         say(f"image-text loss: chunked exact, {chunk_size}-row chunks (loss.chunk_size={cfg.loss.chunk_size})")
     feature_cache = uses_feature_cache(cfg)

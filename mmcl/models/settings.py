@@ -23,7 +23,8 @@ class TowerConfig:
     lock: bool = False  # freeze the tower (LiT); with unlocked_layers > 0 only its first layers
     unlocked_layers: int = nonnegative(0)  # with lock: keep the last N layers (and the norms after them) trainable
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    attn_implementation: str | None = None  # "eager" / "sdpa" / ...; None lets transformers pick
+    # "eager" / "sdpa" / ...; unset: SDPA, except eager when training on the CPU in bf16 at <= 160 tokens (faster there)
+    attn_implementation: str | None = None
     # image towers with token outputs (vit, deit, clip/siglip vision, dinov2): in training, drop this fraction
     # of the patch tokens per image after the position embeddings (FLIP); class/register tokens are kept
     patch_dropout: float = bounded(0.0, 0, 1, high_open=True)

@@ -53,6 +53,7 @@ def tokens(output_dir) -> dict[int, int]:
 def test_patch_dropout_run_drops_tokens_then_finishes_unmasked(patch_dropout_run):
     _, out, result = patch_dropout_run
     assert "patch dropout 0.5: steps 1-6 drop patch tokens, steps 7-8 see every token" in result.stdout
+    assert "attention: eager for model.image and model.text (on the CPU in bf16" in result.stdout  # mmcl.engine.attention
     assert tokens(out) == {step: MASKED_TOKENS if step <= STEPS - FINAL_UNMASKED else ALL_TOKENS
                            for step in range(1, STEPS + 1)}
     logged = losses(out)
