@@ -1,13 +1,16 @@
 """`train.compile`: the training step with compiled towers vs the same step eager, side by side.
 
-Both contenders are mmcl's real step (`plain_step` on a DeepSpeed ZeRO-1 engine, one process)
-over the tiny CLIP of benchmarks/train_step.py (transformers CLIP towers, 6.8 M parameters),
+Both contenders are mmcl's real step (`plain_step` on a DeepSpeed ZeRO-1 engine, one process),
 built from the same seed; one of them has its towers compiled in place with
 `mmcl.engine.compile.compile_towers` (inductor), exactly as `train.compile: true` does.
-Compilation happens in the warm-up and is reported separately. Steps are timed in
-alternation (eager, compiled, eager, ...) so both see the same background load.
+The model is the tiny CLIP of benchmarks/train_step.py (`--model tiny`: transformers CLIP
+towers, 6.8 M parameters, 64-px images) or the CLIP of patch_dropout.py whose 128-px ViT
+dominates the step (`--model vit`, with `--patch-dropout`). Compilation happens in the
+warm-up and is reported separately. Steps are timed in alternation (eager, compiled, eager,
+...) so both see the same background load.
 
-    python benchmarks/compile_step.py [--batch 128] [--steps 8] [--precision fp32 bf16] [--attn sdpa]
+    python benchmarks/compile_step.py [--model tiny] [--batch 128] [--steps 8] [--precision fp32 bf16] [--attn sdpa]
+    python benchmarks/compile_step.py --model vit --batch 32 --patch-dropout 0.5 --attn auto
 """
 from __future__ import annotations
 
@@ -42,7 +45,16 @@ def cpu_report() -> tuple[str, bool]:
     return line, avx512_bf16 or amx
 
 
-def build_step(precision: str, attn: str, compiled: bool):
+def build_step(model: str, precision: str, attn: str, compiled: bool, batch: dict, drop: float = 0.0):
+    """step(batch) -> its loss; `model`: "tiny" (train_step.py's CLIP) or "vit" (patch_dropout.py's, patch dropout `drop`)."""
+    if model == "vit":
+        import patch_dropout
+
+        return patch_dropout.mmcl_step_fn(precision, attn, drop, batch, compiled=compiled)[0]
+    return build_tiny_step(precision, attn, compiled)
+
+
+def build_tiny_step(precision: str, attn: str, compiled: bool):
     """(step(batch), compiled?) on a fresh ZeRO-1 engine; same seed, so both contenders start equal."""
     import deepspeed
 
@@ -89,22 +101,33 @@ def train_step_config(attn: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["tiny", "vit"], default="tiny")
+    parser.add_argument("--patch-dropout", type=float, default=0.0, help="--model vit only")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8, help="alternating timed rounds")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--attn", nargs="+", default=["sdpa"])
+    parser.add_argument("--attn", nargs="+", default=["sdpa"], help="--model vit also takes auto (as the trainer picks)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu, bf16_ok = cpu_report()
     print(cpu)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}")
-    batch = train_step.synthetic_batch(args.batch)
+    print(f"torch {torch.__version__}, {args.threads} threads, model {args.model}, batch {args.batch}, "
+          f"patch_dropout {args.patch_dropout:g}")
+    if args.model == "vit":
+        import patch_dropout
+
+        batch = patch_dropout.synthetic_batch(args.batch)
+    else:
+        batch = train_step.synthetic_batch(args.batch)
     rows = []
     for precision in args.precision:
         for attn in args.attn:
-            eager, compiled = build_step(precision, attn, False), build_step(precision, attn, True)
-            first_eager = eager(batch)
+            eager, compiled = (build_step(args.model, precision, attn, flag, batch, args.patch_dropout)
+                               for flag in (False, True))
+            torch.manual_seed(1)  # the same draws where there are any (patch dropout; the compiled graph draws
+            first_eager = eager(batch)  # with inductor's own generator, so its kept patches differ all the same)
+            torch.manual_seed(1)
             start = time.perf_counter()
             first_losses = (first_eager, compiled(batch))  # compiled: forward + backward graphs built here
             compile_s = time.perf_counter() - start

@@ -9,7 +9,7 @@ under a DeepSpeed ZeRO-1 engine (DeepSpeed's bf16 mode for bf16), with each atte
 implementation asked for. Every contender is timed in alternation with the others of its
 precision, so the ratios hold on a shared machine.
 
-    python benchmarks/patch_dropout.py [--batch 32] [--steps 8] [--precision fp32 bf16] [--attn sdpa eager]
+    python benchmarks/patch_dropout.py [--batch 32] [--steps 8] [--precision fp32 bf16] [--attn auto sdpa eager]
 """
 from __future__ import annotations
 
@@ -86,10 +86,13 @@ def openclip_step_fn(precision: str, patch_dropout: float, batch: dict):
     return step, count_flops(forward_backward, batch)
 
 
-def mmcl_step_fn(precision: str, attn: str, patch_dropout: float, batch: dict):
+def mmcl_step_fn(precision: str, attn: str, patch_dropout: float, batch: dict, compiled: bool = False):
+    """(step(batch), FLOPs of one forward + backward); `compiled`: the towers compiled as `train.compile` does."""
     import deepspeed
 
     from mmcl.config import ModelConfig, OptimConfig, TextTowerConfig, TowerConfig
+    from mmcl.engine.attention import choose_attention
+    from mmcl.engine.compile import compile_towers
     from mmcl.engine.optim import build_optimizer
     from mmcl.engine.runtime import init_process_group
     from mmcl.engine.steps import plain_step
@@ -101,26 +104,35 @@ def mmcl_step_fn(precision: str, attn: str, patch_dropout: float, batch: dict):
         image=TowerConfig(config=dict(model_type="clip_vision_model", image_size=IMAGE, patch_size=PATCH,
                                       hidden_size=IMAGE_WIDTH, num_hidden_layers=IMAGE_LAYERS,
                                       num_attention_heads=IMAGE_HEADS, intermediate_size=4 * IMAGE_WIDTH, **common),
-                          pooling="pooler_output", attn_implementation=attn, patch_dropout=patch_dropout),
+                          pooling="pooler_output", attn_implementation=None if attn == "auto" else attn,
+                          patch_dropout=patch_dropout),
         text=TextTowerConfig(config=dict(model_type="clip_text_model", vocab_size=VOCAB, max_position_embeddings=CONTEXT,
                                          eos_token_id=VOCAB - 1, hidden_size=TEXT_WIDTH, num_hidden_layers=TEXT_LAYERS,
                                          num_attention_heads=TEXT_HEADS, intermediate_size=4 * TEXT_WIDTH, **common),
-                             tokenizer="unused", context_length=CONTEXT, pooling="eos", attn_implementation=attn),
+                             tokenizer="unused", context_length=CONTEXT, pooling="eos",
+                             attn_implementation=None if attn == "auto" else attn),
         embed_dim=EMBED,
     )
     init_process_group()
     torch.manual_seed(0)
-    task = TrainingTask(build_model(config), {"clip": 1.0})
+    model = build_model(config)
+    if attn == "auto":  # the trainer's own choice (mmcl.engine.attention), as set_up makes it
+        picked = choose_attention(model, config, bf16=precision == "bf16")
+        print(f"mmcl auto attention, {precision}, patch_dropout {patch_dropout}: eager for {picked or 'no tower'}")
+    task = TrainingTask(model, {"clip": 1.0})
     flops = count_flops(lambda b: task(b)["loss"].backward(), batch)
     task.zero_grad(set_to_none=True)
     optimizer = build_optimizer(task, OptimConfig(lr=1e-4), prefix="model.")  # as the trainer builds it
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1},
                  "bf16": {"enabled": precision == "bf16"}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
+    if compiled:
+        compile_towers(model)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def step(batch):
-        plain_step(engine, [{**batch, "pixel_values": batch["pixel_values"].to(dtype)}])
+        metrics, _ = plain_step(engine, [{**batch, "pixel_values": batch["pixel_values"].to(dtype)}])
+        return float(metrics["loss"]) if metrics is not None else float("nan")
 
     return step, flops
 
@@ -130,7 +142,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="alternating timing rounds (median reported)")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--attn", nargs="+", default=["sdpa", "eager"], help="attention implementations of the mmcl towers")
+    parser.add_argument("--attn", nargs="+", default=["auto", "sdpa", "eager"],
+                        help="attention implementations of the mmcl towers; auto: unset, as the trainer picks it")
     parser.add_argument("--patch-dropout", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
