@@ -97,3 +97,18 @@ def test_a_tower_without_attention_is_left_alone():
                                "embed_dim": 16}, "objectives": {"simclr": 1.0}}).model
     model = built(cfg)
     assert choose_attention(model, cfg, bf16=True) == []
+
+
+def test_a_momentum_copy_made_after_the_choice_runs_the_same_kernel():
+    """set_up chooses before building the task, so BYOL's target tower is eager like its online tower."""
+    from mmcl.engine.task import TrainingTask
+
+    run = from_dict({"model": {"image": {"config": dict(model_type="clip_vision_model", image_size=16, patch_size=4,
+                                                        **COMMON), "projection": "none"}, "embed_dim": 32},
+                     "objectives": {"byol": 1.0}, "ssl": {"byol": {"hidden_dim": 24, "out_dim": 8}}})
+    model = built(run.model)
+    assert choose_attention(model, run.model, bf16=True) == ["model.image"]
+    task = TrainingTask(model, run.objectives, None, run)
+    target = task.objectives["byol"].momentum.target["tower"]
+    assert target is not model.image_tower
+    assert target.config._attn_implementation == model.image_tower.config._attn_implementation == "eager"
