@@ -20,18 +20,21 @@ from mmcl.models.settings import ModelConfig
 EAGER_MAX_TOKENS = 160  # measured crossover on the CPU in bf16: eager faster at <= 129 tokens, SDPA at >= 197
 
 
-def training_tokens(model: DualEncoder, kind: str, cfg: ModelConfig) -> int | None:
-    """Tokens per sequence the `kind` tower's layers see in training; None where the config does not say."""
+def training_tokens(model: DualEncoder, kind: str, cfg: ModelConfig, image_size: int | None = None) -> int | None:
+    """Tokens per sequence the `kind` tower's layers see in training; None where it cannot be told.
+
+    `image_size`: the side of the images the run feeds the tower (`data.image_size`); default the tower config's.
+    """
     if kind == "text":
         return cfg.text.context_length
     config = model.image_tower.config
-    image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    image, patch = image_size or getattr(config, "image_size", None), getattr(config, "patch_size", None)
     if not isinstance(image, int) or not isinstance(patch, int):
         return None
     return 1 + kept_count((image // patch) ** 2, cfg.image.patch_dropout)  # the class token and the kept patches
 
 
-def choose_attention(model: DualEncoder, cfg: ModelConfig, bf16: bool) -> list[str]:
+def choose_attention(model: DualEncoder, cfg: ModelConfig, bf16: bool, image_size: int | None = None) -> list[str]:
     """Switch to eager attention the SDPA towers that train faster with it here (see the module
     docstring); returns their config keys, e.g. ["model.image", "model.text"]."""
     if not bf16 or torch.cuda.is_available():
@@ -41,7 +44,7 @@ def choose_attention(model: DualEncoder, cfg: ModelConfig, bf16: bool) -> list[s
         tower_cfg = getattr(cfg, kind)
         if tower is None or tower_cfg is None or tower_cfg.attn_implementation is not None:
             continue
-        tokens = training_tokens(model, kind, cfg)
+        tokens = training_tokens(model, kind, cfg, image_size)
         if tower.config._attn_implementation == "sdpa" and tokens is not None and tokens <= EAGER_MAX_TOKENS:
             tower.set_attn_implementation("eager")
             switched.append(f"model.{kind}")

@@ -83,7 +83,8 @@ def set_up(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str) -> Ru
     launch_world_size = int(os.environ.get("WORLD_SIZE", "1"))  # the process group does not exist yet
     ds_config = build_deepspeed_config(cfg, launch_world_size, ds_user_config, ds_source)
     # before the task: momentum copies (BYOL, MoCo, clip_queue) inherit the towers' kernel
-    eager_attention = choose_attention(model, cfg.model, bf16=ds_config.get("bf16", {}).get("enabled") is True)
+    eager_attention = choose_attention(model, cfg.model, bf16=ds_config.get("bf16", {}).get("enabled") is True,
+                                       image_size=cfg.data.image_size)
     chunk_size = loss_chunk_size(cfg, launch_world_size)
     task = TrainingTask(model, cfg.objectives, chunk_size, cfg)
     resume_from, layout, saved_layout, changes = check_resume_layout(cfg, Path(cfg.output_dir), launch_world_size, ds_config)

@@ -60,6 +60,9 @@ def test_long_image_sequences_keep_sdpa_unless_patch_dropout_shortens_them():
     cfg = model_config(image_size=64, patch_dropout=0.5)  # 1 + 128 tokens in training
     model = built(cfg)
     assert choose_attention(model, cfg, bf16=True) == ["model.image", "model.text"]
+    cfg = model_config(image_size=64)
+    model = built(cfg)  # the run feeds 32-px images (data.image_size): 1 + 8 * 8 tokens
+    assert choose_attention(model, cfg, bf16=True, image_size=32) == ["model.image", "model.text"]
 
 
 def test_eager_and_sdpa_towers_give_the_same_features_with_padding_and_causal_masks():
