@@ -1,7 +1,7 @@
 """Which attention kernel a tower trains with when its config leaves `attn_implementation` unset.
 
 transformers picks SDPA, the right kernel on CUDA and in float32. On the CPU in bf16, torch's
-SDPA kernel is slow backwards at short sequences: forward + backward takes 3.8-5.4x as long as
+SDPA kernel is slow backwards at short sequences: forward + backward takes 3.6-5.4x as long as
 transformers' eager (matmul) attention at 32-129 tokens, while from about 200 tokens on SDPA is
 as fast or faster (`benchmarks/attention_cpu.py`; table in benchmarks/RESULTS.md). So a tower
 trained on the CPU in bf16 whose training sequences are at most `EAGER_MAX_TOKENS` long runs
