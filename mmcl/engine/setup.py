@@ -3,9 +3,9 @@
 `set_up(cfg, ds_user_config, ds_source) -> Run`, in this order: checks on every rank before
 any process group (output dir, shards, Hub push, export exactness, the DeepSpeed config and a
 resume's layout), so a mistake stops every rank at once → model + tokenizer (seeded, identical
-on every rank) and the task → process group → data stream → AdamW groups + schedule →
-DeepSpeed engine. Each decision about how a step runs (feature caching, loss chunking) is
-made here, once, and kept on the `Run`.
+on every rank), its attention kernel, and the task → process group → data stream → AdamW
+groups + schedule → DeepSpeed engine. Each decision about how a step runs (attention kernel,
+feature caching, loss chunking) is made here, once, and kept on the `Run` or the model.
 """
 from __future__ import annotations
 
