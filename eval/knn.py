@@ -1,7 +1,5 @@
 """Thin wrapper: `python eval/knn.py --help` (same as the installed command; see eval/README.md)."""
-import sys
-
-from mmcl.evaluation.cli import knn_main
+from mmcl.evaluation.cli import knn_command
 
 if __name__ == "__main__":
-    sys.exit(knn_main())
+    knn_command()

@@ -1,7 +1,5 @@
 """Thin wrapper: `python eval/retrieval.py --help` (same as the installed command; see eval/README.md)."""
-import sys
-
-from mmcl.evaluation.cli import retrieval_main
+from mmcl.evaluation.cli import retrieval_command
 
 if __name__ == "__main__":
-    sys.exit(retrieval_main())
+    retrieval_command()

@@ -1,7 +1,5 @@
 """Thin wrapper: `python eval/zeroshot.py --help` (same as the installed command; see eval/README.md)."""
-import sys
-
-from mmcl.evaluation.cli import zeroshot_main
+from mmcl.evaluation.cli import zeroshot_command
 
 if __name__ == "__main__":
-    sys.exit(zeroshot_main())
+    zeroshot_command()

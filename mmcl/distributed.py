@@ -1,4 +1,5 @@
-"""Rank/world helpers and all-gather collectives for contrastive losses.
+"""Rank/world helpers, all-gather collectives for contrastive losses, and how a process that
+joined a process group exits (`run_command`).
 
 Every helper is safe to call without a process group: it then behaves as a single
 process (rank 0 of a world of 1) and the gathers return their input unchanged.
@@ -13,9 +14,18 @@ into exactly dL/dtheta for the parameters.
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+import threading
+import traceback
+from typing import Callable, NoReturn
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+_joined = False  # this process has joined a process group (see `run_command`)
 
 
 def is_distributed() -> bool:
@@ -31,6 +41,52 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of ranks in the default group; 1 without a process group."""
     return dist.get_world_size() if is_distributed() else 1
+
+
+def note_joined() -> None:
+    """Record that this process joined a process group, so `run_command` ends it with `os._exit`."""
+    global _joined
+    _joined = True
+
+
+def run_command(main: Callable[[], int | None]) -> NoReturn:
+    """Run a command-line entry point and exit with its status (the `__main__` and console-script path).
+
+    A process that joined a process group joins its threads, runs its atexit handlers (logging,
+    multiprocessing children, temporary folders), flushes and leaves through `os._exit`,
+    skipping the rest of the interpreter's teardown. The reason: gloo's worker threads release
+    a collective's tensors only after the collective has completed, and that takes the GIL.
+    When a rank's main thread reaches teardown first, Python ends such a thread mid-destructor
+    and the rank aborts with "terminate called without an active exception" (SIGABRT) after a
+    run that succeeded (pytorch/pytorch#179291; about 1 in 10 launches of the two-rank ZeRO
+    1/2/3 test here). `destroy_process_group()` does not stop it: DeepSpeed still holds the
+    group, so its threads live on. An exception that escapes `main` prints its traceback and
+    exits 1, as Python would.
+    """
+    try:
+        status = main()
+    except SystemExit as exit:
+        status = exit.code
+    except BaseException:
+        if not _joined:
+            raise
+        traceback.print_exc()
+        status = 1
+    if not _joined:
+        raise SystemExit(status)
+    if isinstance(status, str):  # SystemExit("message"): Python prints it and exits 1
+        print(status, file=sys.stderr)
+        status = 1
+    # What teardown runs first, in its order, while the interpreter is still whole: join the
+    # non-daemon threads (and stop idle executor workers), then the atexit handlers.
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to save
+            pass
+    os._exit(status or 0)
 
 
 def all_gather_no_grad(x: Tensor) -> Tensor:

@@ -92,5 +92,12 @@ def release_shared_memory() -> None:
             pass
 
 
+def command() -> None:
+    """The `mmcl-train` console script: `main`, ended by `run_command`."""
+    from mmcl.distributed import run_command
+
+    run_command(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    command()

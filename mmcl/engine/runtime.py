@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmcl.distributed import get_rank
+from mmcl.distributed import get_rank, note_joined
 
 
 class TrainingError(RuntimeError):
@@ -48,6 +48,7 @@ def init_process_group() -> None:
         deepspeed.init_distributed(dist_backend="nccl")
     else:
         deepspeed.init_distributed(dist_backend="gloo")
+    note_joined()
 
 
 def enable_stack_dumps() -> None:

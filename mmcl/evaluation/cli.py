@@ -12,11 +12,13 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from mmcl.distributed import note_joined, run_command
 from mmcl.evaluation.prompts import builtin_prompt_sets, load_builtin, read_list_file
 
 BUILTIN_HELP = (
@@ -60,6 +62,7 @@ def _setup_distributed(device_arg: str | None) -> torch.device:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        note_joined()
     return device
 
 
@@ -307,3 +310,11 @@ def knn_main(argv: Sequence[str] | None = None) -> int:
 def linear_probe_main(argv: Sequence[str] | None = None) -> int:
     """`mmcl-linear-probe`: logistic-regression probe on frozen image features."""
     return _main(run_linear_probe, list(argv) if argv is not None else None)
+
+
+# The console scripts (pyproject.toml) and eval/*.py: each command ended by `run_command`, so a
+# torchrun rank cannot abort in interpreter teardown after it reported (see mmcl.distributed).
+zeroshot_command = partial(run_command, zeroshot_main)
+retrieval_command = partial(run_command, retrieval_main)
+knn_command = partial(run_command, knn_main)
+linear_probe_command = partial(run_command, linear_probe_main)

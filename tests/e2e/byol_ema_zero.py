@@ -18,7 +18,7 @@ select_accelerator()
 import deepspeed  # noqa: E402
 
 from mmcl.config import from_dict  # noqa: E402
-from mmcl.distributed import get_rank  # noqa: E402
+from mmcl.distributed import get_rank, run_command  # noqa: E402
 from mmcl.engine.optim import parameter_groups  # noqa: E402
 from mmcl.engine.zero import full_parameters  # noqa: E402
 from mmcl.engine.steps import plain_step  # noqa: E402
@@ -87,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

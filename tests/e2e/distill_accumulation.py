@@ -20,7 +20,7 @@ select_accelerator()
 import deepspeed  # noqa: E402
 
 from mmcl.config import ModelConfig, TextTowerConfig, TowerConfig  # noqa: E402
-from mmcl.distributed import get_rank  # noqa: E402
+from mmcl.distributed import get_rank, run_command  # noqa: E402
 from mmcl.engine.objectives import DistillObjective  # noqa: E402
 from mmcl.engine.zero import full_parameters  # noqa: E402
 from mmcl.engine.steps import feature_cache_step, plain_step  # noqa: E402
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

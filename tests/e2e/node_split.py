@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mmcl.config import DataConfig
 from mmcl.data.loader import build_train_loader
-from mmcl.distributed import get_rank, get_world_size
+from mmcl.distributed import get_rank, get_world_size, run_command
 from mmcl.engine.runtime import init_process_group, select_accelerator
 
 
@@ -24,4 +24,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

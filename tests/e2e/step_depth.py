@@ -21,6 +21,7 @@ os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1"
                   MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 
 import mmcl.losses.clip as clip  # noqa: E402
+from mmcl.distributed import run_command  # noqa: E402
 from mmcl.engine.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +43,11 @@ def recording_forward(self, *args, **kwargs):
     return forward(self, *args, **kwargs)
 
 
+def run() -> int:
+    status = main(["--config", str(out / "run.yaml")])
+    print("FRAMES " + json.dumps(recorded))
+    return status
+
+
 clip.ClipLoss.forward = recording_forward
-main(["--config", str(out / "run.yaml")])
-print("FRAMES " + json.dumps(recorded))
+run_command(run)
