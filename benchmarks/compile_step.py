@@ -144,4 +144,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mmcl.distributed import run_command
+
+    run_command(main)  # joined a process group: exit without interpreter teardown (see run_command)
