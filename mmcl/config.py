@@ -105,6 +105,33 @@ def uses_views(config: RunConfig) -> bool:
 # ----------------------------------------------------------------------------- loading
 
 
+def _read_yaml(path: Path, source: str) -> Any:
+    """The parsed YAML of a config file; every way it can fail is one ConfigError sentence."""
+    if not path.exists():
+        raise ConfigError(f"config file {source} does not exist.")
+    if path.is_dir():
+        raise ConfigError(f"config file {source} is a folder; give the run's YAML file.")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {source} is not a text file (it is not UTF-8); give the run's YAML file.") from None
+    except OSError as error:
+        raise ConfigError(f"config file {source} cannot be read ({error.strerror or error}).") from None
+    if not text.strip():
+        raise ConfigError(f"config file {source} is empty; a run config needs at least a `model:` section "
+                          "(see configs/demo.yaml).")
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        opened = getattr(error, "context_mark", None)
+        if opened is not None and getattr(error, "context", None):  # e.g. an unclosed [ opened earlier
+            problem += f"; {error.context} at line {opened.line + 1}, column {opened.column + 1}"
+        raise ConfigError(f"{source}: not valid YAML{where} ({problem}).") from None
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config, apply `key.sub=value` overrides and validate it.
 
@@ -112,12 +139,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     (the way `deepspeed train.py` users run it from the repo root).
     """
     source = str(path)
-    if not Path(path).is_file():
-        raise ConfigError(f"config file {source} does not exist.")
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: not valid YAML ({str(error).splitlines()[0]}).") from error
+    raw = _read_yaml(Path(path), source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, not {type(raw).__name__}.")
     for override in overrides:

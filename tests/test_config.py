@@ -127,3 +127,25 @@ def test_malformed_yaml_and_override(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
         load_config(write(tmp_path, BASE), ["model.embed_dim"])
+
+
+def test_yaml_errors_name_the_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  image: {config: 1}\n  text:\n\tbad: 1\n")
+    with pytest.raises(ConfigError) as failed:
+        load_config(path)
+    assert str(failed.value) == (f"{path}: not valid YAML at line 4, column 1 (found character '\\t' that cannot start any token).")
+    path.write_text("model:\n  image: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML at line 3, column 1 .*flow sequence at line 2, column 10"):
+        load_config(path)
+
+
+def test_config_paths_that_exist_but_are_no_yaml_file_say_what_they_are(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config file /dev/null is empty; a run config needs at least a `model:` section"):
+        load_config("/dev/null")
+    with pytest.raises(ConfigError, match=rf"^config file {tmp_path} is a folder; give the run's YAML file\.$"):
+        load_config(tmp_path)
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\x80\xff\xfe" * 10)
+    with pytest.raises(ConfigError, match=r"weights.bin is not a text file"):
+        load_config(binary)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import string
 import sys
 from functools import partial
 from pathlib import Path
@@ -42,9 +43,43 @@ def _parser(description: str, task: str) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (default 2)")
     parser.add_argument("--split", default=None, help="split of a saved `datasets` DatasetDict (default: test/validation)")
     parser.add_argument("--dataset-name", default=None, help="name written as 'dataset' in the JSON (default: from the data path)")
-    parser.add_argument("--output", metavar="FILE", default=None,
+    parser.add_argument("--output", metavar="FILE", default=None, type=output_template,
                         help="write the JSON here; may use {dataset}, {model}, {pretrained}, {task}, {language}")
     return parser
+
+
+OUTPUT_FIELDS = ("dataset", "model", "pretrained", "task", "language")
+
+
+def output_template(value: str) -> str:
+    """Check an --output template before any work: only the known {fields}, and a folder that can be written.
+
+    Raises argparse.ArgumentTypeError (argparse prints it as one usage line, exit 2).
+    """
+    names = [name for _, name, _, _ in _fields_of(value)]
+    unknown = [name for name in names if name not in OUTPUT_FIELDS]
+    if unknown or any(name is None for name in names):
+        what = f"unknown field {{{unknown[0]}}}" if unknown and unknown[0] is not None else "not a valid template"
+        raise argparse.ArgumentTypeError(
+            f"'{value}': {what}; the fields are {', '.join('{' + f + '}' for f in OUTPUT_FIELDS)} "
+            "(write a literal brace as {{ or }}).")
+    # The part before the first field names a folder that must be creatable; check it now, not after the evaluation.
+    prefix = value.split("{", 1)[0] if names else value
+    folder = Path(prefix) if names and prefix.endswith("/") else Path(prefix).parent
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"'{value}': {existing} is not a folder this user can write to.")
+    if not names and Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"'{value}' is a folder; give a file name such as {Path(value) / 'result.json'}.")
+    return value
+
+
+def _fields_of(template: str) -> list[tuple]:
+    """string.Formatter's parse of `template`, with a malformed one as a single (.., None, ..) entry."""
+    try:
+        return [item for item in string.Formatter().parse(template) if item[1] is not None]
+    except ValueError:
+        return [("", None, "", None)]
 
 
 def _setup_distributed(device_arg: str | None) -> torch.device:
@@ -91,8 +126,11 @@ def _report(args: argparse.Namespace, task: str, dataset: str, model, metrics: d
     if args.output:
         path = Path(args.output.format(dataset=dataset, model=model.name, task=task, language="en",
                                        pretrained=Path(model.pretrained).name.replace("/", "_")))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as error:  # the result is printed above, so nothing is lost
+            raise ValueError(f"could not write --output {path} ({error.strerror or error}); the table above is the result.") from None
         print(f"wrote {path}")
     return result
 

@@ -181,3 +181,21 @@ def test_model_dir_from_pretrained_towers_loads_without_them(tmp_path):
     assert model.state_dict().keys() == loaded.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     assert tokenizer("a red square")["input_ids"] == original_tokenizer("a red square")["input_ids"]
+
+
+@pytest.mark.parametrize("template, says", [
+    ("{root}/{foo}.json", "unknown field {foo}; the fields are {dataset}, {model}, {pretrained}, {task}, {language}"),
+    ("{root}/{dataset.json", "not a valid template"),
+    ("{root}/{}.json", "unknown field {}"),
+    ("{root}/file.txt/{dataset}.json", "file.txt is not a folder this user can write to"),
+    ("{root}", "is a folder; give a file name such as"),
+])
+def test_a_bad_output_template_is_one_usage_line_before_any_model_is_loaded(tmp_path, capsys, template, says):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(SystemExit) as failed:  # argparse: usage line, exit status 2; --model does not even exist
+        zeroshot_main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path), "--output", template.replace("{root}", str(tmp_path))])
+    assert failed.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument --output: '" in error
+    assert says in error
+    assert not list(tmp_path.glob("*.json"))
