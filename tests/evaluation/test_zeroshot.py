@@ -2,11 +2,13 @@ import json
 import os
 import socket
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mmcl.distributed import note_joined, run_command
 from mmcl.evaluation.prompts import builtin_prompt_sets, expand_prompts, fill_template, load_builtin, read_list_file
 from mmcl.evaluation.zeroshot import build_zeroshot_classifier, evaluate_zeroshot
 
@@ -86,12 +88,15 @@ def _rank_main(rank: int, port: int, shards: str, caption_shards: str, out: str)
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        result = _evaluate(shards, caption_shards)
-        with open(f"{out}.{rank}", "w") as f:
-            json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+    note_joined()
+
+    def work() -> None:
+        try:
+            (Path(f"{out}.{rank}")).write_text(json.dumps(_evaluate(shards, caption_shards)))
+        finally:
+            dist.destroy_process_group()
+
+    run_command(work)  # os._exit after the result is written: no gloo teardown abort (pytorch#179291)
 
 
 def _free_port() -> int:

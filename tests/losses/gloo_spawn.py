@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mmcl.distributed import note_joined, run_command
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -28,10 +30,17 @@ def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: st
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
-    try:
-        torch.save(fn(rank, world_size, *args), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    note_joined()
+
+    def work() -> None:
+        try:
+            torch.save(fn(rank, world_size, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+        finally:
+            dist.destroy_process_group()
+
+    # Ends through os._exit: a gloo thread still releasing tensors in interpreter teardown
+    # would abort the rank after its result is saved (pytorch#179291; see run_command).
+    run_command(work)
 
 
 def run_on_gloo_ranks(fn: Callable, world_size: int, *args) -> list[dict[str, torch.Tensor]]:
