@@ -210,31 +210,40 @@ class _Recorder:
         argparse.ArgumentParser.parse_known_args = self._original
 
 
+@contextlib.contextmanager
+def _help_width() -> typing.Iterator[None]:
+    """argparse wraps help at the terminal's width (COLUMNS); the pages are written at HELP_COLUMNS."""
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(HELP_COLUMNS)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
+
+
 def _help_of(run: Callable[[], Any], argv0: str, what: str) -> tuple[str, argparse.ArgumentParser | None]:
     """(the text `argv0 --help` prints, the parser that printed it), running `run` in this process."""
-    saved_argv, saved_columns = sys.argv, os.environ.get("COLUMNS")
-    sys.argv, os.environ["COLUMNS"] = [argv0, "--help"], str(HELP_COLUMNS)
+    saved_argv, sys.argv = sys.argv, [argv0, "--help"]
     out, err = io.StringIO(), io.StringIO()
     try:
-        with _Recorder() as recorder, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with _help_width(), _Recorder() as recorder, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 run()
                 status: Any = "returned without exiting"
             except SystemExit as exit:
                 status = exit.code
-        if status not in (0, None) or not out.getvalue().startswith("usage:"):
-            raise RuntimeError(f"mmcl.docs: `{what} --help` did not print its help (exit {status!r}): {err.getvalue()[-500:]}")
-        return out.getvalue(), recorder.parser
     finally:
         sys.argv = saved_argv
-        if saved_columns is None:
-            os.environ.pop("COLUMNS", None)
-        else:
-            os.environ["COLUMNS"] = saved_columns
+    if status not in (0, None) or not out.getvalue().startswith("usage:"):
+        raise RuntimeError(f"mmcl.docs: `{what} --help` did not print its help (exit {status!r}): {err.getvalue()[-500:]}")
+    return out.getvalue(), recorder.parser
 
 
 def _subcommands(parser: argparse.ArgumentParser | None, name: str) -> list[tuple[str, str]]:
-    """[(\"NAME SUB\", its --help text)] for every subcommand under `parser`, depth first."""
+    """[("NAME SUB", its --help text)] for every subcommand under `parser`, depth first."""
     if parser is None:
         return []
     found = []
@@ -245,15 +254,8 @@ def _subcommands(parser: argparse.ArgumentParser | None, name: str) -> list[tupl
                 if id(sub) in seen:  # an alias
                     continue
                 seen.add(id(sub))
-                saved = os.environ.get("COLUMNS")
-                os.environ["COLUMNS"] = str(HELP_COLUMNS)
-                try:
+                with _help_width():
                     text = sub.format_help()
-                finally:
-                    if saved is None:
-                        os.environ.pop("COLUMNS", None)
-                    else:
-                        os.environ["COLUMNS"] = saved
                 found.append((f"{name} {sub_name}", text))
                 found += _subcommands(sub, f"{name} {sub_name}")
     return found
@@ -318,7 +320,7 @@ def cli_reference() -> str:
 
 
 def _anchor(command: str) -> str:
-    """The id MkDocs' toc extension gives the heading `### \`command\``."""
+    """The id MkDocs' toc extension gives a heading that reads `command` in code."""
     return re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", command).strip().lower())
 
 
@@ -339,7 +341,8 @@ def write_into(text: str, generated: dict[str, str] | None = None) -> str:
     """`text` with each generated block it holds replaced between its markers."""
     names = blocks_in(text)
     if not names:
-        raise SystemExit("mmcl.docs: the file holds no generated block's markers.")
+        raise SystemExit("mmcl.docs: the file holds no generated block's markers; the generated pages are "
+                         f"{', '.join(sorted(set(TARGETS.values())))}: run `python -m mmcl.docs --write` without a file.")
     generated = generated if generated is not None else blocks(names)
     for name in names:
         start, end = MARKERS[name]
