@@ -18,7 +18,7 @@ export DS_ACCELERATOR ?= cpu
 # checkouts never rebuild over each other.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-fast docs docs-reference demo clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,23 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import mmcl, open_clip, deepspeed, webdataset, datasets, sentencepiece"
 	touch $(STAMP)
 
+# Everything, as CI runs it (.ci/run): unit tests, end-to-end deepspeed launches, the strict docs build.
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The unit tests: no deepspeed/torchrun launches (`e2e`), no multi-rank or many-second tests (`slow`).
+test-fast: setup
+	$(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
+
+# The documentation site into site/; --strict: a broken link, anchor or include, or a page left out
+# of the nav, fails. NO_MKDOCS_2_WARNING: Material's end-of-life banner, printed on every build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# Regenerate the generated reference pages (config keys, objectives, every command's --help)
+# after changing a setting, an objective or a command's flags.
+docs-reference: setup
+	$(PY) -m mmcl.docs --write
 
 # The main job on the built-in data: the digits shards (built once, offline), then the real
 # DeepSpeed launcher with 2 CPU ranks and ZeRO-2; prints the zero-shot top-1 on held-out digits.
@@ -48,4 +63,4 @@ demo: setup
 	$(PY) eval/transformers_zeroshot.py --model $(DEMO_OUT)/export --data $(DEMO_DATA)/classification
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info site

@@ -95,6 +95,7 @@ def test_a_negative_objective_weight_is_one_sentence(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("'objectives.clip' weight must be >= 0, got -1.0.")
 
 
+@pytest.mark.slow
 def test_the_issue_s_examples_stop_the_real_command_without_a_traceback(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(BASE))

@@ -22,6 +22,7 @@ def good_set(tmp_path, image_bytes):
     return tmp_path / "good"
 
 
+@pytest.mark.slow
 def test_counts_every_sample_of_good_shards(good_set, capsys):
     report = inspect_shards(f"{good_set}/{{00000..00002}}.tar")
     assert [(s.samples, s.good, s.status, s.expected) for s in report.shards] == [

@@ -101,6 +101,7 @@ def test_max_shard_bytes_starts_new_shards(tmp_path, image_bytes):
     assert [s.successes for s in stats.shards] == list(sizes.values())
 
 
+@pytest.mark.slow
 def test_writing_twice_gives_identical_bytes_with_any_worker_count(tmp_path, image_bytes, dir_digest):
     items = _items(image_bytes, 7)
     options = ImageOptions(resize_mode="center_crop", image_size=6)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from mmcl.engine.teacher_cache import TeacherFeatureCache
@@ -25,6 +26,7 @@ WRITER = textwrap.dedent("""
 """).format(fingerprint=FINGERPRINT, flushes=FLUSHES, rows=ROWS, width=WIDTH)
 
 
+@pytest.mark.slow
 def test_two_writers_sharing_a_cache_dir_never_expose_a_partial_file(tmp_path):
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(rank)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for rank in (0, 1)]

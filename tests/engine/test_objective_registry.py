@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 NEW_OBJECTIVE = '''
@@ -70,6 +72,7 @@ print("registered")
 '''
 
 
+@pytest.mark.slow
 def test_a_registered_objective_gets_its_config_section_range_checks_data_needs_and_docs():
     result = subprocess.run([sys.executable, "-c", NEW_OBJECTIVE], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

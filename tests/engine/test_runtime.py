@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 WAITING = """
 import time
 from mmcl.engine.runtime import enable_stack_dumps
@@ -53,6 +55,7 @@ run_command(main)
 """
 
 
+@pytest.mark.slow
 def test_a_rank_that_joined_a_gloo_group_exits_with_its_status_while_collectives_finish():
     """Gloo's threads release a collective's tensors after it completes; a rank whose main thread
     reaches interpreter teardown first aborts (SIGABRT, "terminate called without an active

@@ -105,6 +105,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_give_the_same_numbers_as_one_process(tmp_path):
     # 13 labelled samples in shards of 5, 5, 3 (whole shards dealt to ranks, unevenly) and
     # 7 captioned samples in one shard (samples dealt out one by one).

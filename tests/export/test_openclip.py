@@ -259,6 +259,7 @@ def clip_benchmark_layout(root: Path, shard: Path, samples: int = 150) -> Path:
     return root
 
 
+@pytest.mark.e2e
 def test_zero3_run_from_converted_openclip_then_clip_benchmark_agrees_with_mmcl_zeroshot(openclip_checkpoints, converted,
                                                                                         tmp_path):
     """One deepspeed launch (2 CPU ranks, ZeRO-3) started with model.init_from on a converted OpenCLIP model,

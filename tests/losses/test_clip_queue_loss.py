@@ -54,6 +54,7 @@ def test_one_process_matches_the_reference_and_keys_get_no_gradient(distill):
     assert abs(functional.item() - ref["loss"].item()) < TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distill", [0.0, DISTILL])
 def test_two_ranks_equal_the_concatenated_batch(distill):
     ref = _reference_with_grads(distill)

@@ -1,5 +1,6 @@
 """The distillation loss equals open_clip's DistillClipLoss (value and gradients, float64) in one
 process, and over 2 gloo ranks the local-loss form equals one process over the concatenated batch."""
+import pytest
 import torch
 from open_clip.loss import DistillClipLoss
 
@@ -35,6 +36,7 @@ def test_one_process_equals_open_clip_distill_clip_loss_value_and_gradients():
     assert abs(functional.item() - ref["loss"].item()) < TOL
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_over_the_concatenated_batch():
     ref = open_clip_reference()
     ranks = run_on_gloo_ranks(distill_case, 2)

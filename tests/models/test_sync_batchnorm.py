@@ -4,6 +4,7 @@ concatenated batch in one process (float64), and the ranks' parameter gradients 
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +54,7 @@ def reference() -> dict[str, torch.Tensor]:
             "running_mean": running_mean, "running_var": running_var}
 
 
+@pytest.mark.slow
 def test_synced_batchnorm_over_two_ranks_equals_batchnorm_over_the_global_batch():
     ranks = run_on_gloo_ranks(synced_case, WORLD)
     expected = reference()
