@@ -34,10 +34,11 @@ _REFERENCE = re.compile(r"(?:(?:Bearer|Basic|Token|Digest)\s+)?(?:\$\{?[A-Za-z_]
 _expanded: dict[str, str] = {}  # value -> name of every variable mmcl expanded in this process
 
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
-_USERINFO = re.compile(rf"(?P<head>{_SCHEME})(?P<secret>[^/?#\s'\"@]+)@")
-_QUERY = re.compile(rf"(?P<head>{_SCHEME}[^\s'\"?#]*)\?(?P<query>[^\s'\"#]*)")
+_END = r"\s'\"`<>|;()"  # what ends a URL inside a command line, Markdown or a message
+_USERINFO = re.compile(rf"(?P<head>{_SCHEME})(?P<secret>[^/?#@{_END}]+)@")
+_QUERY = re.compile(rf"(?P<head>{_SCHEME}[^?#{_END}]*)\?(?P<query>[^#{_END}]*)")
 _QUOTED_HEADER = re.compile(r"(?P<head>(?<![\w-])(?:-H|--header)(?:\s*=\s*|\s*)(?P<q>['\"])\s*[\w-]+\s*:\s*)(?P<secret>.*?)(?=(?P=q))")
-_BARE_HEADER = re.compile(r"(?P<head>(?<![\w-])(?:-H|--header)(?:\s*=\s*|\s+)[\w-]+:)(?P<secret>[^\s'\"]+)")
+_BARE_HEADER = re.compile(r"(?P<head>(?<![\w-])(?:-H|--header)(?:\s*=\s*|\s+)[\w-]+:)(?P<secret>[^\s'\"`]+)")
 _QUOTED = r"(?:'[^']*'|\"[^\"]*\"|[^\s'\"]+)"
 _USER_OPTION = re.compile(rf"(?P<head>(?<![\w-])(?:--user|--proxy-user)(?:\s*=\s*|\s+)|(?<![\w-])-u\s*(?=['\"]?[^\s'\"]*:))"
                           rf"(?P<secret>{_QUOTED})")  # curl's user:password (`-u` only with a `:`, not `python -u`)

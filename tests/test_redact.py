@@ -65,3 +65,8 @@ def test_redact_tree_redacts_every_string_of_a_config():
 def test_redact_imports_no_torch():
     code = "import sys, mmcl.redact; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_redact_stops_a_url_where_markdown_or_a_sentence_ends_it():
+    assert (redact("Data: `https://u:p@h/d/{0..9}.tar?token=t&exp=1` (10 shards); (http://h/a.tar?k=v)")
+            == "Data: `https://***@h/d/{0..9}.tar?token=***&exp=***` (10 shards); (http://h/a.tar?k=***)")
