@@ -61,7 +61,7 @@ def expand_env(text: str) -> str:
 
 def _env_values() -> list[tuple[str, str]]:
     """(value, name) to look for, longest value first: mmcl's expansions and secret-named variables."""
-    found = dict(_expanded)
+    found = {value: name for value, name in _expanded.items() if os.environ.get(name) == value}  # not stale
     for name, value in os.environ.items():
         if len(value) >= MIN_ENV_VALUE and _SECRET_NAME.search(name):
             found.setdefault(value, name)

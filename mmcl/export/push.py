@@ -174,9 +174,7 @@ def push_export(folder: str | Path, repo_id: str, *, private: bool = False, revi
 
     An export that plain transformers does not reproduce (a NaN projection) is refused unless `allow_inexact`.
     """
-    from huggingface_hub import HfApi
-
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = check_export_dir(folder)
     files = export_files(folder)

@@ -14,7 +14,6 @@ from collections import Counter
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from conftest import good_sample, write_shard
 
 from mmcl.data import build_train_loader
 from mmcl.data.shards import NoShardsError, PipeRefusedError, expand_shards, lookup_shard_sizes
@@ -37,18 +36,18 @@ class GuardedHandler(http.server.SimpleHTTPRequestHandler):
         super().do_GET()
 
 
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory):
+@pytest.fixture
+def guarded(tmp_path, kit):
     """(base URL without credentials, served folder) of shards 00000..00002 with NNNNN_stats.json."""
-    root = tmp_path_factory.mktemp("guarded")
-    (root / "d").mkdir()
+    root = tmp_path / "served"
+    (root / "d").mkdir(parents=True)
     index = 0
     for shard, size in enumerate(SIZES):
         samples = []
         for _ in range(size):
-            samples.append(good_sample(f"{index:06d}", index))
+            samples.append(kit.good_sample(f"{index:06d}", index))
             index += 1
-        write_shard(root / "d" / f"{shard:05d}.tar", samples)
+        kit.write_shard(root / "d" / f"{shard:05d}.tar", samples)
         (root / "d" / f"{shard:05d}_stats.json").write_text(f'{{"successes": {size}}}')
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(GuardedHandler, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
