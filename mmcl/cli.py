@@ -82,13 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = export_run(args.run, args.out, overwrite=args.overwrite, license=args.license, datasets=args.dataset)
             print(f"mmcl: exported {args.run} to {out} (README.md says how to load it)")
         else:
-            from mmcl.export.push import push_export
+            from mmcl.export.push import push_export, stray_files
 
             info = push_export(args.model, args.repo_id, private=args.private, revision=args.revision,
                                commit_message=args.commit_message, allow_inexact=args.allow_inexact)
             print(f"mmcl: pushed {args.model} to {args.repo_id} in one commit: {info.commit_url}")
+            left_out = stray_files(args.model)
+            if left_out:
+                print(f"mmcl: left out {len(left_out)} entries that are not part of the export: {', '.join(left_out)}")
     except (ExportError, PushError) as error:
-        print(f"mmcl: error: {error}", file=sys.stderr, flush=True)
+        from mmcl.redact import redact
+
+        print(f"mmcl: error: {redact(str(error))}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -250,9 +250,12 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
 
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML; `load_config(path)` returns an equal object."""
+    """Write the resolved config as YAML, credentials redacted (`mmcl.redact`): `load_config(path)`
+    returns an equal object unless a shard string carried one."""
+    from mmcl.redact import redact_tree
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(redact_tree(config_to_dict(config)), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- rules across sections

@@ -49,6 +49,13 @@ def note_joined() -> None:
     _joined = True
 
 
+def print_redacted_traceback(kind, value, tb) -> None:
+    """`sys.excepthook` that redacts credentials (a shard URL in an exception's message)."""
+    from mmcl.redact import redact
+
+    print(redact("".join(traceback.format_exception(kind, value, tb))), end="", file=sys.stderr, flush=True)
+
+
 def run_command(main: Callable[[], int | None]) -> NoReturn:
     """Run a command-line entry point and exit with its status (the `__main__` and console-script path).
 
@@ -60,9 +67,10 @@ def run_command(main: Callable[[], int | None]) -> NoReturn:
     and the rank aborts with "terminate called without an active exception" (SIGABRT) after a
     run that succeeded (pytorch/pytorch#179291; about 1 in 10 launches of the two-rank ZeRO
     1/2/3 test here). `destroy_process_group()` does not stop it: DeepSpeed still holds the
-    group, so its threads live on. An exception that escapes `main` prints its traceback and
-    exits 1, as Python would.
+    group, so its threads live on. An exception that escapes `main` prints its traceback
+    (credentials redacted, `mmcl.redact`) and exits 1, as Python would.
     """
+    sys.excepthook = print_redacted_traceback
     try:
         status = main()
     except SystemExit as exit:
@@ -70,7 +78,7 @@ def run_command(main: Callable[[], int | None]) -> NoReturn:
     except BaseException:
         if not _joined:
             raise
-        traceback.print_exc()
+        print_redacted_traceback(*sys.exc_info())
         status = 1
     if not _joined:
         raise SystemExit(status)

@@ -58,6 +58,7 @@ from ..distributed import get_rank, get_world_size
 from .elastic import EpochPlan, Segment
 from .pipeline import StreamConfig, WorkerState, worker_batches
 from .samples import SampleSpec
+from ..redact import redact
 from .shards import expand_shards, read_shard_sizes, split_evenly
 from .tokenize import CaptionTokenizer
 from .transforms import CLIP_MEAN, CLIP_STD, clip_eval_transform, clip_train_transform
@@ -330,7 +331,7 @@ def _epoch_plan(data_cfg: Any, sizes: list[int] | None, batch_size: int, world_s
     if total is None and world_size > 1:
         raise ValueError(
             f"epoch mode on {world_size} ranks needs the dataset size to give every rank the same number "
-            f"of steps: put a sizes.json next to the shards of '{data_cfg.train_shards}' or set "
+            f"of steps: put a sizes.json next to the shards of '{redact(data_cfg.train_shards)}' or set "
             "data.samples_per_epoch (or use data.resampled: true)."
         )
     if total is None:  # one rank without sizes: run to the end of the data, full batches only

@@ -3,7 +3,10 @@
 A shard is a tar file in img2dataset / WebDataset layout, addressed by anything
 `webdataset.gopen` opens: a local path, `file:`, `pipe:<command>`, `http(s)://` (curl), and
 the other schemes it knows. A pattern uses brace expansion (`data/{00000..00127}.tar`) or, for
-local paths, glob wildcards (`data/*.tar`); several sources join with `::`.
+local paths, glob wildcards (`data/*.tar`); several sources join with `::`. `$VAR` is expanded
+here, except in a `pipe:` command, which the shell runs with its variables as written; every
+shard string that leaves this module in a message is redacted (`mmcl.redact`). With
+webdataset's `WDS_SECURE=1`, `pipe:` sources are refused, here and in the size lookup.
 
 A *consumer* is one DataLoader worker of one rank: there are `world_size * max(1, num_workers)`
 of them, consumer `c = rank * W + worker`. In epoch mode `assign_pieces` gives each consumer a
@@ -36,8 +39,13 @@ from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import braceexpand
 
+from mmcl.redact import expand_env, redact
+
 __all__ = [
     "NoShardsError",
+    "PipeRefusedError",
+    "refuse_pipes",
+    "secure_mode",
     "ShardPiece",
     "expand_shards",
     "read_shard_sizes",
@@ -50,7 +58,26 @@ __all__ = [
 
 
 class NoShardsError(ValueError):
-    """A shard pattern matched nothing; the message names the pattern."""
+    """A shard pattern matched nothing; the message names the pattern (redacted)."""
+
+
+class PipeRefusedError(NoShardsError):
+    """A `pipe:` shard source while webdataset's WDS_SECURE=1 forbids shell commands."""
+
+
+def secure_mode() -> bool:
+    """webdataset's `WDS_SECURE`: set (to anything but 0) means no `pipe:` command may run."""
+    return os.environ.get("WDS_SECURE", "0").strip() not in ("", "0")
+
+
+def refuse_pipes(pattern: str | None, key: str = "data.train_shards") -> None:
+    """Raise `PipeRefusedError` when WDS_SECURE=1 and a `::` part of `pattern` is a `pipe:` command."""
+    if not pattern or not secure_mode():
+        return
+    for part in pattern.split("::"):
+        if part.strip().startswith("pipe:"):
+            raise PipeRefusedError(f"{key} source '{redact(part.strip())}' is a pipe: command, which WDS_SECURE=1 "
+                                   "forbids; unset WDS_SECURE or name the shards by URL (http(s)://, s3://...).")
 
 
 @dataclass(frozen=True)
@@ -100,8 +127,12 @@ def expand_shards(pattern: str, require_existing: bool = True) -> list[list[str]
     for part in pattern.split("::"):
         part = part.strip()
         if not part:
-            raise NoShardsError(f"shard pattern '{pattern}' has an empty '::' part.")
-        urls = list(braceexpand.braceexpand(os.path.expandvars(part)))
+            raise NoShardsError(f"shard pattern '{redact(pattern)}' has an empty '::' part.")
+        if part.startswith("pipe:"):
+            refuse_pipes(part, "the shard")
+            urls = list(braceexpand.braceexpand(part))  # its $VAR are the shell's, not ours
+        else:
+            urls = list(braceexpand.braceexpand(expand_env(part)))
         if all(is_local(u) for u in urls):
             found = []
             for url in urls:
@@ -113,8 +144,8 @@ def expand_shards(pattern: str, require_existing: bool = True) -> list[list[str]
                 else:
                     found.extend(sorted(glob.glob(path)) if glob.has_magic(path) else [path])
             if require_existing and not any(os.path.isfile(u) for u in found):
-                where = f" (in '{pattern}')" if part != pattern else ""
-                raise NoShardsError(f"no shard files match '{part}'{where}; check the path and the {{start..end}} range.")
+                where = f" (in '{redact(pattern)}')" if part != pattern else ""
+                raise NoShardsError(f"no shard files match '{redact(part)}'{where}; check the path and the {{start..end}} range.")
             urls = found
         sources.append(urls)
     return sources
@@ -147,7 +178,7 @@ def lookup_shard_sizes(urls: list[str], threads: int = 16) -> SizeLookup:
     located = [(url, _shard_name(url)) for url in urls]
     unnamed = next((url for url, name in located if name is None), None)
     if unnamed is not None:
-        return SizeLookup(None, f"no shard file name (NAME.tar) to look up sizes for in '{unnamed}'")
+        return SizeLookup(None, f"no shard file name (NAME.tar) to look up sizes for in '{redact(unnamed)}'")
     tables = _map(_sizes_table, sorted({sibling_url(url, "sizes.json") for url in urls}), threads)
     sizes: list[int | None] = [tables[sibling_url(url, "sizes.json")].get(name) for url, name in located]
     todo = [i for i, size in enumerate(sizes) if size is None]
@@ -160,7 +191,7 @@ def lookup_shard_sizes(urls: list[str], threads: int = 16) -> SizeLookup:
             count = value.get("successes") if isinstance(value, dict) else None
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 why = why or "it has no 'successes' count"
-                return SizeLookup(None, f"no sizes.json entry or {stats_file_name(located[i][1])} for {urls[i]} ({why})")
+                return SizeLookup(None, f"no sizes.json entry or {stats_file_name(located[i][1])} for {redact(urls[i])} ({redact(why)})")
             sizes[i] = count
     return SizeLookup([int(size) for size in sizes])
 
@@ -196,7 +227,7 @@ def sibling_url(url: str, file_name: str) -> str:
     if url.startswith("pipe:"):
         span = _pipe_name_span(url)
         if span is None:
-            raise ValueError(f"no shard file name (NAME.tar) in '{url}'")
+            raise ValueError(f"no shard file name (NAME.tar) in '{redact(url)}'")
         return url[:span[0]] + file_name + url[span[1]:]
     if is_local(url):
         return os.path.join(os.path.dirname(_local_path(url)) or ".", file_name)
@@ -228,6 +259,8 @@ def _read_json(where: str) -> tuple[object | None, str | None]:
         return _remote_json[where], None
     try:
         if where.startswith("pipe:"):
+            if secure_mode():
+                return None, "WDS_SECURE=1 forbids pipe: commands"
             data = _run_pipe(where[len("pipe:"):])
         elif is_local(where):
             with open(_local_path(where), "rb") as f:
@@ -260,13 +293,26 @@ def _run_pipe(command: str, timeout: float = 120) -> bytes:
 
 
 def _http_get(url: str, attempts: int = 3, timeout: float = 30) -> bytes:
-    """GET `url`; a missing file (4xx) fails at once, a server or network error (5xx, 429) is retried."""
-    from urllib.error import HTTPError, URLError
-    from urllib.request import urlopen
+    """GET `url`; a missing file (4xx) fails at once, a server or network error (5xx, 429) is retried.
 
+    `user:password@` in the URL is sent as HTTP basic auth, as curl (webdataset's reader) does.
+    """
+    import base64
+    from urllib.error import HTTPError, URLError
+    from urllib.parse import unquote
+    from urllib.request import Request, urlopen
+
+    parts = urlsplit(url)
+    headers = {}
+    if "@" in parts.netloc:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        credentials = f"{unquote(user)}:{unquote(password)}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
+        url = urlunsplit(parts._replace(netloc=host))
     for attempt in range(attempts):
         try:
-            with urlopen(url, timeout=timeout) as response:
+            with urlopen(Request(url, headers=headers), timeout=timeout) as response:
                 return response.read()
         except HTTPError as error:
             if (error.code < 500 and error.code != 429) or attempt == attempts - 1:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from mmcl.distributed import get_rank, note_joined
+from mmcl.redact import redact
 
 
 class TrainingError(RuntimeError):
@@ -18,9 +19,9 @@ class TrainingError(RuntimeError):
 
 
 def say(message: str) -> None:
-    """Print on rank 0 only (other ranks stay quiet so output is not duplicated)."""
+    """Print on rank 0 only (other ranks stay quiet so output is not duplicated); credentials redacted."""
     if get_rank() == 0:
-        print(f"[mmcl] {message}", flush=True)
+        print(f"[mmcl] {redact(message)}", flush=True)
 
 
 def _free_port() -> int:
@@ -107,5 +108,5 @@ def move_batch(batch: dict, engine) -> dict:
 
 
 def exit_with_error(error: BaseException) -> None:
-    print(f"mmcl: error: {error}", file=sys.stderr, flush=True)
+    print(f"mmcl: error: {redact(str(error))}", file=sys.stderr, flush=True)
     raise SystemExit(2)

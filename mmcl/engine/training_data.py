@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 from mmcl.config import RunConfig
 from mmcl.data.loader import ShardLoader, TeacherData, build_train_loader
-from mmcl.data.shards import expand_shards, is_local, lookup_shard_sizes
+from mmcl.data.shards import expand_shards, is_local, lookup_shard_sizes, refuse_pipes
 from mmcl.data.transforms import ssl_view_pair
 from mmcl.engine.objectives import needs_of
 from mmcl.engine.objectives.distill import teacher_transform
@@ -21,6 +21,9 @@ def check_shards(cfg: RunConfig) -> None:
     """
     if cfg.data.train_shards is None:
         raise TrainingError("data.train_shards is not set; point it at WebDataset shards, e.g. 'data/{00000..00127}.tar'.")
+    for key in ("zeroshot_shards", "retrieval_shards", "knn_train_shards", "knn_test_shards"):
+        refuse_pipes(getattr(cfg.eval, key, None), f"eval.{key}")  # WDS_SECURE=1: now, not after training
+    refuse_pipes(cfg.data.train_shards)
     for urls in expand_shards(cfg.data.train_shards):
         missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
         if missing:

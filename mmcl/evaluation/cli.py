@@ -115,9 +115,12 @@ def _dataset_name(args: argparse.Namespace, data: str) -> str:
 
 
 def _report(args: argparse.Namespace, task: str, dataset: str, model, metrics: dict, extra: dict | None = None) -> dict:
-    """Print a table and write the JSON (rank 0 only). Returns the result dict."""
+    """Print a table and write the JSON (rank 0 only), credentials redacted. Returns the result dict."""
     from mmcl.distributed import get_rank
+    from mmcl.redact import redact, redact_tree
 
+    dataset = redact(dataset)
+    extra = redact_tree(extra)
     result = {"dataset": dataset, "model": model.name, "pretrained": model.pretrained, "task": task,
               "metrics": metrics, "language": "en", **(extra or {})}
     if get_rank() != 0:
@@ -155,7 +158,9 @@ def _main(run: Callable[[list[str] | None], Any], argv: list[str] | None) -> int
     try:
         run(argv)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        from mmcl.redact import redact
+
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         return 2
     return 0
 

@@ -34,6 +34,10 @@ def expand_shards(spec: str) -> list[str]:
     .tar files, or several of those joined by `::`. Raises if no local shard exists."""
     import braceexpand
 
+    from mmcl.data.shards import refuse_pipes
+    from mmcl.redact import redact
+
+    refuse_pipes(spec, "the shard")
     urls: list[str] = []
     for part in spec.split("::"):
         if os.path.isdir(part):
@@ -46,9 +50,9 @@ def expand_shards(spec: str) -> list[str]:
                 urls.append(url)
     local_missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
     if not urls or len(local_missing) == len(urls):
-        raise FileNotFoundError(f"no shards found for '{spec}'; give a directory of .tar files or a pattern like dir/{{00000..00009}}.tar.")
+        raise FileNotFoundError(f"no shards found for '{redact(spec)}'; give a directory of .tar files or a pattern like dir/{{00000..00009}}.tar.")
     if local_missing:
-        raise FileNotFoundError(f"shard {local_missing[0]} (from '{spec}') does not exist.")
+        raise FileNotFoundError(f"shard {redact(local_missing[0])} (from '{redact(spec)}') does not exist.")
     return urls
 
 

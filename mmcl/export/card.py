@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 import yaml
 
 from mmcl.export.source import RunFacts
+from mmcl.redact import redact
 
 MODEL_ID_LINE = 'model_id = "{model_id}"  # "." is this folder (run the code inside it), or its Hub repo id'
 GENERIC_DIRS = {"train", "val", "valid", "validation", "test", "eval", "shards", "data", "tars", "classification",
@@ -67,7 +69,8 @@ def render_card(info: dict[str, Any], facts: RunFacts, model_id: str, files: Seq
         _limitations(info, license),
     ]
     body = "\n\n".join(section for section in sections if section)
-    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body + "\n"
+    card = "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body + "\n"
+    return redact(card)  # the config is redacted already; this also covers --dataset names and anything else
 
 
 def set_model_id(card: str, model_id: str) -> str:
@@ -91,10 +94,19 @@ def front_matter_of(card: str) -> dict[str, Any]:
 
 
 def dataset_name(pattern: str | None) -> str | None:
-    """A readable name for a shard pattern: its deepest folder that is not a split name ('laion400m')."""
+    """A readable name for a shard pattern: its deepest folder that is not a split name ('laion400m').
+
+    Only the path is looked at: a URL's host, credentials and query, and a `pipe:` command's other
+    words, never name a dataset.
+    """
     if not pattern:
         return None
     first = pattern.split("::")[0].strip()
+    if first.startswith("pipe:"):  # the word naming the shard file
+        words = [w.strip("'\"") for w in first[len("pipe:"):].split() if ".tar" in w or ".tgz" in w]
+        first = words[-1] if words else ""
+    if "://" in first:
+        first = urlsplit(first).path
     for part in reversed(Path(first).parent.parts):
         if "{" not in part and part.lower() not in GENERIC_DIRS and part not in ("/", ".", ".."):
             return part

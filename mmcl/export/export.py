@@ -6,7 +6,8 @@
       processor_config.json            VisionTextDualEncoderProcessor: CLIPImageProcessor + tokenizer
       preprocessor_config.json         the image processor alone (AutoImageProcessor, older transformers)
       tokenizer.json, tokenizer_config.json, ...
-      mmcl_export.json                 poolings, heads, what plain transformers reproduces, transform, source
+      mmcl_export.json                 poolings, heads, what plain transformers reproduces, transform, source,
+                                       and "files": the names this export consists of (what `mmcl push` uploads)
       mmcl_heads.safetensors           mmcl's projection heads, logit scale and bias
       mmcl_config.yaml                 the run's config (named so the folder is not mistaken for an mmcl model dir)
       metrics.json, training.png       the run's final metrics and plot, when the run has them
@@ -31,6 +32,7 @@ from mmcl.export.errors import ExportError
 from mmcl.export.hf_loader import HEADS_FILE, INFO_FILE
 from mmcl.export.source import RunFacts, Source, load_model, locate, read_facts
 from mmcl.export.staging import staged
+from mmcl.redact import redact_tree
 
 FORMAT_VERSION = 1
 CONFIG_COPY = "mmcl_config.yaml"
@@ -64,7 +66,8 @@ def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFac
     out = _check_out_dir(out_dir, overwrite)
     facts = facts or RunFacts(config=config_to_dict(config))
     run_dir = source.run_dir if source is not None else None
-    facts.config = portable_paths(facts.config or config_to_dict(config), run_dir)  # no machine paths leave with the model
+    # no machine paths and no credentials leave with the model
+    facts.config = redact_tree(portable_paths(facts.config or config_to_dict(config), run_dir))
     with staged(out) as staging:
         model = model.float().eval().cpu()
         hf, reports, probes = convert(model, config, tokenizer)
@@ -73,13 +76,15 @@ def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFac
         _save_heads(staging, model)
         info = _info(model, config, hf, reports, source)
         info["processor_check"] = processor_check(staging, info["image_transform"])
-        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (staging / CONFIG_COPY).write_text(yaml.safe_dump(facts.config, sort_keys=False))
         if facts.metrics is not None:
-            (staging / "metrics.json").write_text(json.dumps(facts.metrics, indent=2) + "\n")
+            (staging / "metrics.json").write_text(json.dumps(redact_tree(facts.metrics), indent=2) + "\n")
         if facts.plot is not None:
             shutil.copyfile(facts.plot, staging / "training.png")
-        files = sorted(p.name for p in staging.iterdir()) + ["README.md"]
+        # what the export consists of: `mmcl push` uploads exactly these
+        files = sorted({p.name for p in staging.iterdir() if not p.name.startswith(".")} | {INFO_FILE}) + ["README.md"]
+        info["files"] = files
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (staging / "README.md").write_text(render_card(info, facts, ".", files, license=license, datasets=datasets,
                                                        name=out.name))
         verify(staging, model, probes, info)

@@ -2,16 +2,18 @@
 
     push_export(folder, "org/name", private=False, revision=None, commit_message=None)
 
-Before any network call: the folder must be a complete export, a token must be available
-(HF_TOKEN, else the `hf auth login` token file) and offline mode must be off. Then
+Before any network call: the folder must be a complete export, hold no credential in its
+texts (an export written before mmcl redacted them), a token must be available (HF_TOKEN,
+else the `hf auth login` token file) and offline mode must be off. Then
 `HfApi.create_repo(exist_ok=True)`, `create_branch` for a non-main revision, and one
-`upload_folder`, which is a single commit for an export's dozen files. When something fails
-the error says whether the commit was created: before the upload nothing was; during it, the
-branch head is read again and compared with the head before the upload. The endpoint is
-read from HF_ENDPOINT at call time (huggingface_hub reads it once at import).
+`create_commit` of exactly the files the export consists of (`export_files`: the list in
+mmcl_export.json, else the card's file list): a stray `.env` or checkpoint in the folder stays
+home. When something fails the error says whether the commit was created: before the upload
+nothing was; during it, the branch head is read again and compared with the head before the
+upload. The endpoint is read from HF_ENDPOINT at call time (huggingface_hub reads it once at import).
 
-The card's usage snippet is pointed at the repo id before the upload (the local README.md is
-updated too, so the folder and the repo hold the same bytes).
+The uploaded card's usage snippet loads the repo id; the local README.md is changed to the
+same bytes only after the commit succeeded, so a failed push leaves the folder as it was.
 """
 from __future__ import annotations
 
@@ -95,14 +97,62 @@ def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def point_card_at(folder: Path, repo_id: str) -> None:
-    """Make the card's usage snippet load `repo_id` (rewrites README.md in place when it changes)."""
+def card_for(folder: Path, repo_id: str) -> bytes:
+    """The card with its usage snippet loading `repo_id` (the folder is not changed)."""
     from mmcl.export.card import set_model_id
 
-    card = (folder / "README.md").read_text()
-    updated = set_model_id(card, repo_id)
-    if updated != card:
-        (folder / "README.md").write_text(updated)
+    return set_model_id((folder / "README.md").read_text(), repo_id).encode()
+
+
+def point_card_at(folder: Path, repo_id: str) -> None:
+    """Make the card's usage snippet load `repo_id` (replaces README.md when it changes)."""
+    card = card_for(folder, repo_id)
+    if card != (folder / "README.md").read_bytes():
+        temporary = folder / ".README.md.tmp"
+        temporary.write_bytes(card)
+        temporary.replace(folder / "README.md")
+
+
+def export_files(folder: Path) -> list[str]:
+    """Names of the files export `folder` consists of: mmcl_export.json's "files", else the card's
+    "## Files" list (exports of older mmcl). PushError when a listed file is missing or neither list exists."""
+    info = _read_json(folder / "mmcl_export.json")
+    files = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        card = (folder / "README.md").read_text()
+        section = card.split("\n## Files\n", 1)[1].split("\n## ", 1)[0] if "\n## Files\n" in card else ""
+        files = re.findall(r"^- `([^`/]+)`", section, flags=re.MULTILINE)
+    if not files:
+        raise PushError(f"{folder} does not say which files it consists of (no 'files' in mmcl_export.json, no file "
+                        "list in README.md); run `mmcl export` again.")
+    bad = [name for name in files if name in ("", ".", "..") or "/" in name or "\\" in name]
+    missing = [name for name in files if name not in bad and not (folder / name).is_file()]
+    if bad or missing:
+        raise PushError(f"{folder} is not a complete export ({', '.join(bad + missing)} listed but missing); "
+                        "run `mmcl export` again.")
+    return list(dict.fromkeys(files))
+
+
+def stray_files(folder: str | Path) -> list[str]:
+    """Entries of `folder` that are not part of the export (left out of a push)."""
+    folder = Path(folder).expanduser()
+    files = set(export_files(folder))
+    return sorted(p.name for p in folder.iterdir() if p.name not in files)
+
+
+TEXT_FILES = ("README.md", "mmcl_config.yaml", "mmcl_export.json", "metrics.json")
+
+
+def check_no_credentials(folder: Path, files: list[str]) -> None:
+    """Raise PushError when a text file of the export holds a credential (`mmcl.redact` would change it)."""
+    from mmcl.redact import redact
+
+    for name in TEXT_FILES:
+        if name in files:
+            text = (folder / name).read_text(errors="replace")
+            if redact(text) != text:
+                raise PushError(f"{folder / name} holds what looks like a credential (a token in a shard URL, header "
+                                "or environment value); export the run again with this mmcl, which redacts it.")
 
 
 def check_exact(folder: Path) -> None:
@@ -124,9 +174,11 @@ def push_export(folder: str | Path, repo_id: str, *, private: bool = False, revi
 
     An export that plain transformers does not reproduce (a NaN projection) is refused unless `allow_inexact`.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = check_export_dir(folder)
+    files = export_files(folder)
+    check_no_credentials(folder, files)
     if not allow_inexact:
         check_exact(folder)
     _check_repo_id(repo_id)
@@ -135,7 +187,9 @@ def push_export(folder: str | Path, repo_id: str, *, private: bool = False, revi
     url = endpoint()
     api = HfApi(endpoint=url, token=token)
     branch = revision or "main"
-    point_card_at(folder, repo_id)
+    card = card_for(folder, repo_id)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=card if name == "README.md" else str(folder / name))
+                  for name in files]
     stage, before = "creating the repository", None
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -145,12 +199,14 @@ def push_export(folder: str | Path, repo_id: str, *, private: bool = False, revi
         stage = "reading the branch head"
         before = api.repo_info(repo_id, revision=branch, repo_type="model").sha
         stage = "uploading"
-        return api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
+        info = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model", revision=revision,
                                  commit_message=commit_message or f"Upload {folder.name} with mmcl")
     except Exception as error:
         committed = _committed_since(api, repo_id, branch, before) if stage == "uploading" else False
         message = explain(error, repo_id, url, stage, branch, committed)
         raise PushError(message.replace(token, "***"), committed) from error
+    point_card_at(folder, repo_id)  # the folder now holds what the repo holds
+    return info
 
 
 def _committed_since(api, repo_id: str, branch: str, before: str | None) -> bool | None:

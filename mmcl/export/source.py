@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from mmcl.export.errors import ExportError
+from mmcl.redact import redact_tree
 
 CONFIG_FILE = "config.yaml"  # run dir and model dir alike
 WEIGHTS_FILE = "model.safetensors"
@@ -131,7 +132,7 @@ def read_facts(source: Source) -> RunFacts:
     facts = RunFacts()
     config_path = (source.run_dir or source.model_dir or Path("/nonexistent")) / CONFIG_FILE
     if config_path.is_file():
-        facts.config = yaml.safe_load(config_path.read_text()) or {}
+        facts.config = redact_tree(yaml.safe_load(config_path.read_text()) or {})  # runs of older mmcl wrote secrets
     if source.run_dir is None:
         return facts
     facts.metrics = _read_json(source.run_dir / "metrics.json")

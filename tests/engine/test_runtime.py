@@ -90,3 +90,14 @@ def test_run_command_without_a_process_group_is_plain_python_exit():
 
     with pytest.raises(ValueError, match="broken"):
         run_command(failing)
+
+
+def test_an_unexpected_error_prints_its_traceback_without_credentials():
+    code = ("from mmcl.distributed import run_command\n"
+            "def main():\n"
+            "    raise RuntimeError('cannot open https://reader:pw-Secret1@h/d/00001.tar?token=tok-Secret2')\n"
+            "run_command(main)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == "RuntimeError: cannot open https://***@h/d/00001.tar?token=***"
+    assert "Traceback (most recent call last):" in result.stderr and "Secret" not in result.stderr

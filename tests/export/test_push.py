@@ -6,6 +6,7 @@ no saved login leaks in. Every test also checks that the token is printed nowher
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -194,3 +195,52 @@ def test_check_push_config_fails_before_training_without_a_token(tmp_path, token
     config.push_to_hub = PushConfig(repo_id="not a repo id")
     with pytest.raises(PushError, match="must look like 'org/name'"):
         check_push_config(config)
+
+
+def test_push_uploads_only_the_files_the_export_consists_of(export_copy, hub, tmp_path):
+    export_files = set(local_files(export_copy))
+    assert json.loads((export_copy / "mmcl_export.json").read_text())["files"] == sorted(
+        export_files - {"README.md"}) + ["README.md"]  # the export says what it consists of
+    (export_copy / ".env").write_text("HF_TOKEN=hf_strayTokenInADotEnvFile0123\n")
+    (export_copy / "mp_rank_00_model_states.pt").write_bytes(b"a checkpoint someone copied here")
+    (export_copy / "global_step5").mkdir()
+    (export_copy / "global_step5" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"optimizer state")
+
+    result = push(export_copy, "me/tiny-clip", hub.url, tmp_path / "home", WRITE_TOKEN)
+
+    assert result.returncode == 0, result.stderr
+    received = dict(hub.repos["me/tiny-clip"]["main"])
+    received.pop(".gitattributes")
+    assert set(received) == export_files
+    assert received == {name: data for name, data in local_files(export_copy).items() if name in export_files}
+    assert result.stdout.splitlines()[-1] == ("mmcl: left out 3 entries that are not part of the export: .env, "
+                                              "global_step5, mp_rank_00_model_states.pt")
+    assert_token_nowhere("hf_strayTokenInADotEnvFile0123", result.stdout, result.stderr)
+
+
+def test_a_failed_push_leaves_the_folder_as_it_was(export_copy, hub, tmp_path):
+    before = local_files(export_copy)
+
+    failed = push(export_copy, "me/tiny-clip", f"http://127.0.0.1:{closed_port()}", tmp_path / "home", WRITE_TOKEN)
+    assert failed.returncode == 2 and "nothing was uploaded" in failed.stderr
+    assert local_files(export_copy) == before  # README.md's snippet still loads "."
+    assert 'model_id = "."' in before["README.md"].decode()
+
+    pushed = push(export_copy, "me/tiny-clip", hub.url, tmp_path / "home", WRITE_TOKEN)
+    assert pushed.returncode == 0, pushed.stderr
+    after = local_files(export_copy)
+    assert after["README.md"] == hub.repos["me/tiny-clip"]["main"]["README.md"] != before["README.md"]
+    assert {k: v for k, v in after.items() if k != "README.md"} == {k: v for k, v in before.items() if k != "README.md"}
+
+
+def test_push_refuses_an_export_whose_texts_hold_a_credential(export_copy, hub, tmp_path):
+    config = export_copy / "mmcl_config.yaml"
+    config.write_text(config.read_text().replace(
+        "train_shards: null", "train_shards: https://me:pw-LeakedInOldExport@cdn.example/laion/{00000..00009}.tar"))
+    assert "pw-LeakedInOldExport" in config.read_text()
+
+    result = push(export_copy, "me/tiny-clip", hub.url, tmp_path / "home", WRITE_TOKEN)
+
+    assert result.returncode == 2 and hub.requests == []
+    assert result.stderr == (f"mmcl: error: {config} holds what looks like a credential (a token in a shard URL, header "
+                             "or environment value); export the run again with this mmcl, which redacts it.\n")
