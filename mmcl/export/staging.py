@@ -136,8 +136,16 @@ def check_convert_out(model: str, out_dir: str | Path, *, overwrite: bool, weigh
     """The checked out folder of `mmcl convert openclip`: not the weights, the config or a local-dir: model
     folder, nor a folder above or inside them."""
     sources = [path for path in (weights, config_file) if path]
+    for flag, path in (("--weights", weights), ("--config", config_file)):
+        if path and not Path(path).expanduser().is_file():
+            state = "is a folder" if Path(path).expanduser().is_dir() else "does not exist"
+            raise ExportError(f"{flag} {path} {state}; pass the file itself.")
     if model.startswith("local-dir:"):
-        sources.append(model[len("local-dir:"):])
+        folder = model[len("local-dir:"):]
+        if not Path(folder).expanduser().is_dir():
+            raise ExportError(f"--model {model} names no folder; pass local-dir: with an OpenCLIP folder "
+                              "(open_clip_config.json and its weights).")
+        sources.append(folder)
     return check_out(out_dir, overwrite=overwrite, sources=sources, what="output folder")
 
 

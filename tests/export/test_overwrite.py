@@ -120,6 +120,35 @@ def test_convert_refuses_its_weights_config_and_local_dir_sources_and_the_folder
     assert (source / "open_clip_model.safetensors").read_bytes() == b"weights"
 
 
+def test_convert_names_a_missing_or_folder_weights_or_config_before_any_work(tmp_path, capsys):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "cfg.json").write_text("{}")
+    base = ["convert", "openclip", "--model", "ViT-B-32", "--out", str(tmp_path / "out")]
+    assert refusal([*base, "--weights", str(tmp_path / "weights")], capsys) == \
+        f"mmcl: error: --weights {tmp_path / 'weights'} is a folder; pass the file itself."
+    assert refusal([*base, "--weights", str(tmp_path / "w.pt"), "--config", str(tmp_path / "cfg.json")], capsys) == \
+        f"mmcl: error: --weights {tmp_path / 'w.pt'} does not exist; pass the file itself."
+    assert "names no folder" in refusal(["convert", "openclip", "--model", f"local-dir:{tmp_path / 'none'}",
+                                         "--out", str(tmp_path / "out")], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_whose_parent_cannot_be_written_is_refused_before_any_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    code = ("from mmcl.export.staging import check_out\n"
+            f"try: check_out({str(locked / 'sub' / 'export')!r}, overwrite=True)\n"
+            "except Exception as error: print(type(error).__name__, error)")
+    # root may write anywhere: check with the real uid of nobody (os.access asks for the real uid)
+    drop = (lambda: os.setreuid(65534, 0)) if os.getuid() == 0 else None
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            preexec_fn=drop, env={**os.environ, "HOME": str(tmp_path)})
+    assert result.stdout == (f"ExportError --out {locked / 'sub' / 'export'} cannot be created: {locked} is not writable; "
+                             "choose a folder you can write to.\n"), result.stderr
+    assert list(locked.iterdir()) == []
+
+
 def test_overwrite_replaces_an_earlier_export_and_leaves_no_work_folder(run, tmp_path, tokenizer_dir, capsys):
     out = tmp_path / "exports" / "model"
     assert mmcl_main(["export", "--run", str(run), "--out", str(out)]) == 0
