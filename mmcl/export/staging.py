@@ -62,8 +62,12 @@ def check_out(out_dir: str | Path, *, overwrite: bool, sources: Iterable[str | P
     out = Path(os.path.abspath(raw)).resolve()  # abspath first: "a/.." is a folder above, not a link to follow
     _refuse_protected(out, [Path(p) for p in sources], Path(run_dir) if run_dir is not None else None)
     parent = _writable_parent(out)
-    if parent == out.parent and parent.is_dir():
-        recover(out)
+    if parent == out.parent:
+        try:
+            recover(out)
+        except OSError as error:
+            raise ExportError(f"what an earlier, stopped mmcl run left beside {out} could not be cleaned up "
+                              f"({error.strerror or error}); remove the .{out.name}{WORK_INFIX}* folders yourself.") from error
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ExportError(f"--out {out} is an existing file; choose a folder path for the output.")
     if out.is_dir() and any(out.iterdir()):
