@@ -54,13 +54,25 @@ docs-reference: setup
 # Then the Hub user's view: the export (a transformers CLIPModel) scored with plain transformers.
 DEMO_DATA ?= data/demo
 DEMO_OUT ?= runs/demo
+# Each demo is a fresh run: an earlier demo run at DEMO_OUT (its config.yaml records that output_dir)
+# is removed; anything else there (a link, another folder) is refused, never deleted.
 demo: setup
 	$(VENV)/bin/mmcl-demo-data --out $(DEMO_DATA)
-	rm -rf $(DEMO_OUT)
+	@test -n "$(DEMO_OUT)" || { echo "make demo: DEMO_OUT is empty; set it to a folder for the run, like runs/demo"; exit 2; }
+	@if [ -e "$(DEMO_OUT)" ] || [ -L "$(DEMO_OUT)" ]; then \
+		if [ -L "$(DEMO_OUT)" ] || ! grep -qxF 'output_dir: $(DEMO_OUT)' "$(DEMO_OUT)/config.yaml" 2>/dev/null; then \
+			echo "make demo: $(DEMO_OUT) is not an earlier demo run (no config.yaml with output_dir: $(DEMO_OUT)); set DEMO_OUT to a new folder"; \
+			exit 2; \
+		fi; \
+		rm -rf -- "$(DEMO_OUT)"; \
+	fi
 	$(VENV)/bin/deepspeed --num_gpus 2 train.py --config configs/demo.yaml \
 		--deepspeed_config configs/ds/zero2.json output_dir=$(DEMO_OUT)
 	$(VENV)/bin/mmcl export --run $(DEMO_OUT) --out $(DEMO_OUT)/export --overwrite
 	$(PY) eval/transformers_zeroshot.py --model $(DEMO_OUT)/export --data $(DEMO_DATA)/classification
 
+# The virtualenv goes only when it is one (pyvenv.cfg, not a link): VENV=~ removes nothing.
 clean:
-	rm -rf $(VENV) build *.egg-info site
+	@if [ -e "$(VENV)" ] && { [ -L "$(VENV)" ] || [ ! -f "$(VENV)/pyvenv.cfg" ]; }; then \
+		echo "make clean: $(VENV) is not a virtualenv (no pyvenv.cfg); nothing removed"; exit 2; fi
+	rm -rf -- $(if $(strip $(VENV)),"$(VENV)") build *.egg-info site

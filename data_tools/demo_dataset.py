@@ -13,7 +13,9 @@ held-out (20%), and written as:
     info.json        options, counts and shard patterns; README.md says the same in words
 
 Everything follows from the options, so a rebuild gives the same bytes; an output that is
-already complete with the same options is left alone unless `--force`.
+already complete with the same options is left alone unless `--force`. A rebuild removes only
+the names above, and only in a folder this tool wrote (its info.json, or the `.mmcl-demo-building`
+marker of a build that was stopped); other folders are refused.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ ZERO_SHOT_TEMPLATES = [
 ]
 SPLITS = ("train", "val", "classification")
 FORMAT_VERSION = 1
+DATASET_NAME = "mmcl digits demo"  # info.json's "name": what marks a folder as this tool's
+BUILDING = ".mmcl-demo-building"  # present from the first file of a build until info.json is written
 
 
 def digit_png(pixels, image_size: int) -> bytes:
@@ -159,12 +163,9 @@ def build_demo(
     options = demo_options(image_size, seed, val_fraction, samples_per_shard, vocab_size, tokenizer_type)
     if not force and is_complete(out_dir, options):
         return json.loads((out_dir / "info.json").read_text(encoding="utf-8"))
-    for name in (*SPLITS, "tokenizer", "info.json", "README.md"):  # only what this tool writes
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    _clear_previous_build(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / BUILDING).write_text("mmcl-demo-data is writing this folder\n", encoding="utf-8")
 
     digits = load_digits()
     labels = [int(y) for y in digits.target]
@@ -207,7 +208,7 @@ def build_demo(
 
     split_ids = {"train": train_ids, "val": held_out_ids, "classification": held_out_ids}
     info = {
-        "name": "mmcl digits demo",
+        "name": DATASET_NAME,
         "source": "sklearn.datasets.load_digits: 1,797 8x8 scans of handwritten digits (UCI), shipped with scikit-learn",
         "options": options,
         "splits": {
@@ -229,7 +230,37 @@ def build_demo(
     (out_dir / "README.md").write_text(_readme(info), encoding="utf-8")
     # info.json last: its presence marks a complete build.
     (out_dir / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (out_dir / BUILDING).unlink(missing_ok=True)
     return info
+
+
+def _clear_previous_build(out_dir: Path) -> None:
+    """Remove what an earlier build wrote (a complete one, or one stopped half-way); refuse when those
+    names hold something this tool did not write (a folder without its info.json or build marker)."""
+    names = [name for name in (*SPLITS, "tokenizer", "info.json", "README.md")
+             if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    if not names:
+        return
+    if not _is_demo_folder(out_dir):
+        raise DataToolsError(f"{out_dir} already holds {', '.join(names)}, which mmcl-demo-data did not write; "
+                             "choose a new or empty --out.")
+    for name in names:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()  # a file, or a link (never what it points to)
+
+
+def _is_demo_folder(out_dir: Path) -> bool:
+    """True when this tool wrote `out_dir`: its build marker, or an info.json of the demo dataset."""
+    if (out_dir / BUILDING).is_file():
+        return True
+    try:
+        info = json.loads((out_dir / "info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("name") == DATASET_NAME
 
 
 def _readme(info: dict) -> str:

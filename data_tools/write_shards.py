@@ -34,7 +34,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # Files a previous run may have left in the output folder besides the shards themselves.
-_SET_FILES = ("sizes.json", "stats.json", "classnames.txt")
+_WRITING = ".mmcl-shards-writing"  # present while a write runs: marks a stopped write's shards as this tool's
+_SET_FILES = ("sizes.json", "stats.json", "classnames.txt", _WRITING)
 
 
 def write_shards(
@@ -67,6 +68,8 @@ def write_shards(
     validate_pattern(pattern)
     out_dir = Path(out_dir)
     _clear_previous(out_dir, pattern, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / _WRITING).write_text("mmcl-write-shards is writing this folder\n", encoding="utf-8")  # until stats.json
 
     prepare = functools.partial(prepare_sample, options=image_options)
     bar = tqdm(total=source.total, unit="img", desc=f"writing {out_dir}", disable=not progress, file=sys.stderr)
@@ -81,6 +84,7 @@ def write_shards(
     stats = writer.stats
     if source.classnames is not None:
         (out_dir / "classnames.txt").write_text("".join(f"{name}\n" for name in source.classnames), encoding="utf-8")
+    (out_dir / _WRITING).unlink()
     return stats
 
 
@@ -105,34 +109,51 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window_p
 
 
 def _clear_previous(out_dir: Path, pattern: str, overwrite: bool) -> None:
-    """Refuse to mix with an earlier shard set; with `overwrite`, remove what it wrote."""
+    """Refuse to mix with an earlier shard set; with `overwrite`, remove what this tool wrote there.
+
+    Only a set this tool wrote is removed (its stats.json, or the marker of a write that was
+    stopped), and of it only `.tar` shards, their `_stats.json` and the set's own files: shards
+    of another tool (img2dataset) and any other file stay.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise DataToolsError(f"output path {out_dir} is a file; pass a folder for the shards.")
     sizes_file = out_dir / "sizes.json"
     first_shard = out_dir / pattern.format(shard=0)
     if not (sizes_file.exists() or first_shard.exists()):
         return
+    written = _written_here(out_dir)
+    if written is None:
+        raise DataToolsError(
+            f"output folder {out_dir} already holds shards that mmcl-write-shards did not write (no stats.json of its "
+            "own); choose another --out."
+        )
     if not overwrite:
         raise DataToolsError(
             f"output folder {out_dir} already holds shards; pass --overwrite to replace them or choose another --out."
         )
-    names: list[str] = []
-    if sizes_file.exists():
-        try:
-            names = list(json.loads(sizes_file.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError):
-            names = []
+    names = list(written)
     shard = 0
-    while (out_dir / pattern.format(shard=shard)).exists():  # shards sizes.json does not list
+    while (out_dir / pattern.format(shard=shard)).exists():  # shards of a stopped write, which no stats.json lists
         names.append(pattern.format(shard=shard))
         shard += 1
     for name in dict.fromkeys(names):
-        if not isinstance(name, str) or Path(name).name != name:  # only files of this folder
-            continue
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".tar"):
+            continue  # only shards, and only in this folder
         for path in (out_dir / name, out_dir / stats_name(name)):
             path.unlink(missing_ok=True)
     for name in _SET_FILES:
         (out_dir / name).unlink(missing_ok=True)
+
+
+def _written_here(out_dir: Path) -> list | None:
+    """The shard names of the set this tool wrote in `out_dir` ([] for a stopped write), or None when it did not."""
+    try:
+        stats = json.loads((out_dir / "stats.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stats = None
+    if isinstance(stats, dict) and isinstance(stats.get("sizes"), dict) and {"shards", "failure_reasons"} <= set(stats):
+        return list(stats["sizes"])
+    return [] if (out_dir / _WRITING).is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------

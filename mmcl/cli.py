@@ -5,7 +5,8 @@
     mmcl export --run RUN --out DIR --format openclip [--hub-repo-id ORG/NAME]   (OpenCLIP's hub layout)
     mmcl convert openclip --model NAME|hf-hub:ORG/NAME|local-dir:PATH [--weights FILE] [--config JSON] --out DIR
 
-User errors print one line (`mmcl: error: ...`) and exit with status 2. `push` does not import
+User errors print one line (`mmcl: error: ...`) and exit with status 2; a bad --out is one of them,
+said before any work (mmcl/export/staging.py: --overwrite replaces only an earlier mmcl output). `push` does not import
 torch, so it starts in about a second.
 """
 from __future__ import annotations
@@ -13,6 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Sequence
+
+
+def add_out_options(parser: argparse.ArgumentParser, help: str) -> None:
+    """--out and --overwrite, as every command that writes a folder has them (checked by mmcl.export.staging)."""
+    parser.add_argument("--out", required=True, metavar="DIR", help=help)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it holds an earlier mmcl export or conversion (never another folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Export a run directory, one of its checkpoints/step_* folders or its "
                                              "model/ folder to a folder transformers loads offline.")
     export.add_argument("--run", required=True, metavar="PATH", help="run output_dir, checkpoints/step_* folder or model/ folder")
-    export.add_argument("--out", required=True, metavar="DIR", help="export folder to create")
-    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_out_options(export, "export folder to create")
     export.add_argument("--license", default=None, metavar="ID", help="license id for the model card (default: other)")
     export.add_argument("--dataset", action="append", default=None, metavar="ID",
                         help="Hub dataset id for the card's metadata (repeatable; default: names from the shard paths)")
@@ -42,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     openclip.add_argument("--model", required=True, metavar="NAME", help="OpenCLIP architecture (e.g. ViT-B-32), hf-hub:ORG/NAME or local-dir:PATH")
     openclip.add_argument("--weights", default=None, metavar="FILE", help="checkpoint file for a named architecture (.safetensors, .pt, .bin)")
     openclip.add_argument("--config", default=None, metavar="JSON", help="an OpenCLIP model config file for a custom architecture (its stem is the name)")
-    openclip.add_argument("--out", required=True, metavar="DIR", help="folder to create")
-    openclip.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_out_options(openclip, "folder to create")
 
     push = commands.add_parser("push", help="upload an export folder to the Hugging Face Hub in one commit",
                                description="Upload an export to a model repo. The token comes from HF_TOKEN or "
@@ -63,6 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmcl.export.errors import ExportError, PushError
 
     try:
+        # --out is checked before torch is imported or anything is loaded (and again by the functions below).
+        from mmcl.export.staging import check_convert_out, check_export_out
+
+        if args.command == "convert":
+            check_convert_out(args.model, args.out, overwrite=args.overwrite, weights=args.weights, config_file=args.config)
+        elif args.command == "export":
+            check_export_out(args.run, args.out, overwrite=args.overwrite)
         if args.command == "convert":
             from mmcl.export.openclip_import import convert_openclip
 

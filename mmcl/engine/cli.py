@@ -77,19 +77,24 @@ def release_shared_memory() -> None:
 
     DeepSpeed's CPU accelerator maps a 69 MB file per rank there and never unlinks it, so
     every CPU run would leave RAM behind. Unlinking after use is safe: peers that still map
-    it keep their mapping.
+    it keep their mapping. Only the file DeepSpeed named for this user, address, port and rank
+    (csrc/cpu/comm/shm.cpp), and only when this process maps it: a rank that stopped before
+    DeepSpeed started must not remove the buffer of another job that uses the same port.
     """
-    import glob
     import os
 
-    address, port, local_rank = (os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"))
-    if not (address and port and local_rank):
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK"))  # DeepSpeed's shm op runs on one node: the same
+    if not (address and port and rank):
         return
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{address}_{port}_{local_rank}"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    path = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
+    try:
+        with open("/proc/self/maps") as maps:
+            if not any(line.rstrip("\n").endswith(" " + path) for line in maps):
+                return
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def command() -> None:

@@ -112,7 +112,7 @@ def convert_to_universal(root: Path, tag: str) -> Path:
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         temporary = target.with_name(f".{tag}.converting")
-        shutil.rmtree(temporary, ignore_errors=True)
+        _remove_own(temporary)  # what a killed conversion left
         temporary.parent.mkdir(parents=True, exist_ok=True)
         args = Namespace(input_folder=str(root / tag), output_folder=str(temporary), num_extract_workers=1,
                          num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
@@ -148,8 +148,30 @@ def load_universal(engine, root: Path, tag: str) -> dict[str, Any]:
     if dist.is_initialized():
         dist.barrier()
     if get_rank() == 0:
-        shutil.rmtree(folder.parent, ignore_errors=True)  # the original checkpoint stays; the copy is not needed
+        discard_universal(root, tag)  # the original checkpoint stays; the copy is not needed
     return client_state
+
+
+def _remove_own(path: Path) -> None:
+    """Remove `path`, a name only mmcl gives; a link there goes without what it points to."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def discard_universal(root: Path, tag: str) -> None:
+    """Delete the universal copy of `root/tag` and `latest_universal` when it names it; other conversions
+    and anything else in `root/universal` stay, and the folder goes only once empty."""
+    if not tag or Path(tag).name != tag or tag in (".", ".."):  # a tag that is not one folder name names nothing of ours
+        return
+    folder = universal_folder(root, tag)
+    _remove_own(folder)
+    pointer = folder.parent / "latest_universal"
+    if pointer.is_file() and not pointer.is_symlink() and pointer.read_text().strip() == tag:
+        pointer.unlink()
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()  # only when empty
 
 
 def _restore_buffers(engine, folder: Path) -> None:

@@ -30,8 +30,8 @@ import yaml
 
 from mmcl.export.errors import ExportError
 from mmcl.export.hf_loader import HEADS_FILE, INFO_FILE
-from mmcl.export.source import RunFacts, Source, load_model, locate, read_facts
-from mmcl.export.staging import staged
+from mmcl.export.source import RunFacts, Source, load_model, read_facts
+from mmcl.export.staging import check_export_out, check_out, staged
 from mmcl.redact import redact_tree
 
 FORMAT_VERSION = 1
@@ -45,8 +45,7 @@ def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, *, overwrite:
     license: the card's license id (default "other"); datasets: Hub dataset ids for the card
     (default: names taken from the run's shard paths).
     """
-    out = _check_out_dir(out_dir, overwrite)
-    source = locate(run_or_checkpoint)
+    out, source = check_export_out(run_or_checkpoint, out_dir, overwrite=overwrite)
     model, config, tokenizer = load_model(source)
     return export_model(model, config, tokenizer, out, facts=read_facts(source), source=source, overwrite=overwrite,
                         license=license, datasets=datasets)
@@ -63,7 +62,7 @@ def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFac
     from mmcl.export.card import render_card
     from mmcl.export.convert import convert
 
-    out = _check_out_dir(out_dir, overwrite)
+    out = check_out(out_dir, overwrite=overwrite)
     facts = facts or RunFacts(config=config_to_dict(config))
     run_dir = source.run_dir if source is not None else None
     # no machine paths and no credentials leave with the model
@@ -124,13 +123,6 @@ def _portable_path(text: str, run_dir: Path | None) -> str:
         if root is not None and path.is_relative_to(Path(root).resolve()) and path != Path(root).resolve():
             return path.relative_to(Path(root).resolve()).as_posix()
     return Path(*path.parts[-3:]).as_posix() if len(path.parts) > 3 else path.name
-
-
-def _check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"export folder {out} already exists and is not empty; choose a new --out or pass --overwrite.")
-    return out
 
 
 def _save_processor(folder: Path, config, tokenizer):

@@ -29,12 +29,13 @@ from torch import nn
 
 from mmcl.export.errors import ExportError
 from mmcl.export.openclip_import import RESBLOCK_NAMES, TOLERANCE, relative_diff
-from mmcl.export.staging import staged
+from mmcl.export.staging import check_export_out, check_out, staged
 
 CONFIG_NAME = "open_clip_config.json"  # open_clip.constants.HF_CONFIG_NAME
 WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip.constants.HF_SAFE_WEIGHTS_NAME
 _ACTS = {"gelu": False, "quick_gelu": True}
 LOCAL_TOKENIZER = "local-dir"  # placeholder name: pass repo_id before pushing, for hf-hub: loading
+REPORT_NAME = "mmcl_openclip_export.json"  # marks the folder as mmcl's (mmcl.export.staging.OUTPUT_MARKERS)
 PROBE_TEXTS = ("a photo of a cat.", "handwritten 7", "a long caption " + " ".join(["that keeps going"] * 40))
 
 
@@ -156,9 +157,7 @@ def export_openclip_model(model, config, tokenizer, out_dir: str | Path, overwri
 
     from safetensors.torch import save_file
 
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"export folder {out} already exists and is not empty; choose a new --out or pass --overwrite.")
+    out = check_out(out_dir, overwrite=overwrite)
     model = model.float().eval().cpu()
     check_representable(model, config, tokenizer)
     with staged(out) as staging:
@@ -169,7 +168,7 @@ def export_openclip_model(model, config, tokenizer, out_dir: str | Path, overwri
         hub_config = {"model_cfg": openclip_model_config(model, config, tokenizer, repo_id), "preprocess_cfg": preprocess_config(config)}
         (staging / CONFIG_NAME).write_text(json.dumps(hub_config, indent=2) + "\n")
         differences = verify(staging, model, config, tokenizer)
-        (staging / "mmcl_openclip_export.json").write_text(json.dumps({"max_relative_diff": differences,
+        (staging / REPORT_NAME).write_text(json.dumps({"max_relative_diff": differences,
                                                                        "tolerance": TOLERANCE}, indent=2) + "\n")
     return out
 
@@ -201,10 +200,8 @@ def verify(folder: Path, model, config, tokenizer) -> dict[str, float]:
 def export_openclip(run_or_checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False,
                     repo_id: str | None = None) -> Path:
     """`mmcl export --format openclip`: a run directory, checkpoint or model dir -> OpenCLIP folder."""
-    from mmcl.export.source import load_model, locate
+    from mmcl.export.source import load_model
 
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"export folder {out} already exists and is not empty; choose a new --out or pass --overwrite.")
-    model, config, tokenizer = load_model(locate(run_or_checkpoint))
+    out, source = check_export_out(run_or_checkpoint, out_dir, overwrite=overwrite)
+    model, config, tokenizer = load_model(source)
     return export_openclip_model(model, config, tokenizer, out, overwrite=overwrite, repo_id=repo_id)

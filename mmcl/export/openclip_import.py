@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from mmcl.export.errors import ExportError
-from mmcl.export.staging import staged
+from mmcl.export.staging import check_convert_out, staged
 
 TOLERANCE = 1e-5
 REPORT_FILE = "openclip_conversion.json"
@@ -367,9 +367,7 @@ def convert_openclip(model: str, out_dir: str | Path, weights: str | None = None
     """Convert an OpenCLIP checkpoint to a CLIPModel folder; returns (folder, report)."""
     from transformers import CLIPProcessor
 
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"output folder {out} already exists and is not empty; choose a new --out or pass --overwrite.")
+    out = check_convert_out(model, out_dir, overwrite=overwrite, weights=weights, config_file=config_file)
     oc_model, model_cfg, preprocess = load_openclip(model, weights, config_file)
     tokenizer = build_clip_tokenizer(oc_model.context_length)
     hf = openclip_to_hf(oc_model, model_cfg, tokenizer)

@@ -155,4 +155,4 @@ def test_export_refuses_a_non_empty_out_dir_and_paths_without_weights(tmp_path, 
     (tmp_path / "empty_run" / "config.yaml").write_text((run / "config.yaml").read_text())
     with pytest.raises(ExportError, match="neither a finished model/ folder nor a checkpoint"):
         export_run(tmp_path / "empty_run", tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))  # no work folder left
