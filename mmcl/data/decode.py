@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import warnings
 from typing import Any, NamedTuple
 
@@ -26,8 +27,12 @@ DEFAULT_MAX_TEXT_BYTES = 64 * 1024
 DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# JSON nested deeper than this is refused before parsing, so the outcome never depends on the
+# interpreter's recursion limit (a caption list is flat; metadata is a few levels deep).
+MAX_JSON_DEPTH = 64
+_JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
 
-BLOCK_PIXELS = 1 << 20  # pixels converted at a time: bounds the temporaries of a conversion
+BLOCK_PIXELS = 1 << 18  # pixels converted at a time: bounds the temporaries of a conversion
 
 
 class BadSample(Exception):
@@ -147,7 +152,7 @@ def _scaled_grey(image: Image.Image, peak: int) -> Image.Image:
     rows = max(1, BLOCK_PIXELS // max(1, width))
     for top in range(0, height, rows):
         bottom = min(height, top + rows)
-        block = np.asarray(image.crop((0, top, width, bottom))).astype(np.int64)
+        block = np.asarray(image.crop((0, top, width, bottom))).astype(np.int32)
         # (v * 255 + peak // 2) // peak == round(v / peak * 255): no ties for peak 255 or 65535
         out[top:bottom] = (np.clip(block, 0, peak) * 255 + peak // 2) // peak
     return Image.fromarray(out)
@@ -176,11 +181,11 @@ def caption_list(data: bytes | str) -> list[str]:
     stripped = text.strip()
     if stripped.startswith("[") and stripped.endswith("]"):
         try:
-            parsed = json.loads(stripped)
+            parsed = load_json(stripped)
         except json.JSONDecodeError:
             parsed = None  # not JSON: the text itself is the caption
-        except (RecursionError, ValueError, MemoryError) as error:  # nesting depth, integers of > 4300 digits
-            raise BadSample("bad_caption", f"undecodable JSON caption list: {type(error).__name__}") from error
+        except Exception as error:  # nesting depth, integers of > 4300 digits
+            raise BadSample("bad_caption", f"undecodable JSON caption list: {error}") from error
         if isinstance(parsed, list):
             captions = [c.strip() for c in parsed if isinstance(c, str) and c.strip()]
             if not captions:
@@ -218,6 +223,32 @@ def decode_metadata(data: bytes) -> Any:
     """A `.json` member parsed. Raises `BadSample("bad_json")` for anything `json` refuses,
     including nesting too deep for the parser."""
     try:
-        return json.loads(data)
+        return load_json(bytes(data).decode("utf-8"))
     except Exception as error:  # JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError, TypeError
         raise BadSample("bad_json", f"{type(error).__name__}: {str(error)[:200]}") from error
+
+
+def load_json(text: str) -> Any:
+    """`json.loads`, refusing (ValueError) nesting deeper than MAX_JSON_DEPTH before parsing.
+
+    The depth is found in one pass over the brackets, quotes and backslashes (linear time).
+    """
+    depth, in_string, escaped_at = 0, False, -1
+    for match in _JSON_SPECIAL.finditer(text):
+        at, char = match.start(), match.group()
+        if at == escaped_at:
+            continue
+        if in_string:
+            if char == "\\":
+                escaped_at = at + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        elif char in "]}":
+            depth -= 1
+    return json.loads(text)
