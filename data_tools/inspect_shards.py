@@ -128,7 +128,7 @@ def sample_problems(fields: dict[str, Any], captions: bool = True) -> list[tuple
         try:
             decode(member_bytes(fields[field], field))
         except BadSample as error:
-            problems.append((error.reason, str(error)))
+            problems.append((error.reason, str(error).removeprefix(error.reason).removeprefix(": ")))
         except Exception as error:  # a decoder failure nobody classified: still this sample's problem
             problems.append((reason, f"{type(error).__name__}: {error}"))
 
