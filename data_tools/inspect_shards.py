@@ -5,7 +5,9 @@
 Prints one row per shard (samples, good, bad, problems) and totals; `--json` prints the same
 as JSON. Exit status 1 when the set is unusable or damaged: a shard that cannot be opened or
 is truncated, or no good sample at all; with `--strict`, also when any sample is bad.
-Samples are decoded with `mmcl.data.decode`, the same code the training pipeline uses.
+Samples are decoded with `mmcl.data.decode`, the same code the training pipeline uses, and
+every problem of a sample is counted by reason, never raised; members above the training
+defaults' byte limits (64 KiB for .txt/.cls/.json, 256 MiB for images) are not read.
 """
 
 from __future__ import annotations
@@ -16,9 +18,20 @@ import multiprocessing
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
-from mmcl.data.decode import IMAGE_EXTENSIONS, BadSample, decode_caption, decode_image
+from mmcl.data.decode import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_TEXT_BYTES,
+    IMAGE_EXTENSIONS,
+    BadSample,
+    caption_list,
+    decode_image,
+    decode_label,
+    decode_metadata,
+    member_bytes,
+)
 
 from .errors import DataToolsError
 from .shard_reader import ShardError, expand_urls, iter_samples, require_shards
@@ -97,35 +110,42 @@ class SetReport:
         }
 
 
-def sample_problems(fields: dict[str, bytes], captions: bool = True) -> list[tuple[str, str]]:
-    """(reason, detail) for everything wrong with one sample; empty when it is usable."""
+def member_limit(field: str) -> int | None:
+    """What the inspector reads of a member: images and .txt/.cls/.json up to the training defaults."""
+    if field in IMAGE_EXTENSIONS:
+        return DEFAULT_MAX_IMAGE_BYTES
+    return DEFAULT_MAX_TEXT_BYTES if field in ("txt", "cls", "json") else None
+
+
+def sample_problems(fields: dict[str, Any], captions: bool = True) -> list[tuple[str, str]]:
+    """(reason, detail) for everything wrong with one sample; empty when it is usable.
+
+    Nothing raises: whatever a member's bytes make a decoder do becomes a problem.
+    """
     problems: list[tuple[str, str]] = []
+
+    def check(field: str, reason: str, decode) -> None:
+        try:
+            decode(member_bytes(fields[field], field))
+        except BadSample as error:
+            problems.append((error.reason, str(error).removeprefix(error.reason).removeprefix(": ")))
+        except Exception as error:  # a decoder failure nobody classified: still this sample's problem
+            problems.append((reason, f"{type(error).__name__}: {error}"))
+
     image_field = next((ext for ext in IMAGE_EXTENSIONS if ext in fields), None)
     if image_field is None:
         problems.append(("missing_image", f"fields: {', '.join(sorted(fields))}"))
     else:
-        try:
-            decode_image(fields[image_field])
-        except BadSample as error:
-            problems.append((error.reason, str(error)))
+        check(image_field, "corrupt_image", decode_image)
     if captions:
         if "txt" not in fields:
             problems.append(("missing_caption", f"fields: {', '.join(sorted(fields))}"))
         else:
-            try:
-                decode_caption(fields["txt"])
-            except BadSample as error:
-                problems.append((error.reason, str(error)))
+            check("txt", "bad_caption", caption_list)
     if "cls" in fields:
-        try:
-            int(fields["cls"].decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            problems.append(("bad_label", repr(fields["cls"][:20])))
+        check("cls", "bad_label", decode_label)
     if "json" in fields:
-        try:
-            json.loads(fields["json"])
-        except (UnicodeDecodeError, ValueError) as error:
-            problems.append(("bad_json", str(error)))
+        check("json", "bad_json", decode_metadata)
     return problems
 
 
@@ -134,7 +154,7 @@ def inspect_shard(url: str, captions: bool = True) -> ShardReport:
     report = ShardReport(url=url, expected=_expected_count(url))
     seen: set[str] = set()
     try:
-        for key, fields in iter_samples(url):
+        for key, fields in iter_samples(url, member_limit):
             report.samples += 1
             problems = sample_problems(fields, captions)
             if key in seen:  # webdataset would yield two samples with the same key
@@ -167,7 +187,7 @@ def _expected_count(url: str) -> int | None:
     sizes = Path(url).parent / "sizes.json"
     try:
         value = json.loads(sizes.read_text(encoding="utf-8")).get(Path(url).name)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, int) else None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from mmcl.data.shards import NoShardsError, expand_shards
 
@@ -48,8 +48,13 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-def iter_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_samples(
+    path: str | os.PathLike, member_limit: Callable[[str], int | None] | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (key, {field: bytes}) for each sample of a tar shard, in file order.
+
+    `member_limit(field)` bounds what is read of each member (see `iter_tar_samples`): a member
+    above it is `mmcl.data.decode.Oversized`, one it rates None is `Unread`; None reads all.
 
     The tar parsing is the training pipeline's own (`mmcl.data.stream.iter_tar_samples`), so
     this tool judges a shard exactly as training will read it. Raises
@@ -65,7 +70,7 @@ def iter_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes
         raise ShardError("unreadable", error.strerror or type(error).__name__) from None
     with stream:
         try:
-            for raw in iter_tar_samples(stream, str(path), keep=lambda index: True):
+            for raw in iter_tar_samples(stream, str(path), keep=lambda index: True, member_limit=member_limit):
                 fields = {name: data for name, data in raw.items() if not name.startswith("__")}
                 yield raw["__key__"], fields
         except BrokenTar as error:

@@ -17,9 +17,12 @@ import io
 import json
 import re
 import sys
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+from mmcl.data.decode import DEFAULT_MAX_TEXT_BYTES, BadSample, caption_list, member_bytes
 
 from .errors import DataToolsError
 from .shard_reader import ShardError, expand_urls, iter_samples, require_shards
@@ -43,19 +46,27 @@ class TokenizerInfo:
     unk_token_id: int = UNK_ID
     bos_token_id: int = BOS_ID
     eos_token_id: int = EOS_ID
+    skipped: dict[str, int] = field(default_factory=dict)  # caption members left out, by reason
 
 
-def captions_from_shards(specs: str | list[str]) -> list[str]:
+def captions_from_shards(specs: str | list[str], skipped: Counter | None = None,
+                         max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> list[str]:
     """Every caption in the `.txt` members of a shard set (all of them for JSON-list captions).
 
-    A shard that cannot be opened is an error; a truncated one contributes what it holds.
+    A shard that cannot be opened is an error; a truncated one contributes what it holds. A
+    caption member the training pipeline would skip (not UTF-8, empty, undecodable JSON, above
+    `max_text_bytes`, then not even read) is left out and counted by reason in `skipped`.
     """
     captions: list[str] = []
+    skipped = Counter() if skipped is None else skipped
     for url in require_shards(expand_urls(specs), specs):
         try:
-            for _, fields in iter_samples(url):
+            for _, fields in iter_samples(url, lambda ext: max_text_bytes if ext == "txt" else None):
                 if "txt" in fields:
-                    captions.extend(_captions_of(fields["txt"]))
+                    try:
+                        captions.extend(caption_list(member_bytes(fields["txt"], "txt")))
+                    except BadSample as error:
+                        skipped[error.reason] += 1
         except ShardError as error:
             if error.kind == "unreadable":
                 raise DataToolsError(
@@ -66,21 +77,6 @@ def captions_from_shards(specs: str | list[str]) -> list[str]:
                 file=sys.stderr,
             )
     return captions
-
-
-def _captions_of(data: bytes) -> list[str]:
-    try:
-        text = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return []
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, list):
-            return [c.strip() for c in parsed if isinstance(c, str) and c.strip()]
-    return [text] if text else []
 
 
 def captions_from_text(path: str | Path) -> list[str]:
@@ -285,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.vocab_size < 8:
             raise DataToolsError(f"vocab size must be at least 8, got {args.vocab_size}.")
-        captions = captions_from_shards(args.shards) if args.shards else captions_from_text(args.text)
+        skipped: Counter = Counter()
+        captions = captions_from_shards(args.shards, skipped) if args.shards else captions_from_text(args.text)
+        if skipped:
+            counts = ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items()))
+            print(f"warning: skipped {sum(skipped.values())} caption members ({counts})", file=sys.stderr)
         info = train_tokenizer(
             captions,
             args.out,
@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except DataToolsError as error:
         raise SystemExit(f"mmcl-train-tokenizer: error: {error}") from None
+    info.skipped = dict(sorted(skipped.items()))
     print(json.dumps(asdict(info), indent=2))
     return 0
 

@@ -39,9 +39,10 @@ missing shards) tops up with repeated samples of the epoch (`repeated_samples()`
 last batch may be partial; ranks may then see different numbers of batches.
 
 Skips (`samples.SKIP_REASONS`): missing_image, missing_caption, empty_caption,
-bad_caption_encoding, bad_label, corrupt_image, image_too_large, transform_error (per sample)
-and unreadable_shard, truncated_shard (per shard event). Nothing is raised for bad data; an
-epoch without a single usable sample raises `NoDataError` naming the counts.
+bad_caption_encoding, bad_caption, caption_too_large, bad_label, metadata_too_large,
+corrupt_image, image_too_large, transform_error (per sample) and unreadable_shard,
+truncated_shard (per shard event). Nothing is raised for bad data; an epoch without a single
+usable sample raises `NoDataError` naming the counts.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..distributed import get_rank, get_world_size
+from .decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_TEXT_BYTES
 from .elastic import EpochPlan, Segment
 from .pipeline import StreamConfig, WorkerState, worker_batches
 from .samples import SampleSpec
@@ -192,12 +194,20 @@ class ShardLoader:
 
     # ------------------------------------------------------------------ counters
 
-    def skip_counts(self) -> dict[str, int]:
-        """Cumulative skipped samples/events by reason on this rank, as of the last batch received."""
+    def skip_counts(self, all_ranks: bool = False) -> dict[str, int]:
+        """Cumulative skipped samples/events by reason, as of the last batch received: this rank's,
+        or with `all_ranks` the sum over the process group (a collective: every rank calls it)."""
         totals = dict(self._finished_skips)
         for worker in self._workers:
             for reason, n in worker.skips.items():
                 totals[reason] = totals.get(reason, 0) + n
+        if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            every: list[dict[str, int] | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, totals)
+            totals = {}
+            for counts in every:
+                for reason, n in (counts or {}).items():
+                    totals[reason] = totals.get(reason, 0) + n
         return {reason: n for reason, n in sorted(totals.items()) if n}
 
     def repeated_samples(self) -> int:
@@ -416,6 +426,8 @@ def build_train_loader(
             caption_key=caption_key if tokenizer is not None else None,
             max_pixels=int(data_cfg.max_pixels),
             teacher_transform=teacher.transform if teacher is not None else None,
+            max_text_bytes=int(data_cfg.max_text_bytes),
+            max_image_bytes=int(data_cfg.max_image_bytes),
         ),
         tokenize=CaptionTokenizer(tokenizer, context_length) if tokenizer is not None else None,
         mean=_mean_std(data_cfg.image_mean, image_mean, CLIP_MEAN),
@@ -449,12 +461,14 @@ def build_eval_loader(
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
     num_workers: int = 0,
-    max_pixels: int = 89_478_485,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     rank: int | None = None,
     world_size: int | None = None,
     transform: Callable | None = None,
     caption_key: str = "txt",
     pin_memory: bool = False,
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> ShardLoader:
     """Evaluation loader: shards in listed order, no shuffling, CLIP's eval transform by default.
 
@@ -476,6 +490,8 @@ def build_eval_loader(
             caption_key=caption_key if tokenizer is not None else None,
             max_pixels=int(max_pixels),
             all_captions=tokenizer is not None,
+            max_text_bytes=int(max_text_bytes),
+            max_image_bytes=int(max_image_bytes),
         ),
         tokenize=CaptionTokenizer(tokenizer, context_length) if tokenizer is not None else None,
         mean=_mean_std(image_mean, None, CLIP_MEAN),

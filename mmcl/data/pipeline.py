@@ -13,7 +13,9 @@ A consumer is one DataLoader worker of one rank (`consumer = rank * W + worker`,
     -> batches of `batch_size` good samples, each carrying `_meta` (worker, cursor = p after the
        batch, batches so far, cumulative skip counts) for the loader's state.
 
-Bad samples are skipped and counted by reason. A consumer stops at its quota (batches per
+Bad samples are skipped and counted by reason: `decode_sample` turns whatever one sample's
+bytes make go wrong into a `BadSample`, and the tar reader never reads a member beyond the
+sample spec's byte limits. A consumer stops at its quota (batches per
 epoch), when its data ends, or — for the infinite streams — when nothing usable comes out any
 more: a whole fill cycle without a good sample, or `resample_patience(shards)` shard draws in a
 row without one (with a single good shard among them that has probability < e^-10).
@@ -163,7 +165,7 @@ def consumed_samples(cfg: StreamConfig, epoch: int, history: list[Segment]) -> d
         for consumer, cursor in enumerate(segment.cursors):
             if cursor <= 0:
                 continue
-            context = StreamContext()
+            context = StreamContext(member_limit=cfg.sample.member_limit)
             context.fast_forward = True  # headers only, nothing counted
             items = consumer_stream(cfg, epoch, consumer, segment.consumers, index, segment.weights, consumed,
                                     context, fill=True)  # a fill part only matters past the own samples
@@ -197,7 +199,7 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
     quota = quotas[worker] if quotas is not None else None
     if quota is not None and start.batches >= quota:
         return
-    context = StreamContext(start.skips)
+    context = StreamContext(start.skips, cfg.sample.member_limit)
     context.fast_forward = True
     items = iter(raw_stream(cfg, epoch, worker, context, plan))
     position = 0

@@ -2,18 +2,19 @@
 
 Order of work per sample, cheapest checks first so bad samples cost little: image present,
 caption decoded (UTF-8, one of a JSON list chosen by the sample's seed), label parsed, image
-header checked against `max_pixels`, image decoded, transforms applied.
+header checked against `max_pixels`, image decoded, transforms applied. A member the tar
+reader left unread for its size (`decode.Oversized`) is skipped before any decoding.
 
 Image decoding returns RGB `uint8 [3, H, W]`: plain RGB/grey JPEGs go through
 `torchvision.io.decode_jpeg` (libjpeg-turbo straight into a tensor); large JPEGs whose
 transforms allow it are decoded at reduced size through PIL's draft mode; everything else
 (PNG, WebP, CMYK, palette, alpha, 16-bit, or anything the fast path refuses) goes through
-`decode.decode_image`, which also classifies failures.
+`decode.load_image`, which also classifies failures, and `decode.to_rgb`, a block of rows at
+a time so that a 16-bit image costs about its 8-bit RGB size on top of PIL's own copy.
 """
 from __future__ import annotations
 
 import io
-import json
 import logging
 import random
 import warnings
@@ -29,7 +30,20 @@ from torch import Tensor
 from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .decode import IMAGE_EXTENSIONS, BadSample, decode_caption, decode_image
+from .decode import (
+    BLOCK_PIXELS,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_TEXT_BYTES,
+    IMAGE_EXTENSIONS,
+    BadSample,
+    caption_list,
+    decode_label,
+    grey_peak,
+    load_image,
+    member_bytes,
+    to_rgb,
+)
 from .transforms import normalize_uint8
 
 log = logging.getLogger(__name__)
@@ -39,7 +53,10 @@ SKIP_REASONS = (
     "missing_caption",
     "empty_caption",
     "bad_caption_encoding",
+    "bad_caption",
+    "caption_too_large",
     "bad_label",
+    "metadata_too_large",
     "corrupt_image",
     "image_too_large",
     "transform_error",
@@ -59,14 +76,26 @@ class SampleSpec:
     teacher_transform: uint8 [3,H,W] -> [3,S_t,S_t] for `teacher_pixel_values` (a distillation
         teacher's own size), applied to the same decoded image with the RNGs re-seeded to the
         sample's seed, so a random crop of the same class and scale picks the student's box.
+    max_text_bytes / max_image_bytes: caption and `.cls` members / image members above these
+        are not read (the sample is skipped as caption_, metadata_ or image_too_large).
     """
 
     image_transform: Callable[[Tensor], Tensor] | None
     view_transforms: Sequence[Callable[[Tensor], Tensor]] | None = None
     caption_key: str | None = "txt"
-    max_pixels: int = 89_478_485
+    max_pixels: int = DEFAULT_MAX_PIXELS
     all_captions: bool = False
     teacher_transform: Callable[[Tensor], Tensor] | None = None
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+
+    def member_limit(self, extension: str) -> int | None:
+        """Bytes the tar reader may read of a member with this extension; None: not needed, not read."""
+        if extension in IMAGE_EXTENSIONS:
+            return self.max_image_bytes
+        if extension == "cls" or extension == self.caption_key:
+            return self.max_text_bytes
+        return None
 
 
 @dataclass
@@ -108,7 +137,7 @@ def decode_image_tensor(
     """Image bytes -> RGB uint8 [3, H', W'].
 
     [H', W'] is the full size, or ceil(H/k), ceil(W/k) for a JPEG when
-    `max_reduction(W, H) >= k`, k in 2, 4, 8. Raises `BadSample` like `decode_image`.
+    `max_reduction(W, H) >= k`, k in 2, 4, 8. Raises `BadSample` like `decode.load_image`.
     """
     try:
         with warnings.catch_warnings():
@@ -125,23 +154,40 @@ def decode_image_tensor(
     allowed = max_reduction(width, height) if max_reduction is not None and fmt == "JPEG" else 1
     factor = 8 if allowed >= 8 else 4 if allowed >= 4 else 2 if allowed >= 2 else 1
     if fmt == "JPEG" and factor > 1:
-        image = decode_image(data, max_pixels, draft_size=(width // factor, height // factor))
-        return _pil_to_tensor(image)
+        return _rgb_tensor(load_image(data, max_pixels, draft_size=(width // factor, height // factor)))
     # The EOI check keeps truncated files away from libjpeg, which would pad them with grey.
     if fmt == "JPEG" and mode in ("RGB", "L") and data[-2:] == b"\xff\xd9":
         try:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # let PIL decide (and classify the failure)
-    return _pil_to_tensor(decode_image(data, max_pixels))
+    return _rgb_tensor(load_image(data, max_pixels))
 
 
-def _pil_to_tensor(image: Image.Image) -> Tensor:
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+def _rgb_tensor(image: Image.Image) -> Tensor:
+    """Any loaded PIL image -> RGB uint8 [3, H, W] (`decode.to_rgb`), converted a block of rows
+    at a time: the peak is the source image plus the output, whatever the mode or bit depth."""
+    try:
+        width, height = image.size
+        out = torch.empty((3, height, width), dtype=torch.uint8)
+        peak = grey_peak(image)
+        rows = max(1, BLOCK_PIXELS // max(1, width))
+        for top in range(0, height, rows):
+            bottom = min(height, top + rows)
+            block = image if (top, bottom) == (0, height) else image.crop((0, top, width, bottom))
+            array = np.array(to_rgb(block, peak), dtype=np.uint8)  # [rows, W, 3]
+            out[:, top:bottom].copy_(torch.from_numpy(array).permute(2, 0, 1))
+        return out
+    except Exception as error:
+        raise BadSample("corrupt_image", f"{type(error).__name__}: {error}") from error
 
 
 def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng: bool) -> Sample:
-    """Raw sample -> Sample, or raise `BadSample(reason)`. `seed` drives caption choice and augmentation."""
+    """Raw sample -> Sample, or raise `BadSample(reason)`. `seed` drives caption choice and augmentation.
+
+    Whatever the bytes hold, only `BadSample` comes out: each step turns any other exception
+    into its own reason (bad_caption, bad_label, corrupt_image, transform_error).
+    """
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_ext is None:
         raise BadSample("missing_image")
@@ -149,21 +195,15 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
     if spec.caption_key is not None:
         if spec.caption_key not in raw:
             raise BadSample("missing_caption")
-        caption = decode_caption(raw[spec.caption_key], random.Random(seed))
-        if spec.all_captions:
-            captions = _all_captions(raw[spec.caption_key])
+        found = _stage("bad_caption", caption_list, member_bytes(raw[spec.caption_key], spec.caption_key, spec.caption_key))
+        caption = random.Random(seed).choice(found)
+        captions = found if spec.all_captions else None
     label = None
     if "cls" in raw:
-        try:
-            label = int(raw["cls"].decode("utf-8").strip())
-        except (UnicodeDecodeError, ValueError) as error:
-            raise BadSample("bad_label", str(error)) from error
-    try:
-        image = decode_image_tensor(raw[image_ext], spec.max_pixels, _reduction_fn(_transforms(spec)))
-    except BadSample:
-        raise
-    except Exception as error:  # a decoder failure nobody classified: still just a bad image
-        raise BadSample("corrupt_image", f"{type(error).__name__}: {error}") from error
+        label = decode_label(member_bytes(raw["cls"], "cls", spec.caption_key))
+    image_bytes = member_bytes(raw[image_ext], image_ext, spec.caption_key)
+    image = _stage("corrupt_image", decode_image_tensor, image_bytes, spec.max_pixels,
+                   _reduction_fn(_transforms(spec)))
     with seeded_rngs(seed, restore_rng):
         try:
             main = spec.image_transform(image) if spec.image_transform is not None else None
@@ -180,6 +220,16 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
                 _log_first_transform_error(error)
                 raise BadSample("transform_error", f"{type(error).__name__}: {error}") from error
     return Sample(str(raw["__key__"]), main, views, caption, captions, label, teacher)
+
+
+def _stage(reason: str, step: Callable[..., Any], *args: Any) -> Any:
+    """`step(*args)`, with any exception but `BadSample` turned into `BadSample(reason)`."""
+    try:
+        return step(*args)
+    except BadSample:
+        raise
+    except Exception as error:  # a decoder failure nobody classified: still just this sample's
+        raise BadSample(reason, f"{type(error).__name__}: {error}") from error
 
 
 _transform_error_logged = False
@@ -199,16 +249,6 @@ def _reduction_fn(transforms: list[Callable]) -> Callable[[int, int], int] | Non
     if not fns or any(fn is None for fn in fns):
         return None
     return lambda width, height: min(fn(width, height) for fn in fns)
-
-
-def _all_captions(data: bytes) -> list[str]:
-    text = data.decode("utf-8").strip()
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            return [c.strip() for c in json.loads(text) if isinstance(c, str) and c.strip()]
-        except json.JSONDecodeError:
-            pass
-    return [text]
 
 
 def _stack(tensors: list[Tensor], in_worker: bool) -> Tensor:

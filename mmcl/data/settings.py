@@ -25,6 +25,8 @@ class DataConfig:
     image_std: list[float] | None = positive(None)
     train_crop_scale: list[float] = bounded([0.9, 1.0], 0, 1, low_open=True)  # RandomResizedCrop scale range
     max_pixels: int = count(89_478_485)  # images above this are skipped (decompression bombs)
+    max_text_bytes: int = count(65_536)  # caption and .cls members above this many bytes are skipped unread
+    max_image_bytes: int = count(268_435_456)  # image members above this many bytes are skipped unread (256 MiB)
     val_shards: str | None = None  # held-out image-caption shards (retrieval)
 
     def validate(self, key: str, source: str) -> None:

@@ -7,7 +7,9 @@ stream can be replayed cheaply (no image decoding) to fast-forward on resume.
 Tar files are parsed here rather than with `tarfile` so that a broken archive is reported
 precisely (a clean end needs the end-of-archive block; `tarfile` in stream mode silently stops
 at a truncated header) and so that members of samples a consumer does not keep are skipped
-without being read into memory. Shard byte streams come from `webdataset.gopen`, so every
+without being read into memory, nor are members a consumer does not need or that exceed its
+byte limit (`member_limit`; they become `decode.Unread` / `decode.Oversized` markers, so one
+sample can never cost more memory than the limits). Shard byte streams come from `webdataset.gopen`, so every
 URL scheme it supports works (local, `file:`, `pipe:`, `http(s)://` via curl, `gs://`, ...).
 
 Shard-level problems are counted once per event, by the consumer that keeps the sample index
@@ -24,7 +26,7 @@ from typing import Any, NamedTuple
 
 from webdataset.gopen import gopen
 
-from .decode import BadSample
+from .decode import BadSample, Oversized, Unread
 from .shards import ShardPiece
 
 # Markers between fill cycles (see pipeline.py); never counted as a stream position.
@@ -33,6 +35,10 @@ CYCLE_END = "__cycle_end__"
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _META_FILE = re.compile(r"__[^/]*__($|/)")
+_MAX_EXTENDED_HEADER = 1 << 20  # a pax / GNU long-name header above this is a corrupt archive
+
+# extension -> bytes a reader may read of such a member (None: not needed, left unread)
+MemberLimit = Callable[[str], "int | None"]
 
 
 class StreamContext:
@@ -41,11 +47,13 @@ class StreamContext:
     While `fast_forward` is set (resume), events are not counted (the saved counts already hold
     them) and members of seekable shards are not read: samples carry `LazyMember`s instead,
     loaded by `materialize` only if the sample is used after the fast-forward.
+    `member_limit`: what the consumer reads of each member (see `iter_tar_samples`).
     """
 
-    def __init__(self, skips: dict[str, int] | None = None):
+    def __init__(self, skips: dict[str, int] | None = None, member_limit: MemberLimit | None = None):
         self.counts: dict[str, int] = dict(skips or {})
         self.fast_forward = False
+        self.member_limit = member_limit
 
     def add(self, reason: str, n: int = 1) -> None:
         if not self.fast_forward:
@@ -139,14 +147,18 @@ def _split_name(name: str) -> tuple[str | None, str | None]:
 
 
 def iter_tar_samples(
-    stream, url: str, keep: Callable[[int], bool], stop: int | None = None, lazy: Callable[[], bool] | None = None
+    stream, url: str, keep: Callable[[int], bool], stop: int | None = None, lazy: Callable[[], bool] | None = None,
+    member_limit: MemberLimit | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Group the files of a tar byte stream into samples; yield the kept ones.
 
     Files sharing a key (path up to the first dot of the basename) form one sample; a new key,
     or an extension already present, starts the next sample. Samples are numbered from 0 in
     tar order and `keep(index)` decides which are read; reading stops once `index >= stop`.
-    While `lazy()` is true and the stream is seekable, kept members become `LazyMember`s.
+    `member_limit(extension)` (None: read everything) bounds what is read of a kept member: a
+    member above it becomes `Oversized(size, limit)`, one it rates None becomes `Unread(size)`,
+    both skipped without reading. While `lazy()` is true and the stream is seekable, the other
+    kept members become `LazyMember`s.
     Raises `BrokenTar` for a truncated or corrupt archive (the sample in progress is dropped).
     """
     index, current, kept, any_member = -1, None, False, False
@@ -180,6 +192,8 @@ def iter_tar_samples(
         kind = header[156:157]
         padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
         if kind in (b"x", b"L", b"g", b"K"):  # pax / GNU long-name metadata for the next member
+            if size > _MAX_EXTENDED_HEADER:
+                raise broken(f"an extended header of {size} bytes (corrupt archive)")
             try:
                 data = _read_exact(stream, padded)
             except Exception as error:
@@ -218,13 +232,17 @@ def iter_tar_samples(
                 return
             kept = keep(index)
             current = {"__key__": prefix, "__url__": url, "__index__": index}
+        limit = member_limit(suffix) if kept and member_limit is not None else -1
         try:
-            if kept and seekable and lazy is not None and lazy():
+            if kept and limit is None:
+                data, ok = Unread(size), _skip(stream, padded)
+            elif kept and limit >= 0 and size > limit:
+                data, ok = Oversized(size, limit), _skip(stream, padded)
+            elif kept and seekable and lazy is not None and lazy():
                 data, ok = LazyMember(url, stream.tell(), size), _skip(stream, padded)
             elif kept:
-                data = _read_exact(stream, padded)
-                ok = len(data) == padded
-                data = data[:size] if ok else b""
+                data = _read_exact(stream, size)  # then the padding: no copy of a large member
+                ok = len(data) == size and _skip(stream, padded - size)
             else:
                 data, ok = b"", _skip(stream, padded)
         except Exception as error:
@@ -246,7 +264,8 @@ def read_piece(piece: ShardPiece, context: StreamContext, count_events: bool = T
             context.add("unreadable_shard")
         return
     try:
-        yield from iter_tar_samples(stream, piece.url, piece.keeps, piece.stop, lambda: context.fast_forward)
+        yield from iter_tar_samples(stream, piece.url, piece.keeps, piece.stop, lambda: context.fast_forward,
+                                    context.member_limit)
     except BrokenTar as error:
         if count_events and piece.keeps(error.index):
             context.add(error.reason)

@@ -89,7 +89,7 @@ class TrainingLog:
         values["nonfinite_steps"] = self.nonfinite_total
         if patch_dropout:  # tokens per image the image tower's layers saw in the last training forward
             values["image_tokens"] = patch_dropout[0].tokens_out
-        values.update({f"skipped/{k}": v for k, v in run.loader.skip_counts().items()})
+        values.update({f"skipped/{k}": v for k, v in run.loader.skip_counts(all_ranks=True).items()})
         values.update(reduce_window(self.timer.window(elapsed)))
         self.metrics.write(run.step, values, run.samples_seen)
         say(_log_line(run.step, run.total_steps, values, run.task.weights))

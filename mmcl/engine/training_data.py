@@ -97,4 +97,5 @@ def endless(loader: ShardLoader) -> Iterator[dict[str, Any]]:
 
 
 def skip_counts(loader: ShardLoader) -> dict[str, int]:
-    return loader.skip_counts()
+    """Skipped samples by reason, summed over every rank (a collective: every rank calls it)."""
+    return loader.skip_counts(all_ranks=True)

@@ -7,12 +7,13 @@ splits the samples over ranks and DataLoader workers without overlap, so
 
 Shards follow img2dataset's layout: `{key}.jpg|jpeg|png|webp` + `{key}.cls` (integer
 label) and/or `{key}.txt` (one caption, or a JSON list of captions for COCO-style data).
-Samples that cannot be decoded are skipped and counted by reason (`EvalLoader.skipped`).
+Samples that cannot be decoded are skipped and counted by reason (`EvalLoader.skipped`), with
+the training pipeline's decoders and reasons (`mmcl.data.decode`); members above the byte
+limits are not read.
 """
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,18 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from mmcl.data.decode import IMAGE_EXTENSIONS, BadSample, decode_image, to_rgb
+from mmcl.data.decode import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_TEXT_BYTES,
+    IMAGE_EXTENSIONS,
+    BadSample,
+    caption_list,
+    decode_image,
+    decode_label,
+    member_bytes,
+    to_rgb,
+)
 from mmcl.distributed import get_rank, get_world_size
 
 ImageTransform = Callable[[Any], torch.Tensor]  # PIL image -> [3, H, W]
@@ -63,40 +75,34 @@ def _slot() -> tuple[int, int]:
     return get_rank() * workers + worker_id, get_world_size() * workers
 
 
-def _parse_sample(files: dict[str, bytes], transform: ImageTransform, max_pixels: int) -> dict:
-    """Decode one grouped sample into {"pixel_values", "label"?, "captions"?}; raises BadSample."""
+def _parse_sample(files: dict[str, Any], transform: ImageTransform, max_pixels: int) -> dict:
+    """Decode one grouped sample into {"pixel_values", "label"?, "captions"?}; raises only BadSample."""
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in files), None)
     if image_ext is None:
         raise BadSample("missing_image")
-    out: dict[str, Any] = {"pixel_values": transform(decode_image(files[image_ext], max_pixels))}
-    if "cls" in files:
-        try:
-            out["label"] = int(files["cls"].decode("utf-8").strip())
-        except (UnicodeDecodeError, ValueError) as error:
-            raise BadSample("bad_label", str(error)) from error
+    out: dict[str, Any] = {}
     if "txt" in files:
-        out["captions"] = _captions(files["txt"])
+        try:
+            out["captions"] = caption_list(member_bytes(files["txt"], "txt"))
+        except BadSample:
+            raise
+        except Exception as error:
+            raise BadSample("bad_caption", f"{type(error).__name__}: {error}") from error
+    if "cls" in files:
+        out["label"] = decode_label(member_bytes(files["cls"], "cls"))
+    image = decode_image(member_bytes(files[image_ext], image_ext), max_pixels)
+    try:
+        out["pixel_values"] = transform(image)
+    except Exception as error:
+        raise BadSample("transform_error", f"{type(error).__name__}: {error}") from error
     return out
 
 
-def _captions(data: bytes) -> list[str]:
-    """All captions of a sample: a JSON list of strings, or the whole text as one caption."""
-    try:
-        text = data.decode("utf-8").strip()
-    except UnicodeDecodeError as error:
-        raise BadSample("bad_caption_encoding", str(error)) from error
-    if text.startswith("["):
-        try:
-            items = json.loads(text)
-            if isinstance(items, list):
-                captions = [c.strip() for c in items if isinstance(c, str) and c.strip()]
-                if captions:
-                    return captions
-        except json.JSONDecodeError:
-            pass
-    if not text:
-        raise BadSample("empty_caption")
-    return [text]
+def _limit(extension: str) -> int | None:
+    """What the shard reader reads of a member: images and text up to the default limits, nothing else."""
+    if extension in IMAGE_EXTENSIONS:
+        return DEFAULT_MAX_IMAGE_BYTES
+    return DEFAULT_MAX_TEXT_BYTES if extension in ("txt", "cls") else None
 
 
 class ShardDataset(IterableDataset):
@@ -106,7 +112,7 @@ class ShardDataset(IterableDataset):
     s % slots); otherwise every slot reads every shard and keeps samples p % slots == slot.
     """
 
-    def __init__(self, urls: list[str], transform: ImageTransform, max_pixels: int = 89_478_485):
+    def __init__(self, urls: list[str], transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.urls, self.transform, self.max_pixels = urls, transform, max_pixels
 
     def __iter__(self) -> Iterator[dict]:
@@ -143,7 +149,7 @@ def _tar_samples(url: str) -> Iterator[dict[str, bytes]]:
 
     try:
         with gopen(url) as stream:
-            for raw in iter_tar_samples(stream, url, keep=lambda index: True):
+            for raw in iter_tar_samples(stream, url, keep=lambda index: True, member_limit=_limit):
                 yield {ext.lower(): data for ext, data in raw.items() if not ext.startswith("__")}
     except (BrokenTar, OSError) as error:
         yield {_BAD: getattr(error, "reason", "unreadable_shard")}
@@ -222,7 +228,7 @@ def build_eval_loader(
     batch_size: int = 64,
     num_workers: int = 0,
     split: str | None = None,
-    max_pixels: int = 89_478_485,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> EvalLoader:
     """An EvalLoader for `source`: shards (pattern, glob or dir of .tar), a `datasets`
     directory saved with `save_to_disk`, or an ImageNet-style folder (root/<class>/<image>)."""

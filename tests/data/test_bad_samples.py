@@ -1,6 +1,7 @@
 from collections import Counter
 
 import pytest
+import torch
 
 from mmcl.data import NoDataError, build_train_loader
 
@@ -104,3 +105,48 @@ def test_a_failing_transform_skips_the_sample_and_counts_it(tmp_path, kit, token
     keys = [k for batch in loader for k in batch["keys"]]
     assert sorted(keys) == [f"k{i}" for i in range(6)]
     assert loader.skip_counts() == {"transform_error": 1}
+
+
+NESTED = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.fixture
+def malformed_shard(tmp_path, kit):
+    """4 good samples and one of each malformed caption or label, in one real shard."""
+    samples = [kit.good_sample(f"g{i}", i) for i in range(4)] + [
+        ("nested", {"jpg": kit.image_bytes(60), "txt": NESTED}),
+        ("nestedlist", {"jpg": kit.image_bytes(61), "txt": b'["a cat", ' + NESTED + b"]"}),
+        ("hugeint", {"jpg": kit.image_bytes(62), "txt": b"[" + b"9" * 5000 + b"]"}),
+        ("long", {"jpg": kit.image_bytes(63), "txt": b"a cat " * 2500}),  # 15000 bytes > max_text_bytes
+        ("biglabel", {"jpg": kit.image_bytes(64), "txt": b"a cat", "cls": b"9" * 40}),
+        ("neglabel", {"jpg": kit.image_bytes(65), "txt": b"a cat", "cls": b"-3"}),
+        ("bigimage", {"jpg": kit.image_bytes(66) + bytes(5000), "txt": b"a cat"}),  # > max_image_bytes
+    ]
+    return str(kit.write_shard(tmp_path / "0.tar", samples))
+
+
+MALFORMED_SKIPS = {"bad_caption": 3, "caption_too_large": 1, "bad_label": 2, "image_too_large": 1}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_malformed_captions_labels_and_oversized_members_are_skipped_and_counted(malformed_shard, kit, tokenizer,
+                                                                                 num_workers):
+    cfg = kit.data_config(malformed_shard, num_workers=num_workers, max_text_bytes=12_000, max_image_bytes=4096)
+    loader = build_train_loader(cfg, tokenizer, 8, batch_size=2, seed=0, exhaust=True)
+    keys = [k for batch in loader for k in batch["keys"]]
+    assert sorted(keys) == ["g0", "g1", "g2", "g3"]
+    assert loader.skip_counts() == MALFORMED_SKIPS
+
+
+def test_malformed_samples_are_counted_alike_by_both_evaluation_loaders(malformed_shard, tokenizer):
+    from mmcl.data import build_eval_loader as shard_eval_loader
+    from mmcl.evaluation.data import build_eval_loader
+
+    loader = shard_eval_loader(malformed_shard, tokenizer, 8, batch_size=3, image_size=16, num_workers=2,
+                               max_text_bytes=12_000, max_image_bytes=4096)
+    assert sorted(k for batch in loader for k in batch["keys"]) == ["g0", "g1", "g2", "g3"]
+    assert loader.skip_counts() == MALFORMED_SKIPS
+    # the evaluation command's loader reads with the default limits: "long" and "bigimage" are fine there
+    evaluation = build_eval_loader(malformed_shard, lambda image: torch.zeros(3, 4, 4), batch_size=3)
+    assert sum(len(batch["index"]) for batch in evaluation) == 6
+    assert dict(evaluation.skipped) == {"bad_caption": 3, "bad_label": 2}

@@ -109,3 +109,85 @@ def test_truncated_images_and_pixel_limit():
             decode_image_tensor(data, 40 * 50 - 1)
         assert error.value.reason == "image_too_large"
         assert decode_image_tensor(data, 40 * 50).shape == (3, 40, 50)
+
+
+@pytest.mark.parametrize("peak_value", [65535, 200])
+def test_sixteen_bit_grey_is_scaled_exactly_like_the_float_formula_block_by_block(monkeypatch, peak_value):
+    import mmcl.data.decode as decode
+    import mmcl.data.samples as samples
+
+    monkeypatch.setattr(decode, "BLOCK_PIXELS", 64)  # many blocks of 2-3 rows
+    monkeypatch.setattr(samples, "BLOCK_PIXELS", 64)
+    array = np.random.default_rng(3).integers(0, peak_value + 1, (23, 29)).astype(np.uint16)
+    peak = 65535.0 if array.max() > 255 else 255.0
+    expected = (array.astype(np.float64) / peak * 255.0).round().astype(np.uint8)  # the former float64 formula
+    got = decode_image_tensor(encode(Image.fromarray(array), "PNG"), 10_000)
+    assert got.shape == (3, 23, 29)
+    assert np.array_equal(got[0].numpy(), expected) and torch.equal(got[0], got[2])
+
+
+def test_block_conversion_equals_whole_image_conversion_for_palette_alpha_and_grey(monkeypatch):
+    import mmcl.data.samples as samples
+    from mmcl.data.decode import to_rgb
+
+    rng = np.random.default_rng(4)
+    rgba = Image.fromarray(rng.integers(0, 256, (31, 17, 4), dtype=np.uint8), "RGBA")
+    images = [rgba, rgba.convert("LA"), rgba.convert("P"), rgba.convert("L"), rgba.convert("CMYK")]
+    for image in images:
+        data = encode(image, "JPEG" if image.mode == "CMYK" else "PNG")
+        whole = torch.from_numpy(np.array(to_rgb(Image.open(io.BytesIO(data))))).permute(2, 0, 1)
+        monkeypatch.setattr(samples, "BLOCK_PIXELS", 40)
+        assert torch.equal(decode_image_tensor(data, 10_000), whole), image.mode
+
+
+def test_a_sixteen_bit_image_costs_about_its_eight_bit_rgb_size():
+    """Peak RSS growth of decoding a 4-Mpx 16-bit PNG, in a fresh process (benchmarks/sample_memory.py):
+    with float64 conversion it was 10x the 8-bit RGB size; row blocks keep it near 2x."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "sample_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--megapixels", "4", "--mode", "gray16", "--json"],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    assert result["pixels"] >= 3_900_000 and result["ratio"] < 3.5, result
+
+
+@pytest.mark.parametrize("data, label", [(b"7", 7), (b" 12\n", 12), (b"0", 0), (b"9223372036854775807", 2**63 - 1)])
+def test_labels_are_non_negative_integers(data, label):
+    from mmcl.data.decode import decode_label
+
+    assert decode_label(data) == label
+
+
+@pytest.mark.parametrize("data", [b"-1", b"+3", b"3.5", b"1e3", b"seven", b"", b"\xff", b"9" * 19 + b"0", b"\xd9\xa3"])
+def test_labels_that_are_not_non_negative_int64_are_bad(data):
+    from mmcl.data.decode import decode_label
+
+    with pytest.raises(BadSample) as error:
+        decode_label(data)
+    assert error.value.reason == "bad_label"
+
+
+@pytest.mark.parametrize("caption, outcome", [
+    (b"[" * 5000 + b"]" * 5000, "bad_caption"),
+    (b'["a cat", ' + b"[" * 65 + b"]" * 65 + b"]", "bad_caption"),  # deeper than MAX_JSON_DEPTH, however the limit
+    (b'["a cat", ' + b"[" * 60 + b"]" * 60 + b"]", ["a cat"]),
+    (b"[" + b"9" * 5000 + b"]", "bad_caption"),
+    (b'["[[[[", "b \\" ]]"]', ["[[[[", 'b " ]]']),
+    (b"[sic] a cat [2019]", ["[sic] a cat [2019]"]),
+    (b"[1, null, {}]", "empty_caption"),
+    (b"[]", "empty_caption"),
+    (b"\xff[]", "bad_caption_encoding"),
+])
+def test_caption_lists_decode_or_fail_with_a_reason(caption, outcome):
+    from mmcl.data.decode import caption_list
+
+    if isinstance(outcome, list):
+        assert caption_list(caption) == outcome
+    else:
+        with pytest.raises(BadSample) as error:
+            caption_list(caption)
+        assert error.value.reason == outcome

@@ -118,3 +118,42 @@ def test_lazy_members_load_the_same_bytes(tmp_path):
     assert isinstance(lazy[0]["jpg"], LazyMember)
     eager = [dict(s, __url__=str(path)) for s in samples(tar_bytes(MEMBERS))]
     assert [materialize(s) for s in lazy] == eager
+
+
+class CountingStream(io.RawIOBase):
+    """A non-seekable byte stream (a pipe, an HTTP body) that records its largest single read."""
+
+    def __init__(self, data: bytes):
+        self.inner, self.largest = io.BytesIO(data), 0
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        chunk = self.inner.read(n)
+        self.largest = max(self.largest, len(chunk))
+        return chunk
+
+
+def test_members_above_their_limit_or_not_needed_are_left_unread():
+    from mmcl.data.decode import Oversized, Unread
+
+    big = b"x" * (3 << 20)
+    data = tar_bytes([("k0.jpg", b"J0"), ("k0.txt", big), ("k0.npy", big), ("k1.jpg", b"J1"), ("k1.txt", b"t1")])
+    limit = {"jpg": 10, "txt": 1000}.get
+    for stream in (io.BytesIO(data), CountingStream(data)):
+        got = list(iter_tar_samples(stream, "u", lambda i: True, member_limit=limit))
+        assert got[0]["jpg"] == b"J0" and got[0]["txt"] == Oversized(len(big), 1000) and got[0]["npy"] == Unread(len(big))
+        assert got[1]["txt"] == b"t1"
+    assert stream.largest <= 1 << 20  # skipped in 1 MiB reads, never held whole
+
+
+def test_an_oversized_extended_header_is_a_broken_shard_not_a_memory_spike():
+    name = "k" * 2000 + ".txt"
+    data = bytearray(tar_bytes([(name, b"t")], fmt=tarfile.GNU_FORMAT))
+    assert data[156:157] == b"L"
+    data[124:136] = b"%011o\0" % (64 << 20)  # claims a 64 MiB long name
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\0 " % sum(data[:512])
+    with pytest.raises(BrokenTar, match="extended header"):
+        list(iter_tar_samples(io.BytesIO(bytes(data)), "u", lambda i: True))

@@ -114,3 +114,32 @@ def test_expand_urls_braces_folders_and_double_colon(good_set):
     assert expand_urls(f"{good_set}/{{00000..00002}}.tar") == expected
     assert expand_urls(str(good_set)) == expected
     assert expand_urls(f"{expected[2]}::{good_set}/0000[01].tar") == [expected[2], *expected[:2]]
+
+
+def test_malformed_captions_labels_and_metadata_are_counted_not_raised(tmp_path, image_bytes, make_tar, capsys):
+    nested = b"[" * 5000 + b"]" * 5000
+    shard = make_tar(
+        tmp_path / "malformed.tar",
+        [
+            ("000000000.jpg", image_bytes()),
+            ("000000000.txt", b"fine"),
+            ("000000001.jpg", image_bytes()),
+            ("000000001.txt", nested),
+            ("000000002.jpg", image_bytes()),
+            ("000000002.txt", b"fine"),
+            ("000000002.json", nested),
+            ("000000002.cls", b"9" * 5000),
+            ("000000003.jpg", image_bytes()),
+            ("000000003.txt", b"a cat " * 20_000),  # above the 64 KiB caption limit: not even read
+            ("000000004.jpg", image_bytes()),
+            ("000000004.txt", b"fine"),
+            ("000000004.json", b'{"key": "x"}' + b" " * 70_000),
+        ],
+    )
+    report = inspect_shards(str(shard))
+    assert (report.samples, report.good, report.ok) == (5, 1, True)
+    assert dict(report.problems) == {"bad_caption": 1, "bad_json": 1, "bad_label": 1, "caption_too_large": 1,
+                                     "metadata_too_large": 1}
+    assert main([str(shard)]) == 0
+    out = capsys.readouterr().out
+    assert "bad_caption=1" in out and "caption_too_large=1" in out and "OK: 1 shards, 0 damaged, 1 good samples of 5" in out

@@ -108,3 +108,28 @@ def test_user_mistakes_are_one_sentence(tmp_path):
     train_tokenizer(CAPTIONS, tmp_path / "tok", vocab_size=64)
     with pytest.raises(DataToolsError, match="already holds a tokenizer; pass --overwrite"):
         train_tokenizer(CAPTIONS, tmp_path / "tok", vocab_size=64)
+
+
+def test_malformed_captions_are_left_out_and_counted(tmp_path, image_bytes, capsys):
+    import io
+    import tarfile
+
+    members = [("0.jpg", image_bytes()), ("0.txt", b"a photo of a cat"), ("1.jpg", image_bytes()),
+               ("1.txt", b"[" * 5000 + b"]" * 5000), ("2.jpg", image_bytes()), ("2.txt", b"\xff\xfe"),
+               ("3.jpg", image_bytes()), ("3.txt", b"dogs " * 20_000), ("4.jpg", image_bytes()),
+               ("4.txt", b'["two dogs", "dogs playing"]')]
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    from collections import Counter
+
+    skipped = Counter()
+    assert captions_from_shards(str(tmp_path / "shards"), skipped) == ["a photo of a cat", "two dogs", "dogs playing"]
+    assert skipped == {"bad_caption": 1, "bad_caption_encoding": 1, "caption_too_large": 1}
+    assert main(["--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "tok"), "--vocab-size", "40"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 3 caption members (bad_caption=1, bad_caption_encoding=1, caption_too_large=1)" in captured.err
+    assert json.loads(captured.out)["skipped"] == {"bad_caption": 1, "bad_caption_encoding": 1, "caption_too_large": 1}

@@ -1,9 +1,12 @@
 """Epoch mode over http:// shards sized by img2dataset's NNNNN_stats.json: one real `deepspeed`
-launch (2 CPU ranks) from a loopback HTTP server, and the one-sentence error when no size exists."""
+launch (2 CPU ranks) from a loopback HTTP server, which also meets two malformed captions (deeply
+nested JSON brackets, and one above data.max_text_bytes) that it skips and counts; and the
+one-sentence error when no size exists."""
 from __future__ import annotations
 
 import functools
 import http.server
+import io
 import json
 import tarfile
 import threading
@@ -17,6 +20,8 @@ from mmcl.engine.cli import main
 
 SIZES = [24, 24, 24, 8]  # 80 samples: 5 steps of 2 ranks x 8
 MICRO = 8
+MALFORMED = {"bad_caption": b"[" * 30_000 + b"]" * 30_000,  # 60 kB: under data.max_text_bytes (64 KiB)
+             "caption_too_large": b"a cat " * 20_000}
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -26,9 +31,10 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def http_shards(digits, tmp_path_factory):
-    """(served folder, base URL, keys in shard order) of the first 80 demo digits re-encoded as JPEG
-    shards by data_tools (img2dataset's layout: per-shard NNNNN_stats.json, sizes.json removed),
-    plus a copy without stats files."""
+    """(served folder, base URL, keys in shard order, {reason: key of its malformed sample}) of the
+    first 80 demo digits re-encoded as JPEG shards by data_tools (img2dataset's layout: per-shard
+    NNNNN_stats.json, sizes.json removed), the captions of the last shard's first two samples
+    replaced by MALFORMED ones, plus a copy without stats files."""
     from data_tools.samples import ImageOptions, SourceItem
     from data_tools.shard_reader import iter_samples
     from data_tools.write_shards import write_shards
@@ -42,6 +48,7 @@ def http_shards(digits, tmp_path_factory):
     stats = write_shards(items, root / "i2d", samples_per_shard=24, image_options=ImageOptions(output_format="jpg"))
     assert [s.successes for s in stats.shards] == SIZES
     (root / "i2d" / "sizes.json").unlink()
+    malformed = _replace_captions(root / "i2d" / "00003.tar", list(MALFORMED.values()))
     keys = [key for s in range(len(SIZES)) for key, _ in iter_samples(root / "i2d" / f"{s:05d}.tar")]
     with tarfile.open(root / "i2d" / "00000.tar") as tar:  # real JPEG bytes, as img2dataset stores them
         assert {name.split(".", 1)[1] for name in tar.getnames()} == {"jpg", "txt", "json"}
@@ -51,9 +58,23 @@ def http_shards(digits, tmp_path_factory):
         (root / "no_stats" / f"{s:05d}.tar").write_bytes((root / "i2d" / f"{s:05d}.tar").read_bytes())
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}", keys
+    yield root, f"http://127.0.0.1:{server.server_address[1]}", keys, dict(zip(MALFORMED, malformed))
     server.shutdown()
     server.server_close()
+
+
+def _replace_captions(shard: Path, captions: list[bytes]) -> list[str]:
+    """Rewrite `shard` with the .txt of its first samples replaced by `captions`; returns their keys."""
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+    texts = [info.name for info, _ in members if info.name.endswith(".txt")][: len(captions)]
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            if info.name in texts:
+                data = captions[texts.index(info.name)]
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return [name.split(".", 1)[0] for name in texts]
 
 
 def epoch_config(digits: Path, tmp_path: Path) -> Path:
@@ -63,7 +84,7 @@ def epoch_config(digits: Path, tmp_path: Path) -> Path:
 
 
 def test_epoch_over_http_shards_takes_its_length_from_the_stats_and_sees_each_sample_once(http_shards, digits, tmp_path):
-    root, base, keys = http_shards
+    root, base, keys, malformed = http_shards
     debug = tmp_path / "debug"
     # overrides on both sides of --deepspeed_config, as launch scripts write them
     command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "train.py"),
@@ -79,7 +100,15 @@ def test_epoch_over_http_shards_takes_its_length_from_the_stats_and_sees_each_sa
     seen = {rank: [k for line in (debug / f"keys_rank{rank}.jsonl").read_text().splitlines()
                    for k in json.loads(line)["keys"]] for rank in (0, 1)}
     counts = Counter(seen[0] + seen[1])
-    assert set(counts) == set(keys) and set(counts.values()) == {1}
+    # every good sample once; the two malformed ones skipped, counted (summed over the ranks) and
+    # made up for by two repeats on the rank that met them, so both ranks keep equal steps
+    assert set(counts) == set(keys) - set(malformed.values())
+    assert sum(counts.values()) == 80 and sum(n - 1 for n in counts.values()) == 2
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["skipped"] == {"bad_caption": 1, "caption_too_large": 1}
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {k: v for k, v in [r for r in logged if "loss" in r][-1].items() if k.startswith("skipped/")} == {
+        "skipped/bad_caption": 1, "skipped/caption_too_large": 1}
     # split by the sizes (each rank a contiguous 40 of the epoch's shard order); whole shards
     # round-robin would give one rank 48 samples and the other 32 plus 8 repeats
     assert len(seen[0]) == len(seen[1]) == 40
@@ -93,7 +122,7 @@ def test_http_shards_without_sizes_stop_with_one_sentence(http_shards, digits, t
                                                           world_size, overrides, need):
     import torch.distributed as dist
 
-    _, base, _ = http_shards
+    _, base, _, _ = http_shards
     if world_size:
         monkeypatch.setenv("WORLD_SIZE", world_size)
     with pytest.raises(SystemExit) as caught:
