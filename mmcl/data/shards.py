@@ -35,6 +35,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import IO
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import braceexpand
@@ -110,6 +111,18 @@ def is_local(url: str) -> bool:
 
 def _local_path(url: str) -> str:
     return urlparse(url).path if url.startswith("file:") else url
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A binary stream of one shard: local paths (and `file:`) through `open`, anything else
+    through `webdataset.gopen`. Under `WDS_SECURE=1` gopen refuses local files as well as
+    `pipe:` commands; mmcl keeps reading the user's own files there and refuses only the pipes
+    (`refuse_pipes`, before the run starts)."""
+    if is_local(url):
+        return open(_local_path(url), "rb")
+    from webdataset.gopen import gopen
+
+    return gopen(url, "rb")
 
 
 def expand_shards(pattern: str, require_existing: bool = True) -> list[list[str]]:

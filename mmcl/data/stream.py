@@ -9,7 +9,7 @@ precisely (a clean end needs the end-of-archive block; `tarfile` in stream mode 
 at a truncated header) and so that members of samples a consumer does not keep are skipped
 without being read into memory, nor are members a consumer does not need or that exceed its
 byte limit (`member_limit`; they become `decode.Unread` / `decode.Oversized` markers, so one
-sample can never cost more memory than the limits). Shard byte streams come from `webdataset.gopen`, so every
+sample can never cost more memory than the limits). Shard byte streams come from `shards.open_shard` (webdataset.gopen), so every
 URL scheme it supports works (local, `file:`, `pipe:`, `http(s)://` via curl, `gs://`, ...).
 
 Shard-level problems are counted once per event, by the consumer that keeps the sample index
@@ -24,10 +24,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
-from webdataset.gopen import gopen
-
 from .decode import BadSample, Oversized, Unread
-from .shards import ShardPiece
+from .shards import ShardPiece, open_shard
 
 # Markers between fill cycles (see pipeline.py); never counted as a stream position.
 CYCLE_END = "__cycle_end__"
@@ -78,7 +76,7 @@ def materialize(sample: dict[str, Any]) -> dict[str, Any]:
     lazy = {k: v for k, v in sample.items() if isinstance(v, LazyMember)}
     if lazy:
         try:
-            with gopen(next(iter(lazy.values())).url, "rb") as stream:
+            with open_shard(next(iter(lazy.values())).url) as stream:
                 for key, member in lazy.items():
                     stream.seek(member.offset)
                     sample[key] = stream.read(member.size)
@@ -258,7 +256,7 @@ def iter_tar_samples(
 def read_piece(piece: ShardPiece, context: StreamContext, count_events: bool = True) -> Iterator[dict[str, Any]]:
     """Kept raw samples of one shard piece; open/read failures are counted, never raised."""
     try:
-        stream = gopen(piece.url, "rb")
+        stream = open_shard(piece.url)
     except Exception:
         if count_events and piece.keeps(0):
             context.add("unreadable_shard")

@@ -143,12 +143,11 @@ class ShardDataset(IterableDataset):
 def _tar_samples(url: str) -> Iterator[dict[str, bytes]]:
     """The samples of one shard, {extension: bytes}, in tar order (the training pipeline's tar
     reader); a damaged shard ends with one `{_BAD: reason}` marker instead of an exception."""
-    from webdataset.gopen import gopen
-
+    from mmcl.data.shards import open_shard
     from mmcl.data.stream import BrokenTar, iter_tar_samples
 
     try:
-        with gopen(url) as stream:
+        with open_shard(url) as stream:
             for raw in iter_tar_samples(stream, url, keep=lambda index: True, member_limit=_limit):
                 yield {ext.lower(): data for ext, data in raw.items() if not ext.startswith("__")}
     except (BrokenTar, OSError) as error:

@@ -107,3 +107,25 @@ def test_wds_secure_refuses_pipe_sources_before_running_them(guarded, monkeypatc
     assert not marker.exists()  # no command ran
     monkeypatch.setenv("WDS_SECURE", "0")
     assert expand_shards(f"{root}/d/00000.tar::{pattern}")[1][0].startswith(f"pipe:touch {marker};")
+
+
+def test_wds_secure_still_reads_local_shards(tmp_path, monkeypatch):
+    """WDS_SECURE=1 forbids commands, not the user's own files (webdataset's gopen refuses both)."""
+    import tarfile
+    import io
+
+    from mmcl.data.shards import open_shard
+    from mmcl.data.stream import iter_tar_samples
+
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as tar:
+        for key in ("a", "b"):
+            info = tarfile.TarInfo(f"{key}.txt")
+            info.size = 5
+            tar.addfile(info, io.BytesIO(f"cap {key}".encode()))
+    monkeypatch.setenv("WDS_SECURE", "1")
+    with open_shard(str(path)) as stream:
+        samples = list(iter_tar_samples(stream, str(path), keep=lambda index: True))
+    with open_shard(f"file:{path}") as stream:
+        assert stream.read() == path.read_bytes()
+    assert [s["txt"] for s in samples] == [b"cap a", b"cap b"]
