@@ -6,34 +6,15 @@ the header `Authorization: Bearer SECRET3`; anything else gets 403.
 """
 from __future__ import annotations
 
-import base64
-import functools
-import http.server
-import threading
 from collections import Counter
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from guarded_server import SECRET1, SECRET2, SECRET3, serve_guarded
 
 from mmcl.data import build_train_loader
 from mmcl.data.shards import NoShardsError, PipeRefusedError, expand_shards, lookup_shard_sizes
 
-SECRET1, SECRET2, SECRET3 = "pw-Secret1-a8f3", "tok-Secret2-77c1", "bearer-Secret3-e5d0"
 SIZES = [6, 6, 4]
-
-
-class GuardedHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        auth = self.headers.get("Authorization", "")
-        basic = "Basic " + base64.b64encode(f"reader:{SECRET1}".encode()).decode()
-        token = parse_qs(urlsplit(self.path).query).get("token")
-        if not ((auth == basic and token == [SECRET2]) or auth == f"Bearer {SECRET3}"):
-            self.send_error(403)
-            return
-        super().do_GET()
 
 
 @pytest.fixture
@@ -49,11 +30,8 @@ def guarded(tmp_path, kit):
             index += 1
         kit.write_shard(root / "d" / f"{shard:05d}.tar", samples)
         (root / "d" / f"{shard:05d}_stats.json").write_text(f'{{"successes": {size}}}')
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(GuardedHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}", root
-    server.shutdown()
-    server.server_close()
+    with serve_guarded(root) as host:
+        yield host, root
 
 
 def test_size_lookup_sends_url_credentials_and_names_a_failure_without_them(guarded):

@@ -12,43 +12,24 @@ is in any file of the run or export folders, in anything uploaded, or in any out
 """
 from __future__ import annotations
 
-import base64
-import functools
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
 
+from guarded_server import SECRET1, SECRET2, SECRET3, serve_guarded
 from launch import BIN, REPO, free_port, losses, run, tiny_run_config, write_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 from hub_server import WRITE_TOKEN, FakeHub  # noqa: E402
 
-SECRET1, SECRET2, SECRET3 = "pw-Secret1-a8f3c2", "tok-Secret2-77c1b9", "bearer-Secret3-e5d04a"
 SECRETS = (SECRET1, SECRET2, SECRET3, WRITE_TOKEN)
 SIZES = [24, 24, 24, 8]  # 80 samples: 5 steps of 2 ranks x 8
 MICRO = 8
-
-
-class GuardedHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        auth = self.headers.get("Authorization", "")
-        basic = "Basic " + base64.b64encode(f"reader:{SECRET1}".encode()).decode()
-        token = parse_qs(urlsplit(self.path).query).get("token")
-        if not ((auth == basic and token == [SECRET2]) or auth == f"Bearer {SECRET3}"):
-            self.send_error(403)
-            return
-        super().do_GET()
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +49,8 @@ def guarded(digits, tmp_path_factory):
     (root / "i2d" / "sizes.json").unlink()
     (root / "val").mkdir()
     (root / "val" / "00000.tar").write_bytes((digits / "val" / "00000.tar").read_bytes())
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(GuardedHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_guarded(root) as host:
+        yield host
 
 
 def secret_config(digits: Path, tmp_path: Path, host: str) -> Path:
