@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mmcl.config import RunConfig
 from mmcl.docs import blocks, config_reference, field_comments, write_into
-from mmcl.engine.objectives import OBJECTIVES
+from mmcl.objectives import OBJECTIVES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,12 +24,13 @@ from mmcl.engine import training_data
 from mmcl.engine.attention import EAGER_MAX_TOKENS, choose_attention
 from mmcl.engine.compile import check_compile, compile_towers
 from mmcl.engine.ds_config import build_deepspeed_config
-from mmcl.engine.objectives import loss_chunk_size, uses_feature_cache
 from mmcl.engine.optim import build_optimizer, lr_lambda
 from mmcl.engine.resume import check_resume_layout
 from mmcl.engine.runtime import TrainingError, check_output_dir, init_process_group, say
+from mmcl.engine.sizes import global_batch, loss_chunk_size
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model, build_tokenizer
+from mmcl.objectives import uses_feature_cache
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.world_size
+        return global_batch(self.cfg.train.micro_batch_size, self.cfg.train.grad_accum_steps, self.world_size)
 
 
 def set_up(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str) -> Run:

@@ -8,7 +8,7 @@
 
 One step, from the loop to the loss and back: `plain_backward` (steps.py) or
 `feature_cache_backward` (feature_cache.py) calls `engine(batch)` (task.py: encode, then
-each objective in engine/objectives/ calls its loss in mmcl/losses/) and `engine.backward`;
+each objective in mmcl/objectives/ calls its loss in mmcl/losses/) and `engine.backward`;
 `optimizer_step` makes the accumulation boundary's `engine.step()`.
 """
 from __future__ import annotations

@@ -8,9 +8,9 @@ from mmcl.config import RunConfig
 from mmcl.data.loader import ShardLoader, TeacherData, build_train_loader
 from mmcl.data.shards import expand_shards, is_local, lookup_shard_sizes
 from mmcl.data.transforms import ssl_view_pair
-from mmcl.engine.objectives import needs_of
-from mmcl.engine.objectives.distill import teacher_transform
 from mmcl.engine.runtime import TrainingError
+from mmcl.objectives import needs_of
+from mmcl.objectives.distill import teacher_transform
 
 
 def check_shards(cfg: RunConfig) -> None:

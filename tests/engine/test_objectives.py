@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from mmcl.config import RunConfig, from_dict
-from mmcl.engine.objectives import BYOLObjective, SimCLRObjective, loss_chunk_size, needs_of, simclr_temperature
+from mmcl.engine.sizes import loss_chunk_size
+from mmcl.objectives import needs_of, simclr_temperature
+from mmcl.objectives.byol import BYOLObjective
+from mmcl.objectives.simclr import SimCLRObjective
 from mmcl.engine.optim import parameter_groups
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model, cosine_momentum

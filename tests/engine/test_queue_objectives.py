@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from mmcl.config import ConfigError, from_dict
-from mmcl.engine.objectives import MoCoObjective, loss_chunk_size, needs_of
+from mmcl.engine.sizes import loss_chunk_size
+from mmcl.objectives import needs_of
+from mmcl.objectives.moco import MoCoObjective
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model
 from test_objectives import BERT, VIT, batch

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from mmcl.engine.objectives.distill import DistillConfig
+    from mmcl.objectives.settings import DistillConfig
 
 
 class TeacherLoadError(ValueError):
