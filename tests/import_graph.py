@@ -14,25 +14,31 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The layer order, bottom first. A module may import its own package, and any module of a lower
-# layer; never a module of a higher layer, nor a peer package of its own layer. The first
-# prefix that matches a module decides its layer (so a package's `settings` module, a torch-free
-# dataclass that `mmcl.config` assembles, sits below the config while the rest of its package
-# sits above it).
+# The layer order, bottom first. A module may import modules of its own layer and of lower
+# layers, never of a higher one (`upward_imports`), and no import may close a circle (`circles`).
+# An entry "pkg.*" is the package and every module in it; a plain entry is that module alone; the
+# most specific entry decides a module's layer. So a package's torch-free `settings` module,
+# which `mmcl.config` assembles, sits below the config while the rest of its package sits above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("mmcl", "mmcl.coerce", "mmcl.distributed", "mmcl.redact")),
+    # torch-free: the config's sections, the objectives' declarations and their registry
     ("settings", ("mmcl.data.settings", "mmcl.models.settings", "mmcl.engine.settings", "mmcl.evaluation.settings",
-                  "mmcl.export.settings", "mmcl.export.errors")),
-    ("components", ("mmcl.data", "mmcl.models", "mmcl.losses")),
-    ("objective specs", ("mmcl.objectives.spec", "mmcl.objectives.registry")),
+                  "mmcl.evaluation.prompts", "mmcl.export.settings", "mmcl.export.errors", "mmcl.objectives",
+                  "mmcl.objectives.settings")),
+    ("components", ("mmcl.data.*", "mmcl.models.*", "mmcl.losses.*")),
     ("config", ("mmcl.config",)),
-    ("model directory", ("mmcl.model_dir",)),
-    ("objectives", ("mmcl.objectives",)),
-    ("engine", ("mmcl.engine",)),
-    ("evaluation", ("mmcl.evaluation", "mmcl.curate")),
-    ("export", ("mmcl.export",)),
-    ("cli", ("mmcl.cli", "mmcl.docs")),
+    # what a model directory, an export and a teacher folder hold, and reading an export back
+    ("model directory", ("mmcl.model_dir", "mmcl.export.hf_loader")),
+    ("objectives", ("mmcl.objectives.*",)),
+    ("evaluation", ("mmcl.evaluation.*", "mmcl.curate.*")),
+    ("export", ("mmcl.export.*",)),
+    # the trainer evaluates during training and exports/pushes at its end
+    ("engine", ("mmcl.engine.*",)),
+    ("cli", ("mmcl.cli", "mmcl.docs", "mmcl.engine.cli", "mmcl.evaluation.cli")),
 ]
+# Packages of one layer that must not import each other (the data pipeline knows no model, the
+# losses know no data).
+PEERS: tuple[str, ...] = ("mmcl.data", "mmcl.models", "mmcl.losses")
 
 
 @dataclass
@@ -41,6 +47,7 @@ class Import:
     target: str  # the imported mmcl module (the most specific module the statement names)
     line: int
     lazy: bool  # inside a function
+    name: str | None = None  # the name a `from X import name` statement imports
 
 
 @dataclass
@@ -85,19 +92,36 @@ def _package_of(module: str, modules: dict[str, Path]) -> str:
     return module if modules[module].name == "__init__.py" else module.rpartition(".")[0]
 
 
-def read_graph(root: Path) -> Graph:
-    """Every `mmcl` module under `root` and the mmcl imports each one makes."""
+def read_graph(root: Path, type_checking: bool = False) -> Graph:
+    """Every `mmcl` module under `root` and the mmcl imports each one makes (with `type_checking`,
+    also those under `if TYPE_CHECKING:`, which only type checkers follow)."""
     files = sorted((root / "mmcl").rglob("*.py"))
     graph = Graph({module_name(path, root): path for path in files})
+    lazy_tables = {name: _lazy_table(path) for name, path in graph.modules.items() if path.name == "__init__.py"}
     for name, path in graph.modules.items():
         tree = ast.parse(path.read_text(), str(path))
-        _collect(tree, name, graph, lazy=False)
+        _collect(tree, name, graph, lazy=False, type_checking=type_checking)
+    # `from pkg import name` where pkg imports `name` on first use (a `_LAZY` table): the module it comes from.
+    for imp in graph.imports:
+        if imp.name and imp.name in lazy_tables.get(imp.target, {}):
+            imp.target = lazy_tables[imp.target][imp.name]
+    unique = {(imp.source, imp.target, imp.line): imp for imp in graph.imports}
+    graph.imports = list(unique.values())
     return graph
 
 
-def _collect(node: ast.AST, module: str, graph: Graph, lazy: bool) -> None:
+def _lazy_table(path: Path) -> dict[str, str]:
+    """A package's `_LAZY = {"name": "module", ...}` (names its `__getattr__` imports on first use)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets):
+            return {k.value: v.value for k, v in zip(node.value.keys, node.value.values)
+                    if isinstance(k, ast.Constant) and isinstance(v, ast.Constant)}
+    return {}
+
+
+def _collect(node: ast.AST, module: str, graph: Graph, lazy: bool, type_checking: bool = False) -> None:
     for child in ast.iter_child_nodes(node):
-        if _type_checking_block(child):
+        if _type_checking_block(child) and not type_checking:
             for other in child.orelse:
                 _collect(other, module, graph, lazy)
             continue
@@ -118,33 +142,37 @@ def _collect(node: ast.AST, module: str, graph: Graph, lazy: bool) -> None:
             for alias in child.names:
                 target = _resolve(f"{base}.{alias.name}", graph.modules) or _resolve(base, graph.modules)
                 if target:
-                    graph.imports.append(Import(module, target, child.lineno, lazy))
-        _collect(child, module, graph, inner)
+                    graph.imports.append(Import(module, target, child.lineno, lazy, alias.name))
+        _collect(child, module, graph, inner, type_checking)
 
 
 def layer_of(module: str) -> int:
-    best, index = -1, -1
-    for position, (_, prefixes) in enumerate(LAYERS):
-        for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
-                best, index = len(prefix), position
+    """The index in LAYERS of `module` (ValueError for a module no entry covers)."""
+    best, index = (-1, -1), -1
+    for position, (_, entries) in enumerate(LAYERS):
+        for entry in entries:
+            if entry.endswith(".*"):
+                package = entry[:-2]
+                matches, rank = module == package or module.startswith(package + "."), (0, len(package))
+            else:
+                matches, rank = module == entry, (1, len(entry))
+            if matches and rank > best:
+                best, index = rank, position
     if index < 0:
         raise ValueError(f"module {module} is in no layer of tests/import_graph.py's LAYERS; add it there.")
     return index
 
 
-def _package(module: str) -> str:
-    parts = module.split(".")
-    return ".".join(parts[:2])
+def _peer(module: str) -> str | None:
+    return next((package for package in PEERS if module == package or module.startswith(package + ".")), None)
 
 
 def upward_imports(graph: Graph) -> list[Import]:
-    """Imports of a higher layer, or of a peer package of the same layer."""
+    """Imports of a higher layer, or between the PEERS packages."""
     bad = []
     for imp in graph.imports:
-        source, target = layer_of(imp.source), layer_of(imp.target)
-        if target > source or (target == source and _package(imp.source) != _package(imp.target)
-                               and imp.target != "mmcl"):
+        source_peer, target_peer = _peer(imp.source), _peer(imp.target)
+        if layer_of(imp.target) > layer_of(imp.source) or (source_peer and target_peer and source_peer != target_peer):
             bad.append(imp)
     return bad
 
@@ -223,10 +251,13 @@ def report(root: Path) -> str:
     lines += [f"  {len(c)} modules: {' '.join(c)}" for c in found]
     try:
         bad = upward_imports(graph)
-        lines.append(f"upward imports (against LAYERS): {len(bad)}")
+        lines.append(f"upward imports (against LAYERS and PEERS): {len(bad)}")
         lines += [f"  {imp.source}:{imp.line} -> {imp.target}{' (in a function)' if imp.lazy else ''}" for imp in bad]
     except ValueError as error:
         lines.append(f"upward imports: not computed ({error})")
+    typed = circles(read_graph(root, type_checking=True))
+    lines.append(f"circles counting `if TYPE_CHECKING:` imports too: {len(typed)}")
+    lines += [f"  {len(c)} modules: {' '.join(c)}" for c in typed]
     (module_lines, module), (function_lines, function) = largest(graph)
     lines.append(f"largest module: {module} ({module_lines} lines); largest function: {function} ({function_lines} lines)")
     return "\n".join(lines)

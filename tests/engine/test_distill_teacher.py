@@ -88,7 +88,7 @@ def test_bf16_teacher_gives_nearly_the_fp32_features_and_the_same_fingerprint(cl
 
 
 def test_an_mmcl_model_directory_teaches_with_the_model_s_own_features(tmp_path, tokenizer_dir):
-    from mmcl.evaluation.loading import save_model_dir
+    from mmcl.model_dir import save_model_dir
     from mmcl.models import build_tokenizer
 
     cfg = run_config(tokenizer_dir, teacher=str(tmp_path))
