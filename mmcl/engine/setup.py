@@ -27,7 +27,7 @@ from mmcl.engine.optim import build_optimizer, lr_lambda
 from mmcl.engine.resume import check_resume_layout
 from mmcl.engine.run import Run
 from mmcl.engine.runtime import TrainingError, check_output_dir, init_process_group, say
-from mmcl.engine.sizes import loss_chunk_size
+from mmcl.engine.sizes import loss_chunk_size, steps_per_epoch
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model, build_tokenizer
 from mmcl.objectives import uses_feature_cache
@@ -67,7 +67,7 @@ def set_up(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str) -> Ru
         say(f"objectives {', '.join(cfg.objectives)}: plain gradient accumulation (feature caching applies to "
             "clip/siglip/distill alone)")
     loader = training_data.build(cfg, tokenizer, rank, world_size, teacher=task.teacher_inputs())
-    total_steps = _total_steps(cfg, loader, world_size, saved_layout, layout)
+    total_steps = _total_steps(cfg, loader, saved_layout, layout)
 
     optimizer = build_optimizer(task, cfg.optim, prefix="model.")  # groups: towers by name, SSL heads with the heads
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
@@ -96,9 +96,9 @@ def _check_before_work(cfg: RunConfig) -> None:
         check_push_config(cfg)  # no token or no network: say so now, not after a long run
 
 
-def _total_steps(cfg: RunConfig, loader, world_size: int, saved_layout: dict | None, layout: dict) -> int:
+def _total_steps(cfg: RunConfig, loader, saved_layout: dict | None, layout: dict) -> int:
     """train.steps, or the epochs' steps; after a global-batch change, the saved run's remaining samples."""
-    total_steps = cfg.train.steps or cfg.train.epochs * training_data.steps_per_epoch(loader, cfg, world_size)
+    total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch(loader, cfg)
     if saved_layout is not None and saved_layout.get("global_batch", layout["global_batch"]) != layout["global_batch"]:
         from mmcl.engine import elastic
 

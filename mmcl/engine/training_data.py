@@ -78,15 +78,6 @@ def ssl_views(cfg: RunConfig):
                          blur_sigma=views.blur_sigma, solarize_p=views.solarize_p)
 
 
-def steps_per_epoch(loader: ShardLoader, cfg: RunConfig, world_size: int) -> int:
-    """Optimizer steps in one epoch (micro-batches per rank per epoch // accumulation)."""
-    if loader.steps_per_epoch is None:
-        raise TrainingError(
-            "the epoch length is unknown (no sizes.json beside the shards); set train.steps or data.samples_per_epoch."
-        )
-    return loader.steps_per_epoch // cfg.train.grad_accum_steps
-
-
 def endless(loader: ShardLoader) -> Iterator[dict[str, Any]]:
     """Batches across epoch boundaries; the loader's own state says where it is."""
     while True:
