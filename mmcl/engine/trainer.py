@@ -30,8 +30,8 @@ from mmcl.engine.feature_cache import feature_cache_backward
 from mmcl.engine.metrics_log import MetricsLog, TrainingLog, plot_history
 from mmcl.engine.resume import resume
 from mmcl.engine.rng import capture_rng
-from mmcl.engine.runtime import move_batch, say
 from mmcl.engine.run import Run
+from mmcl.engine.runtime import move_batch, say
 from mmcl.engine.setup import set_up
 from mmcl.engine.steps import optimizer_step, plain_backward
 from mmcl.engine.zero import full_parameters, gatherer

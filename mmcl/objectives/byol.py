@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from mmcl.objectives.base import Objective, encode_with, image_width, split_legacy_state, sync_batchnorm
 from mmcl.losses import BYOLLoss
 from mmcl.models import DualEncoder, Gather, MLPHead, MomentumEncoder, no_gather
+from mmcl.objectives.base import Objective, encode_with, image_width, split_legacy_state, sync_batchnorm
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig

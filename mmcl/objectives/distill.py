@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from mmcl.losses import DistillLoss
+from mmcl.models import DualEncoder, Gather, no_gather
 from mmcl.objectives.base import Objective
 from mmcl.objectives.teacher import Teacher, TeacherInputs, TeacherLoadError, load_teacher
 from mmcl.objectives.teacher_cache import TeacherFeatureCache, token_key
-from mmcl.losses import DistillLoss
-from mmcl.models import DualEncoder, Gather, no_gather
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig

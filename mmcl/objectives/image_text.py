@@ -5,9 +5,9 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from mmcl.objectives.base import Objective, split_state
 from mmcl.losses import ClipQueueLoss, build_loss
 from mmcl.models import DualEncoder, Gather, KeyQueue, MomentumEncoder, no_gather
+from mmcl.objectives.base import Objective, split_state
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig

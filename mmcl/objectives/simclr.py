@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from mmcl.objectives.base import Objective, image_width, sync_batchnorm
-from mmcl.objectives.settings import simclr_temperature
 from mmcl.losses import NTXentLoss
 from mmcl.models import DualEncoder, MLPHead
+from mmcl.objectives.base import Objective, image_width, sync_batchnorm
+from mmcl.objectives.settings import simclr_temperature
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig

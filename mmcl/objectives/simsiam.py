@@ -5,9 +5,9 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from mmcl.objectives.base import Objective, image_width, sync_batchnorm
 from mmcl.losses.simsiam import SimSiamLoss
 from mmcl.models import DualEncoder, MLPHead
+from mmcl.objectives.base import Objective, image_width, sync_batchnorm
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig

@@ -10,11 +10,11 @@ import torch
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from mmcl.config import ConfigError, RunConfig, from_dict
-from mmcl.objectives.settings import DistillConfig
+from mmcl.models import build_model
 from mmcl.objectives.distill import DistillObjective
+from mmcl.objectives.settings import DistillConfig
 from mmcl.objectives.teacher import Teacher, TeacherInputs, TeacherLoadError, load_teacher
 from mmcl.objectives.teacher_cache import StaleCacheError, TeacherFeatureCache
-from mmcl.models import build_model
 
 VIT = {"model_type": "vit", "image_size": 16, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
        "num_attention_heads": 2, "intermediate_size": 64}

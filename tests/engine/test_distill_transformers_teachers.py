@@ -12,11 +12,11 @@ from transformers import (AutoTokenizer, BertConfig, SiglipConfig, SiglipImagePr
                           ViTConfig, ViTImageProcessor, VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
 
 from mmcl.config import from_dict
-from mmcl.objectives.settings import DistillConfig
 from mmcl.data.tokenize import CaptionTokenizer
-from mmcl.objectives.distill import DistillObjective
-from mmcl.objectives.teacher import load_teacher
 from mmcl.losses.distill import soft_cross_entropy
+from mmcl.objectives.distill import DistillObjective
+from mmcl.objectives.settings import DistillConfig
+from mmcl.objectives.teacher import load_teacher
 
 VIT = {"model_type": "vit", "image_size": 16, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
        "num_attention_heads": 2, "intermediate_size": 64}

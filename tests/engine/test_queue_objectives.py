@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from mmcl.config import ConfigError, from_dict
 from mmcl.engine.sizes import loss_chunk_size
-from mmcl.objectives import needs_of
-from mmcl.objectives.moco import MoCoObjective
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model
+from mmcl.objectives import needs_of
+from mmcl.objectives.moco import MoCoObjective
 from test_objectives import BERT, VIT, batch
 
 HEADS = {"moco": {"hidden_dim": 24, "out_dim": 8, "queue_size": 10, "base_momentum": 0.9},
