@@ -24,11 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distillation import cpu_description, tower  # noqa: E402
 
 from mmcl.config import from_dict  # noqa: E402
-from mmcl.engine.objectives import DistillObjective  # noqa: E402
-from mmcl.engine.objectives.distill import cache_fingerprint  # noqa: E402
 from mmcl.engine.task import TrainingTask  # noqa: E402
-from mmcl.engine.teacher_cache import TeacherFeatureCache  # noqa: E402
 from mmcl.models import build_model  # noqa: E402
+from mmcl.objectives.distill import DistillObjective, cache_fingerprint  # noqa: E402
+from mmcl.objectives.teacher_cache import TeacherFeatureCache  # noqa: E402
 
 
 def main() -> None:

@@ -3,9 +3,9 @@
 Each section's dataclass lives beside the code it configures, with its keys documented as
 field comments and its own rules in `validate` (`mmcl.models.settings`, `mmcl.data.settings`,
 `mmcl.engine.settings`, `mmcl.evaluation.settings`, `mmcl.export.settings`), and each
-objective's settings beside the objective (`mmcl.engine.objectives`, placed in the run config
-at the objective's `settings_key`). This module assembles `RunConfig` from them and holds the
-rules that span sections. `load_config` raises `ConfigError` — one sentence naming the file,
+objective's settings in its torch-free declaration (`mmcl.objectives.settings`, placed in the
+run config at the objective's `settings_key`). This module assembles `RunConfig` from them, as
+plain dataclasses, and holds the rules that span sections. It imports no torch. `load_config` raises `ConfigError` — one sentence naming the file,
 the key and what to do — before any process group, model or data loader exists; the type
 coercion and bounds checks are `mmcl.coerce`. README's configuration reference is generated
 from these dataclasses (`python -m mmcl.docs`).
@@ -25,53 +25,45 @@ import yaml
 
 from mmcl.coerce import ConfigError, build, check_path, count, nonnegative
 from mmcl.data.settings import DataConfig, ViewsConfig
-from mmcl.engine.objectives import OBJECTIVES, needs_of
 from mmcl.engine.settings import OptimConfig, TrainConfig
 from mmcl.evaluation.settings import EvalConfig
 from mmcl.export.settings import PushConfig
 from mmcl.models.settings import ModelConfig, TextTowerConfig, TowerConfig  # noqa: F401 (re-exported: mmcl.config names every section)
+from mmcl.objectives import OBJECTIVES, needs_of
+from mmcl.objectives.settings import (BYOLConfig, ClipQueueConfig, DistillConfig, MoCoConfig, SimCLRConfig, SimSiamConfig,
+                                      TripletConfig)
 
 # ----------------------------------------------------------------------------- the run config
 
 
-def with_objective_settings(base: type, section: str) -> type:
-    """`base` plus one field per registered objective whose settings live directly under
-    `section` ("" = the top level): e.g. `ssl.simclr` becomes field `simclr` of the ssl section."""
-    extra = [(objective.settings_key.rpartition(".")[2], objective.settings, field(default_factory=objective.settings))
-             for objective in OBJECTIVES.values()
-             if objective.settings is not None and objective.settings_key.rpartition(".")[0] == section]
-    name = base.__name__.lstrip("_")
-    cls = dataclasses.make_dataclass(name, extra, bases=(base,))
-    cls.__module__, cls.__doc__ = __name__, base.__doc__
-    return cls
-
-
 @dataclass
-class _LossConfig:
+class LossConfig:
     """Options shared by the image-text objectives, and the settings of those that have them (clip_queue)."""
 
     # Side of the score-matrix chunks of the chunked exact clip/siglip loss. "auto": dense while
     # one evaluation's logits (local rows x global columns) are at most 4096^2, chunked above
     # (mmcl.losses.chunked.recommended_chunk_size); None: always dense; an int: always chunked.
     chunk_size: int | Literal["auto"] | None = count("auto")
+    clip_queue: ClipQueueConfig = field(default_factory=ClipQueueConfig)
 
 
 @dataclass
-class _SSLConfig:
+class SSLConfig:
     """Settings of the self-supervised objectives (used when `objectives` names them)."""
 
     views: ViewsConfig = field(default_factory=ViewsConfig)  # the two augmented views of each image
     # BatchNorm in the SSL heads over the global batch (all ranks), as the recipes do; off:
     # each rank's own batch. Costs two small all-reduces per BatchNorm layer and step.
     sync_batchnorm: bool = False
-
-
-LossConfig = with_objective_settings(_LossConfig, "loss")
-SSLConfig = with_objective_settings(_SSLConfig, "ssl")
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
+    triplet: TripletConfig = field(default_factory=TripletConfig)
 
 
 @dataclass
-class _RunConfig:
+class RunConfig:
     """A whole run. Only `model` is required."""
 
     model: ModelConfig
@@ -85,9 +77,7 @@ class _RunConfig:
     push_to_hub: PushConfig | None = None  # export + upload when training ends
     output_dir: str = "runs/default"  # checkpoints, logs and the resolved config go here
     seed: int = nonnegative(0)  # seeds model init, data order and augmentation
-
-
-RunConfig = with_objective_settings(_RunConfig, "")
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 KNOWN_OBJECTIVES = tuple(OBJECTIVES)
 IMAGE_TEXT_OBJECTIVES = tuple(name for name, objective in OBJECTIVES.items() if objective.image_text)

@@ -12,7 +12,7 @@ import pytest
 
 from mmcl.config import RunConfig
 from mmcl.docs import MARKERS, TARGETS, blocks, blocks_in, config_reference, console_scripts, field_comments, main, write_into
-from mmcl.engine.objectives import OBJECTIVES
+from mmcl.objectives import OBJECTIVES
 
 REPO = Path(__file__).resolve().parents[1]
 STALE = "is stale: run `make docs-reference` (python -m mmcl.docs --write)"

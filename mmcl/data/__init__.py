@@ -4,25 +4,38 @@ Entry points: `build_train_loader` / `build_eval_loader` (loader.py) return a `S
 with `state_dict()` / `load_state_dict()` for exact resume, `skip_counts()` and
 `steps_per_epoch`. See loader.py for the design.
 """
-from .decode import BadSample, decode_caption, decode_image
-from .loader import NoDataError, ShardLoader, build_eval_loader, build_train_loader
-from .samples import SKIP_REASONS
-from .shards import NoShardsError, expand_shards, read_shard_sizes
-from .tokenize import CaptionTokenizer
-from .transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    PILInput,
-    RandomResizedCropU8,
-    ResizeCenterCropU8,
-    SSLViewU8,
-    clip_eval_transform,
-    clip_train_transform,
-    normalize_uint8,
-    ssl_view_pair,
-    torchvision_eval_transform,
-    torchvision_train_transform,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Imported on first use, so that `mmcl.config` (which reads this package's settings) imports no torch.
+_LAZY = {
+    "BadSample": "mmcl.data.decode",
+    "decode_caption": "mmcl.data.decode",
+    "decode_image": "mmcl.data.decode",
+    "NoDataError": "mmcl.data.loader",
+    "ShardLoader": "mmcl.data.loader",
+    "build_eval_loader": "mmcl.data.loader",
+    "build_train_loader": "mmcl.data.loader",
+    "SKIP_REASONS": "mmcl.data.samples",
+    "NoShardsError": "mmcl.data.shards",
+    "expand_shards": "mmcl.data.shards",
+    "read_shard_sizes": "mmcl.data.shards",
+    "CaptionTokenizer": "mmcl.data.tokenize",
+    "CLIP_MEAN": "mmcl.data.transforms",
+    "CLIP_STD": "mmcl.data.transforms",
+    "PILInput": "mmcl.data.transforms",
+    "RandomResizedCropU8": "mmcl.data.transforms",
+    "ResizeCenterCropU8": "mmcl.data.transforms",
+    "SSLViewU8": "mmcl.data.transforms",
+    "clip_eval_transform": "mmcl.data.transforms",
+    "clip_train_transform": "mmcl.data.transforms",
+    "normalize_uint8": "mmcl.data.transforms",
+    "ssl_view_pair": "mmcl.data.transforms",
+    "torchvision_eval_transform": "mmcl.data.transforms",
+    "torchvision_train_transform": "mmcl.data.transforms",
+}
 
 __all__ = [
     "BadSample", "decode_caption", "decode_image",
@@ -32,3 +45,15 @@ __all__ = [
     "clip_eval_transform", "clip_train_transform", "normalize_uint8",
     "torchvision_eval_transform", "torchvision_train_transform",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -45,8 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmcl.engine.checkpoint import ResumeError
     from mmcl.engine.ds_config import DeepSpeedConfigError, read_deepspeed_json
     from mmcl.engine.runtime import TrainingError, exit_with_error
-    from mmcl.engine.teacher import TeacherLoadError
-    from mmcl.engine.teacher_cache import StaleCacheError
+    from mmcl.objectives.teacher import TeacherLoadError
+    from mmcl.objectives.teacher_cache import StaleCacheError
     from mmcl.engine.trainer import train
     from mmcl.export.errors import ExportError, PushError
     from mmcl.models import TokenizerLoadError, TowerLoadError

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcl.config import RunConfig
+from mmcl.engine import sizes
 
 
 class DeepSpeedConfigError(ValueError):
@@ -34,7 +35,7 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, user: dict[str, Any]
     train = cfg.train
     _agree(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, "train.micro_batch_size", source)
     _agree(ds, "gradient_accumulation_steps", train.grad_accum_steps, "train.grad_accum_steps", source)
-    global_batch = train.micro_batch_size * train.grad_accum_steps * world_size
+    global_batch = sizes.global_batch(train.micro_batch_size, train.grad_accum_steps, world_size)
     if train.global_batch_size is not None and train.global_batch_size != global_batch:
         raise DeepSpeedConfigError(
             f"train.global_batch_size is {train.global_batch_size} but micro_batch_size {train.micro_batch_size} × "

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from mmcl.config import RunConfig
 from mmcl.engine.checkpoint import ResumeError
+from mmcl.engine.sizes import global_batch
 from mmcl.engine.universal_fix import tolerate_empty_partitions
 
 LAYOUT = "layout.json"
@@ -51,7 +52,7 @@ def current_layout(cfg: RunConfig, world_size: int, local_world_size: int, zero_
         "micro_batch_size": cfg.train.micro_batch_size,
         "grad_accum_steps": cfg.train.grad_accum_steps,
         "num_workers": cfg.data.num_workers,
-        "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size,
+        "global_batch": global_batch(cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world_size),
         **({"zero_stage": zero_stage} if zero_stage is not None else {}),
     }
 
@@ -72,7 +73,7 @@ def compare(saved: dict[str, Any], now: dict[str, Any], allow_batch_change: bool
     global batch unless allowed."""
     saved = dict(saved)
     saved.setdefault("grad_accum_steps", now["grad_accum_steps"])
-    saved.setdefault("global_batch", saved["micro_batch_size"] * saved["grad_accum_steps"] * saved["world_size"])
+    saved.setdefault("global_batch", global_batch(saved["micro_batch_size"], saved["grad_accum_steps"], saved["world_size"]))
     names = {"world_size": "world size", "nodes": "nodes", "num_workers": "data.num_workers",
              "micro_batch_size": "train.micro_batch_size", "grad_accum_steps": "train.grad_accum_steps",
              "zero_stage": "ZeRO stage"}

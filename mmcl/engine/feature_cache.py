@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mmcl.engine.rng import capture_rng, restore_rng
-from mmcl.engine.steps import Accumulated, all_finite
+from mmcl.engine.steps import Accumulated, all_finite, optimizer_step
 from mmcl.engine.task import FEATURE_KEYS
 
 
@@ -54,3 +54,10 @@ def feature_cache_backward(engine, task, micro_batches: list[dict[str, Tensor]])
             engine.step()  # counts the micro-batch; the update waits for the last one
     restore_rng(after_encode)
     return Accumulated({key: value.detach() for key, value in result.items()}, 0, backward=True)
+
+
+def feature_cache_step(engine, micro_batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor] | None, int]:
+    """One whole optimizer step with feature-cache accumulation: (metrics or None, non-finite losses)."""
+    accumulated = feature_cache_backward(engine, engine.module, micro_batches)
+    optimizer_step(engine, accumulated)
+    return accumulated.metrics, accumulated.nonfinite

@@ -19,7 +19,7 @@ from mmcl.engine.runtime import TrainingError, say
 from mmcl.engine.step_timer import StepTimer, reduce_window
 
 if TYPE_CHECKING:
-    from mmcl.engine.setup import Run
+    from mmcl.engine.run import Run
 
 
 class MetricsLog:

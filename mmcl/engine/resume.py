@@ -19,7 +19,7 @@ from mmcl.engine.runtime import say
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig
-    from mmcl.engine.setup import Run
+    from mmcl.engine.run import Run
 
 
 def check_resume_layout(cfg: RunConfig, output_dir: Path, world_size: int, ds_config: dict[str, Any]):

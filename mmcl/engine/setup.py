@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,50 +23,14 @@ from mmcl.engine import training_data
 from mmcl.engine.attention import EAGER_MAX_TOKENS, choose_attention
 from mmcl.engine.compile import check_compile, compile_towers
 from mmcl.engine.ds_config import build_deepspeed_config
-from mmcl.engine.objectives import loss_chunk_size, uses_feature_cache
 from mmcl.engine.optim import build_optimizer, lr_lambda
 from mmcl.engine.resume import check_resume_layout
+from mmcl.engine.run import Run
 from mmcl.engine.runtime import TrainingError, check_output_dir, init_process_group, say
+from mmcl.engine.sizes import loss_chunk_size, steps_per_epoch
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model, build_tokenizer
-
-
-@dataclass
-class Run:
-    """Everything a running training holds; `step` and `samples_seen` advance in the loop."""
-
-    cfg: RunConfig
-    engine: Any  # deepspeed.DeepSpeedEngine wrapping `task`
-    task: TrainingTask
-    optimizer: torch.optim.Optimizer
-    tokenizer: Any
-    loader: Any  # mmcl.data.loader.ShardLoader
-    total_steps: int
-    feature_cache: bool  # accumulate by feature caching (mmcl.engine.feature_cache), else plainly
-    layout: dict[str, Any]  # world size, batch sizes, workers, ZeRO stage (saved with each checkpoint)
-    resume_from: tuple[Path, str] | None  # (checkpoints root, tag) to resume, or None
-    saved_layout: dict[str, Any] | None  # that checkpoint's layout
-    layout_changes: list[str]  # how this launch differs from it (empty: an exact resume)
-    started: float = field(default_factory=time.time)
-    step: int = 0
-    samples_seen: int = 0
-    resumed_at: int | None = None
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.cfg.output_dir)
-
-    @property
-    def rank(self) -> int:
-        return get_rank()
-
-    @property
-    def world_size(self) -> int:
-        return get_world_size()
-
-    @property
-    def global_batch(self) -> int:
-        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.world_size
+from mmcl.objectives import uses_feature_cache
 
 
 def set_up(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str) -> Run:
@@ -104,7 +67,7 @@ def set_up(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str) -> Ru
         say(f"objectives {', '.join(cfg.objectives)}: plain gradient accumulation (feature caching applies to "
             "clip/siglip/distill alone)")
     loader = training_data.build(cfg, tokenizer, rank, world_size, teacher=task.teacher_inputs())
-    total_steps = _total_steps(cfg, loader, world_size, saved_layout, layout)
+    total_steps = _total_steps(cfg, loader, saved_layout, layout)
 
     optimizer = build_optimizer(task, cfg.optim, prefix="model.")  # groups: towers by name, SSL heads with the heads
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
@@ -133,9 +96,9 @@ def _check_before_work(cfg: RunConfig) -> None:
         check_push_config(cfg)  # no token or no network: say so now, not after a long run
 
 
-def _total_steps(cfg: RunConfig, loader, world_size: int, saved_layout: dict | None, layout: dict) -> int:
+def _total_steps(cfg: RunConfig, loader, saved_layout: dict | None, layout: dict) -> int:
     """train.steps, or the epochs' steps; after a global-batch change, the saved run's remaining samples."""
-    total_steps = cfg.train.steps or cfg.train.epochs * training_data.steps_per_epoch(loader, cfg, world_size)
+    total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch(loader, cfg)
     if saved_layout is not None and saved_layout.get("global_batch", layout["global_batch"]) != layout["global_batch"]:
         from mmcl.engine import elastic
 

@@ -9,7 +9,8 @@ earlier micro-batches `engine.step()` only counts. So a step is
     optimizer_step(engine, accumulated)                          # the last engine.step(): the update
 
 Non-finite losses are detected on every rank together (an all-reduce), so all ranks skip the
-same step. `plain_step` / `feature_cache_step` run both halves (tests and benchmarks).
+same step. `plain_step` (here) and `mmcl.engine.feature_cache.feature_cache_step` run both halves
+(tests and benchmarks).
 """
 from __future__ import annotations
 
@@ -77,11 +78,3 @@ def plain_step(engine, micro_batches: list[dict[str, Tensor]]) -> tuple[dict[str
     optimizer_step(engine, accumulated)
     return accumulated.metrics, accumulated.nonfinite
 
-
-def feature_cache_step(engine, micro_batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor] | None, int]:
-    """One whole optimizer step with feature-cache accumulation: (metrics or None, non-finite losses)."""
-    from mmcl.engine.feature_cache import feature_cache_backward
-
-    accumulated = feature_cache_backward(engine, engine.module, micro_batches)
-    optimizer_step(engine, accumulated)
-    return accumulated.metrics, accumulated.nonfinite

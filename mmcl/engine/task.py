@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from mmcl.engine.objectives import OBJECTIVES, Gather, build_objective, no_gather
-from mmcl.models import DualEncoder
+from mmcl.models import DualEncoder, Gather, no_gather
+from mmcl.objectives import OBJECTIVES, build_objective
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig

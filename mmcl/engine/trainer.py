@@ -8,7 +8,7 @@
 
 One step, from the loop to the loss and back: `plain_backward` (steps.py) or
 `feature_cache_backward` (feature_cache.py) calls `engine(batch)` (task.py: encode, then
-each objective in engine/objectives/ calls its loss in mmcl/losses/) and `engine.backward`;
+each objective in mmcl/objectives/ calls its loss in mmcl/losses/) and `engine.backward`;
 `optimizer_step` makes the accumulation boundary's `engine.step()`.
 """
 from __future__ import annotations
@@ -30,8 +30,9 @@ from mmcl.engine.feature_cache import feature_cache_backward
 from mmcl.engine.metrics_log import MetricsLog, TrainingLog, plot_history
 from mmcl.engine.resume import resume
 from mmcl.engine.rng import capture_rng
+from mmcl.engine.run import Run
 from mmcl.engine.runtime import move_batch, say
-from mmcl.engine.setup import Run, set_up
+from mmcl.engine.setup import set_up
 from mmcl.engine.steps import optimizer_step, plain_backward
 from mmcl.engine.zero import full_parameters, gatherer
 from mmcl.models.patch_dropout import patch_dropout_active, patch_dropout_hooks, set_patch_dropout
@@ -175,11 +176,11 @@ def _evaluate_and_log(run: Run, metrics_log: MetricsLog) -> dict[str, Any]:
 
 def _export(run: Run) -> None:
     """Write the mmcl model folder (config.yaml + model.safetensors + tokenizer) from any ZeRO stage."""
-    from mmcl.evaluation.loading import save_model_dir
+    from mmcl.model_dir import MODEL_DIR, save_model_dir
 
     with full_parameters(run.engine):
         if run.rank == 0:
-            save_model_dir(run.engine.module.model, run.cfg, run.tokenizer, run.output_dir / "model")
+            save_model_dir(run.engine.module.model, run.cfg, run.tokenizer, run.output_dir / MODEL_DIR)
     if dist.is_initialized():
         dist.barrier()
 

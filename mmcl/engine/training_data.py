@@ -8,9 +8,9 @@ from mmcl.config import RunConfig
 from mmcl.data.loader import ShardLoader, TeacherData, build_train_loader
 from mmcl.data.shards import expand_shards, is_local, lookup_shard_sizes, refuse_pipes
 from mmcl.data.transforms import ssl_view_pair
-from mmcl.engine.objectives import needs_of
-from mmcl.engine.objectives.distill import teacher_transform
 from mmcl.engine.runtime import TrainingError
+from mmcl.objectives import needs_of
+from mmcl.objectives.distill import teacher_transform
 
 
 def check_shards(cfg: RunConfig) -> None:
@@ -79,15 +79,6 @@ def ssl_views(cfg: RunConfig):
                          crop_scale=views.crop_scale, flip_p=views.flip_p, color_jitter=views.color_jitter,
                          color_jitter_p=views.color_jitter_p, grayscale_p=views.grayscale_p, blur_p=views.blur_p,
                          blur_sigma=views.blur_sigma, solarize_p=views.solarize_p)
-
-
-def steps_per_epoch(loader: ShardLoader, cfg: RunConfig, world_size: int) -> int:
-    """Optimizer steps in one epoch (micro-batches per rank per epoch // accumulation)."""
-    if loader.steps_per_epoch is None:
-        raise TrainingError(
-            "the epoch length is unknown (no sizes.json beside the shards); set train.steps or data.samples_per_epoch."
-        )
-    return loader.steps_per_epoch // cfg.train.grad_accum_steps
 
 
 def endless(loader: ShardLoader) -> Iterator[dict[str, Any]]:

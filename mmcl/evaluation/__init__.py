@@ -11,25 +11,39 @@ The functions work on feature tensors, so the trainer and the `eval/` commands s
 `extract_features` encodes a loader's images sharded over ranks and gathers them in dataset
 order; the command-line front ends live in `mmcl.evaluation.cli`.
 """
-from mmcl.evaluation.features import extract_features, gather_in_order, gather_variable
-from mmcl.evaluation.knn import evaluate_knn, knn_scores
-from mmcl.evaluation.linear_probe import evaluate_linear_probe
-from mmcl.evaluation.metrics import classification_metrics, confusion_matrix, mean_per_class_recall, topk_accuracy
-from mmcl.evaluation.prompts import builtin_prompt_sets, expand_prompts, fill_template, load_builtin, read_list_file
-from mmcl.evaluation.retrieval import (
-    dense_retrieval_ranks,
-    encode_retrieval_data,
-    recall_at_k,
-    retrieval_metrics,
-    retrieval_ranks,
-)
-from mmcl.evaluation.zeroshot import (
-    build_zeroshot_classifier,
-    encode_texts,
-    evaluate_zeroshot,
-    zeroshot_classification,
-    zeroshot_scores,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Imported on first use, so that `mmcl.config` (which reads this package's settings) imports no torch.
+_LAZY = {
+    "extract_features": "mmcl.evaluation.features",
+    "gather_in_order": "mmcl.evaluation.features",
+    "gather_variable": "mmcl.evaluation.features",
+    "evaluate_knn": "mmcl.evaluation.knn",
+    "knn_scores": "mmcl.evaluation.knn",
+    "evaluate_linear_probe": "mmcl.evaluation.linear_probe",
+    "classification_metrics": "mmcl.evaluation.metrics",
+    "confusion_matrix": "mmcl.evaluation.metrics",
+    "mean_per_class_recall": "mmcl.evaluation.metrics",
+    "topk_accuracy": "mmcl.evaluation.metrics",
+    "builtin_prompt_sets": "mmcl.evaluation.prompts",
+    "expand_prompts": "mmcl.evaluation.prompts",
+    "fill_template": "mmcl.evaluation.prompts",
+    "load_builtin": "mmcl.evaluation.prompts",
+    "read_list_file": "mmcl.evaluation.prompts",
+    "dense_retrieval_ranks": "mmcl.evaluation.retrieval",
+    "encode_retrieval_data": "mmcl.evaluation.retrieval",
+    "recall_at_k": "mmcl.evaluation.retrieval",
+    "retrieval_metrics": "mmcl.evaluation.retrieval",
+    "retrieval_ranks": "mmcl.evaluation.retrieval",
+    "build_zeroshot_classifier": "mmcl.evaluation.zeroshot",
+    "encode_texts": "mmcl.evaluation.zeroshot",
+    "evaluate_zeroshot": "mmcl.evaluation.zeroshot",
+    "zeroshot_classification": "mmcl.evaluation.zeroshot",
+    "zeroshot_scores": "mmcl.evaluation.zeroshot",
+}
 
 __all__ = [
     "build_zeroshot_classifier", "builtin_prompt_sets", "classification_metrics", "confusion_matrix",
@@ -38,3 +52,15 @@ __all__ = [
     "knn_scores", "load_builtin", "mean_per_class_recall", "read_list_file", "recall_at_k", "retrieval_metrics",
     "retrieval_ranks", "topk_accuracy", "zeroshot_classification", "zeroshot_scores",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -284,6 +284,28 @@ def _labelled_features(args, model, device, source: str, desc: str):
     return out, loader
 
 
+def _train_test_run(args: argparse.Namespace) -> tuple[Any, torch.device, dict[str, dict], dict[str, int]]:
+    """The setup kNN and the linear probe share: this rank's device, the model, and the image
+    features {"features" [N, D], "label" [N]} of each labelled split ("train", "test", and "val"
+    when --val-data is given), with the skipped samples summed over splits and ranks."""
+    device = _setup_distributed(args.device)
+    model = _model(args, device)
+    sources = {"train": args.train_data, "test": args.test_data}
+    if getattr(args, "val_data", None):
+        sources["val"] = args.val_data
+    splits, loaders = {}, []
+    for split, source in sources.items():
+        splits[split], loader = _labelled_features(args, model, device, source, f"{split} images")
+        loaders.append(loader)
+    return model, device, splits, _skipped(*loaders)
+
+
+def _train_test_extra(splits: dict[str, dict], skipped: dict[str, int], **settings: Any) -> dict:
+    """The result JSON's extra keys of a train/test evaluation."""
+    return {"num_train": int(splits["train"]["features"].shape[0]), "num_test": int(splits["test"]["features"].shape[0]),
+            **settings, "skipped": skipped}
+
+
 def run_knn(argv: list[str] | None = None) -> dict:
     parser = _train_test_parser("Weighted kNN classification on frozen image features (solo-learn style).", "knn")
     parser.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
@@ -292,14 +314,11 @@ def run_knn(argv: list[str] | None = None) -> dict:
 
     from mmcl.evaluation.knn import evaluate_knn
 
-    device = _setup_distributed(args.device)
-    model = _model(args, device)
-    train, train_loader = _labelled_features(args, model, device, args.train_data, "train images")
-    test, test_loader = _labelled_features(args, model, device, args.test_data, "test images")
+    model, device, splits, skipped = _train_test_run(args)
+    train, test = splits["train"], splits["test"]
     metrics = evaluate_knn(train["features"].to(device), train["label"], test["features"].to(device), test["label"],
                            k=args.k, temperature=args.temperature, with_confusion=args.confusion)
-    extra = {"num_train": int(train["features"].shape[0]), "num_test": int(test["features"].shape[0]),
-             "k": args.k, "temperature": args.temperature, "skipped": _skipped(train_loader, test_loader)}
+    extra = _train_test_extra(splits, skipped, k=args.k, temperature=args.temperature)
     return _report(args, "knn", _dataset_name(args, args.test_data), model, metrics, extra)
 
 
@@ -315,24 +334,15 @@ def run_linear_probe(argv: list[str] | None = None) -> dict:
     from mmcl.distributed import get_rank
     from mmcl.evaluation.linear_probe import DEFAULT_CS, evaluate_linear_probe
 
-    device = _setup_distributed(args.device)
-    model = _model(args, device)
-    train, train_loader = _labelled_features(args, model, device, args.train_data, "train images")
-    test, test_loader = _labelled_features(args, model, device, args.test_data, "test images")
-    loaders = [train_loader, test_loader]
-    val = {"features": None, "label": None}
-    if args.val_data:
-        val, val_loader = _labelled_features(args, model, device, args.val_data, "val images")
-        loaders.append(val_loader)
-    skipped = _skipped(*loaders)
+    model, _, splits, skipped = _train_test_run(args)
     if get_rank() != 0:  # the fit is single-process (scikit-learn); other ranks are done
         return {}
+    train, test, val = splits["train"], splits["test"], splits.get("val", {"features": None, "label": None})
     metrics = evaluate_linear_probe(train["features"], train["label"], test["features"], test["label"],
                                     val["features"], val["label"], cs=args.cs or DEFAULT_CS,
                                     val_fraction=args.val_fraction, seed=args.seed, max_iter=args.max_iter,
                                     with_confusion=args.confusion)
-    extra = {"num_train": int(train["features"].shape[0]), "num_test": int(test["features"].shape[0]), "skipped": skipped}
-    return _report(args, "linear_probe", _dataset_name(args, args.test_data), model, metrics, extra)
+    return _report(args, "linear_probe", _dataset_name(args, args.test_data), model, metrics, _train_test_extra(splits, skipped))
 
 
 def zeroshot_main(argv: Sequence[str] | None = None) -> int:

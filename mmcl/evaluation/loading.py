@@ -1,13 +1,7 @@
-"""Models for evaluation behind one small interface, and the mmcl model directory format.
+"""Models for evaluation behind one small interface.
 
-An **mmcl model directory** holds
-    config.yaml        the resolved RunConfig (`mmcl.config.save_config`); towers that were
-                       loaded from `name_or_path` are written with their inline transformers
-                       `config` instead, so the directory loads without the original weights
-    model.safetensors  the DualEncoder's full state_dict (every name, tied weights included)
-    tokenizer/         optional; a `save_pretrained` tokenizer that overrides model.text.tokenizer
-`save_model_dir` writes one, `load_mmcl_model_dir` reads it. Training checkpoints
-(DeepSpeed) and `transformers` exports are not model directories; see `load_eval_model`.
+An mmcl model directory (`mmcl.model_dir`) or an open_clip architecture with local weights
+becomes an `EvalModel`; see `load_eval_model`.
 
 `EvalModel` is what the evaluation commands use: `encode_image(pixel_values) -> [B, D]`,
 `encode_text(texts) -> [B, D]` (both L2-normalised), `transform` (PIL image -> [3, H, W]).
@@ -23,10 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
+from mmcl.model_dir import load_mmcl_model_dir
 
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -60,102 +52,6 @@ def text_encoder(model: Any, tokenizer: Any, context_length: int, device: torch.
         return F.normalize(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float(), dim=-1)
 
     return encode
-
-
-# ----------------------------------------------------------------------------- mmcl model dirs
-
-
-def save_model_dir(model: torch.nn.Module, config: Any, tokenizer: Any | None, out_dir: str | Path) -> Path:
-    """Write an mmcl model directory (see the module docstring) and return its path.
-
-    model: a DualEncoder; config: the RunConfig it was built from; tokenizer: a
-    `transformers` tokenizer (saved to tokenizer/) or None.
-    """
-    from safetensors.torch import save_file
-
-    from mmcl.config import save_config
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(_self_contained(config, model, (out / TOKENIZER_DIR) if tokenizer is not None else None), out / CONFIG_FILE)
-    # Own copies: under DeepSpeed ZeRO the parameters are views into one flat buffer (which
-    # safetensors refuses to save); tied weights are simply stored under each of their names.
-    state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    return out
-
-
-# Keys of a transformers config that describe where it came from, not the architecture (and
-# id2label, whose int keys a RunConfig cannot hold; it only matters for classification heads).
-_PROVENANCE_KEYS = ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype", "id2label", "label2id")
-
-
-def _self_contained(config: Any, model: torch.nn.Module, tokenizer_dir: Path | None) -> Any:
-    """A copy of `config` whose towers are inline transformers configs (no external weights needed)."""
-    import copy
-
-    config = copy.deepcopy(config)
-    sides = [("image", config.model.image, getattr(model, "image_tower", None))]
-    if config.model.text is not None:
-        sides.append(("text", config.model.text, getattr(model, "text_tower", None)))
-    for side, tower_cfg, tower in sides:
-        if tower_cfg.name_or_path is None or not hasattr(getattr(tower, "config", None), "to_diff_dict"):
-            continue
-        inline = {k: v for k, v in tower.config.to_diff_dict().items() if k not in _PROVENANCE_KEYS}
-        if side == "text" and tower_cfg.tokenizer is None and tokenizer_dir is None:
-            tower_cfg.tokenizer = tower_cfg.name_or_path  # the tokenizer still comes from there
-        tower_cfg.config, tower_cfg.name_or_path = inline, None
-    if tokenizer_dir is not None and config.model.text is not None:
-        config.model.text.tokenizer = str(tokenizer_dir.resolve())
-    config.model.init_from = None  # model.safetensors holds every weight, heads and logit scale included
-    return config
-
-
-def is_model_dir(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
-
-
-def load_mmcl_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Any, Any]:
-    """(DualEncoder in eval mode on `device`, RunConfig, tokenizer or None) from a model directory."""
-    import yaml
-    from safetensors.torch import load_file
-
-    from mmcl.config import from_dict
-
-    path = Path(path)
-    _check_model_dir(path)
-    raw = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
-    if (path / TOKENIZER_DIR).is_dir() and raw.get("model", {}).get("text"):
-        raw["model"]["text"]["tokenizer"] = str(path / TOKENIZER_DIR)
-    config = from_dict(raw, source=str(path / CONFIG_FILE))
-    try:
-        from mmcl.models import build_model, build_tokenizer
-    except ImportError as error:
-        raise RuntimeError(f"mmcl.models is not available ({error}); it is needed to load {path}.") from error
-    model = build_model(config.model)
-    # Every name is stored (tied weights under each of their names), so a plain strict check works.
-    missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path / WEIGHTS_FILE} does not match the model in {CONFIG_FILE} "
-            f"({len(missing)} missing keys, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})."
-        )
-    tokenizer = build_tokenizer(config.model.text) if config.model.text is not None else None
-    return model.to(device).eval(), config, tokenizer
-
-
-def _check_model_dir(path: Path) -> None:
-    if not path.exists():
-        raise FileNotFoundError(f"model directory {path} does not exist.")
-    if is_model_dir(path):
-        return
-    if (path / "latest").is_file() or list(path.glob("global_step*")):
-        raise ValueError(f"{path} is a DeepSpeed training checkpoint, not an mmcl model directory; export it first (not supported yet).")
-    if (path / "config.json").is_file():
-        raise ValueError(f"{path} looks like a transformers export; loading those for evaluation is not supported yet — pass an mmcl model directory ({CONFIG_FILE} + {WEIGHTS_FILE}).")
-    raise ValueError(f"{path} is not an mmcl model directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}.")
 
 
 def mmcl_eval_model(path: str | Path, device: torch.device | str = "cpu") -> EvalModel:

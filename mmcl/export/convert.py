@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmcl.export.plan import plan_export, target_architecture
+from mmcl.export.hf_loader import rebuilt_class
+from mmcl.export.plan import plan_export, projection_kind, target_architecture
 
 TOLERANCE = 1e-5
 PROBE_TEXTS = (
@@ -98,14 +99,6 @@ def concrete_pooling(model, pixel_values: torch.Tensor) -> str:
     return "pooler_output" if getattr(outputs, "pooler_output", None) is not None else "cls"
 
 
-def projection_kind(head: nn.Module) -> str:
-    if isinstance(head, nn.Identity):
-        return "none"
-    if isinstance(head, nn.Linear) and head.bias is None:
-        return "linear"
-    return "mlp"
-
-
 # ----------------------------------------------------------------------------- adjustments
 
 
@@ -146,19 +139,6 @@ def adapt_text_tower(tower: nn.Module, pooling: str, tokenizer) -> list[str]:
         if isinstance(value, int) and value >= tower.config.vocab_size and wanted is not None:
             setattr(tower.config, name, wanted)
     return notes
-
-
-def rebuilt_class(config, kind: str) -> type | None:
-    """The tower class VisionTextDualEncoderModel builds from `config` when it is loaded."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
-
-    if kind == "image" and isinstance(config, CLIPVisionConfig):
-        return CLIPVisionModel
-    try:
-        return MODEL_MAPPING[type(config)]
-    except KeyError:
-        return None
 
 
 def _ensure_hidden_size(config, width: int) -> list[str]:

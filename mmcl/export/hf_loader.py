@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.export.errors import ExportError
-
-INFO_FILE = "mmcl_export.json"
-HEADS_FILE = "mmcl_heads.safetensors"
+from mmcl.model_dir import EXPORT_HEADS_FILE as HEADS_FILE
+from mmcl.model_dir import EXPORT_INFO_FILE as INFO_FILE
 
 
 class ExportedModel:
@@ -49,10 +48,10 @@ class ExportedModel:
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images -> pixel_values [B, 3, S, S]: mmcl's evaluation transform (torchvision)."""
-        from mmcl.evaluation.loading import eval_transform
+        from mmcl.data.transforms import CLIP_MEAN, CLIP_STD, torchvision_eval_transform
 
         spec = self.info["image_transform"]
-        transform = eval_transform(spec["image_size"], spec["mean"], spec["std"])
+        transform = torchvision_eval_transform(spec["image_size"], spec["mean"] or CLIP_MEAN, spec["std"] or CLIP_STD)
         return torch.stack([transform(image.convert("RGB")) for image in images])
 
     def tokenize(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
@@ -111,11 +110,22 @@ def build_head(prefix: str, kind: str, state: dict[str, torch.Tensor]) -> nn.Mod
     return head
 
 
+def rebuilt_class(config, kind: str) -> type | None:
+    """The tower class VisionTextDualEncoderModel builds from `config` when it is loaded."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    if kind == "image" and isinstance(config, CLIPVisionConfig):
+        return CLIPVisionModel
+    try:
+        return MODEL_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
 def _load_transformers_model(folder: Path, info: dict[str, Any]) -> nn.Module:
     import transformers
     from transformers import AutoConfig, AutoModel, VisionTextDualEncoderModel
-
-    from mmcl.export.convert import rebuilt_class
 
     if info["architecture"] == "image_tower":
         return getattr(transformers, info["image"]["tower_class"]).from_pretrained(str(folder))

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mmcl.export.errors import ExportError
-from mmcl.export.openclip_import import RESBLOCK_NAMES, TOLERANCE, relative_diff
+from mmcl.export.openclip_import import TOLERANCE, map_tower, relative_diff
 from mmcl.export.staging import check_export_out, check_out, staged
 
 CONFIG_NAME = "open_clip_config.json"  # open_clip.constants.HF_CONFIG_NAME
@@ -103,18 +103,6 @@ def openclip_model_config(model, config, tokenizer, repo_id: str | None = None) 
     }
 
 
-def _blocks(prefix_in: str, prefix_out: str, layers: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for i in range(layers):
-        src, dst = f"{prefix_in}.encoder.layers.{i}.", f"{prefix_out}.resblocks.{i}."
-        for name_out, name_in in RESBLOCK_NAMES:
-            for kind in ("weight", "bias"):
-                out[f"{dst}{name_out}.{kind}"] = state[f"{src}{name_in}.{kind}"]
-        for kind in ("weight", "bias"):
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([state[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
-    return out
-
-
 def openclip_state(model, context_length: int) -> dict[str, torch.Tensor]:
     """The DualEncoder's weights under OpenCLIP CLIP's names and layouts (the inverse of openclip_import's map)."""
     state = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
@@ -122,24 +110,16 @@ def openclip_state(model, context_length: int) -> dict[str, torch.Tensor]:
         # transformers 4 names the inner module (vision_model.*), transformers 5 does not
         for name, tensor in getattr(model, tower).state_dict().items():
             state[f"{tower}.{name.removeprefix(inner + '.')}"] = tensor.detach().float().cpu()
-    v, t = "image_tower", "text_tower"
     out = {
-        "visual.conv1.weight": state[f"{v}.embeddings.patch_embedding.weight"],
-        "visual.class_embedding": state[f"{v}.embeddings.class_embedding"],
-        "visual.positional_embedding": state[f"{v}.embeddings.position_embedding.weight"],
-        "visual.ln_pre.weight": state[f"{v}.pre_layrnorm.weight"], "visual.ln_pre.bias": state[f"{v}.pre_layrnorm.bias"],
-        "visual.ln_post.weight": state[f"{v}.post_layernorm.weight"], "visual.ln_post.bias": state[f"{v}.post_layernorm.bias"],
+        **map_tower(state, "image", "image_tower", model.image_tower.config.num_hidden_layers, to_openclip=True),
+        **map_tower(state, "text", "text_tower", model.text_tower.config.num_hidden_layers, to_openclip=True),
         "visual.proj": state["image_projection.weight"].t(),
-        "token_embedding.weight": state[f"{t}.embeddings.token_embedding.weight"],
-        # mmcl feeds context_length positions; OpenCLIP would interpolate a longer table to its context length
-        "positional_embedding": state[f"{t}.embeddings.position_embedding.weight"][:context_length],
-        "ln_final.weight": state[f"{t}.final_layer_norm.weight"], "ln_final.bias": state[f"{t}.final_layer_norm.bias"],
         "text_projection": state["text_projection.weight"].t(),
         # OpenCLIP clamps the parameter in training; mmcl clamps in the forward pass: store the value in use.
         "logit_scale": state["logit_scale"].reshape(()).clamp(max=model.logit_scale_max_log),
     }
-    out.update(_blocks(v, "visual.transformer", model.image_tower.config.num_hidden_layers, state))
-    out.update(_blocks(t, "transformer", model.text_tower.config.num_hidden_layers, state))
+    # mmcl feeds context_length positions; OpenCLIP would interpolate a longer table to its context length
+    out["positional_embedding"] = out["positional_embedding"][:context_length]
     return {name: tensor.contiguous().clone() for name, tensor in out.items()}
 
 

@@ -235,37 +235,62 @@ RESBLOCK_NAMES = (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_p
                   ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))
 
 
-def _blocks(prefix_in: str, prefix_out: str, layers: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+# One two-way table between OpenCLIP CLIP's names and a transformers CLIP tower's (its names inside
+# the tower): `map_tower` reads it in either direction (mmcl/export/openclip.py writes OpenCLIP
+# weights through it, `openclip_to_hf_state` reads them).
+TOWER_NAMES = (  # (OpenCLIP name, side, name inside that side's transformers tower)
+    ("visual.conv1.weight", "image", "embeddings.patch_embedding.weight"),
+    ("visual.class_embedding", "image", "embeddings.class_embedding"),
+    ("visual.positional_embedding", "image", "embeddings.position_embedding.weight"),
+    ("visual.ln_pre.weight", "image", "pre_layrnorm.weight"), ("visual.ln_pre.bias", "image", "pre_layrnorm.bias"),
+    ("visual.ln_post.weight", "image", "post_layernorm.weight"), ("visual.ln_post.bias", "image", "post_layernorm.bias"),
+    ("token_embedding.weight", "text", "embeddings.token_embedding.weight"),
+    ("positional_embedding", "text", "embeddings.position_embedding.weight"),
+    ("ln_final.weight", "text", "final_layer_norm.weight"), ("ln_final.bias", "text", "final_layer_norm.bias"),
+)
+OPENCLIP_STACKS = {"image": "visual.transformer", "text": "transformer"}  # where each side's resblocks live
+
+
+def map_tower(state: dict[str, torch.Tensor], side: str, prefix: str, layers: int,
+              to_openclip: bool) -> dict[str, torch.Tensor]:
+    """One CLIP tower's weights renamed between OpenCLIP's names and layouts and a transformers
+    tower's under `prefix` ("vision_model", or mmcl's "image_tower"): the TOWER_NAMES of `side`
+    and its `layers` blocks, whose fused attention in_proj [3W, W] is q/k/v_proj [W, W] each.
+    `to_openclip` picks the direction; the inverse call gives the input back."""
     out = {}
+    for openclip_name, name_side, tower_name in TOWER_NAMES:
+        if name_side == side:
+            if to_openclip:
+                out[openclip_name] = state[f"{prefix}.{tower_name}"]
+            else:
+                out[f"{prefix}.{tower_name}"] = state[openclip_name]
     for i in range(layers):
-        src, dst = f"{prefix_in}.resblocks.{i}.", f"{prefix_out}.encoder.layers.{i}."
-        for name_in, name_out in RESBLOCK_NAMES:
+        block, layer = f"{OPENCLIP_STACKS[side]}.resblocks.{i}.", f"{prefix}.encoder.layers.{i}."
+        for openclip_name, tower_name in RESBLOCK_NAMES:
             for kind in ("weight", "bias"):
-                out[f"{dst}{name_out}.{kind}"] = state[f"{src}{name_in}.{kind}"]
+                if to_openclip:
+                    out[f"{block}{openclip_name}.{kind}"] = state[f"{layer}{tower_name}.{kind}"]
+                else:
+                    out[f"{layer}{tower_name}.{kind}"] = state[f"{block}{openclip_name}.{kind}"]
         for kind in ("weight", "bias"):
-            q, k, v = state[f"{src}attn.in_proj_{kind}"].chunk(3, dim=0)
-            out[f"{dst}self_attn.q_proj.{kind}"], out[f"{dst}self_attn.k_proj.{kind}"], out[f"{dst}self_attn.v_proj.{kind}"] = q, k, v
+            qkv = [f"{layer}self_attn.{p}_proj.{kind}" for p in "qkv"]
+            if to_openclip:
+                out[f"{block}attn.in_proj_{kind}"] = torch.cat([state[name] for name in qkv])
+            else:
+                out.update(zip(qkv, state[f"{block}attn.in_proj_{kind}"].chunk(3, dim=0)))
     return out
 
 
 def openclip_to_hf_state(state: dict[str, torch.Tensor], vision_layers: int, text_layers: int) -> dict[str, torch.Tensor]:
     """An OpenCLIP CLIP state dict -> CLIPModel's names and layouts (see the module docstring)."""
-    v, t = "vision_model", "text_model"
     out = {
-        f"{v}.embeddings.patch_embedding.weight": state["visual.conv1.weight"],
-        f"{v}.embeddings.class_embedding": state["visual.class_embedding"],
-        f"{v}.embeddings.position_embedding.weight": state["visual.positional_embedding"],
-        f"{v}.pre_layrnorm.weight": state["visual.ln_pre.weight"], f"{v}.pre_layrnorm.bias": state["visual.ln_pre.bias"],
-        f"{v}.post_layernorm.weight": state["visual.ln_post.weight"], f"{v}.post_layernorm.bias": state["visual.ln_post.bias"],
+        **map_tower(state, "image", "vision_model", vision_layers, to_openclip=False),
+        **map_tower(state, "text", "text_model", text_layers, to_openclip=False),
+        # OpenCLIP stores x @ proj, the transpose of a Linear weight
         "visual_projection.weight": state["visual.proj"].t(),
-        f"{t}.embeddings.token_embedding.weight": state["token_embedding.weight"],
-        f"{t}.embeddings.position_embedding.weight": state["positional_embedding"],
-        f"{t}.final_layer_norm.weight": state["ln_final.weight"], f"{t}.final_layer_norm.bias": state["ln_final.bias"],
         "text_projection.weight": state["text_projection"].t(),
         "logit_scale": state["logit_scale"].reshape(()),
     }
-    out.update(_blocks("visual.transformer", v, vision_layers, state))
-    out.update(_blocks("transformer", t, text_layers, state))
     return {name: tensor.detach().float().contiguous().clone() for name, tensor in out.items()}
 
 

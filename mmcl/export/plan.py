@@ -37,6 +37,14 @@ class SidePlan:
     alternative: str | None = None
 
 
+def projection_kind(head: nn.Module) -> str:
+    if isinstance(head, nn.Identity):
+        return "none"
+    if isinstance(head, nn.Linear) and head.bias is None:
+        return "linear"
+    return "mlp"
+
+
 def target_architecture(model) -> str:
     """The transformers class the export writes: CLIPModel, SiglipModel, VisionTextDualEncoderModel or image_tower."""
     from transformers import CLIPTextModel, CLIPVisionModel, SiglipTextModel, SiglipVisionModel
@@ -54,8 +62,6 @@ def target_architecture(model) -> str:
 
 def plan_export(model) -> dict[str, SidePlan]:
     """{"image": SidePlan[, "text": SidePlan]} for a DualEncoder, without running it."""
-    from mmcl.export.convert import projection_kind
-
     architecture = target_architecture(model)
     plans = {}
     for kind in ("image", "text"):
@@ -69,7 +75,7 @@ def plan_export(model) -> dict[str, SidePlan]:
 
 
 def _plan_side(kind: str, tower: nn.Module, pooling: str, projection: str, architecture: str) -> SidePlan:
-    from mmcl.export.convert import rebuilt_class
+    from mmcl.export.hf_loader import rebuilt_class
 
     key = f"model.{kind}"
     model_type = tower.config.model_type

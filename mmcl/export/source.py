@@ -25,15 +25,12 @@ from typing import Any
 import yaml
 
 from mmcl.export.errors import ExportError
+from mmcl.model_dir import CHECKPOINTS_DIR as CHECKPOINTS
+from mmcl.model_dir import CONFIG_FILE, MODEL_DIR, WEIGHTS_FILE
+from mmcl.model_dir import PROVENANCE_KEYS as _PROVENANCE_KEYS
 from mmcl.redact import redact_tree
 
-CONFIG_FILE = "config.yaml"  # run dir and model dir alike
-WEIGHTS_FILE = "model.safetensors"
-MODEL_DIR = "model"
-CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-# Keys of a transformers config that describe its origin, not the architecture (as in mmcl.evaluation.loading).
-_PROVENANCE_KEYS = ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype", "id2label", "label2id")
 
 
 @dataclass

@@ -1,14 +1,43 @@
 """Models: `transformers` towers -> pooling -> projection -> normalised features."""
-from mmcl.models.dual_encoder import DualEncoder, build_model, enable_gradient_checkpointing
-from mmcl.models.ema import Gather, MomentumEncoder, cosine_momentum, ema_update_, frozen_copy, no_gather
-from mmcl.models.heads import FloatBatchNorm1d, MLPHead
-from mmcl.models.locking import eval_frozen_modules, find_layer_stack, lock_tower
-from mmcl.models.patch_dropout import PatchDropout, attach_patch_dropout, patch_dropout_active, set_patch_dropout
-from mmcl.models.queue import KeyQueue
-from mmcl.models.pooling import AUTO_POOLING, POOLINGS, pool, pooled_width, resolve_pooling
-from mmcl.models.projection import build_projection
-from mmcl.models.tokenizer import TokenizerLoadError, build_tokenizer, check_tokenizer_fits, tokenize
-from mmcl.models.towers import TowerLoadError, build_tower
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Imported on first use, so that `mmcl.config` (which reads this package's settings) imports no torch.
+_LAZY = {
+    "DualEncoder": "mmcl.models.dual_encoder",
+    "build_model": "mmcl.models.dual_encoder",
+    "enable_gradient_checkpointing": "mmcl.models.dual_encoder",
+    "Gather": "mmcl.models.ema",
+    "MomentumEncoder": "mmcl.models.ema",
+    "cosine_momentum": "mmcl.models.ema",
+    "ema_update_": "mmcl.models.ema",
+    "frozen_copy": "mmcl.models.ema",
+    "no_gather": "mmcl.models.ema",
+    "FloatBatchNorm1d": "mmcl.models.heads",
+    "MLPHead": "mmcl.models.heads",
+    "eval_frozen_modules": "mmcl.models.locking",
+    "find_layer_stack": "mmcl.models.locking",
+    "lock_tower": "mmcl.models.locking",
+    "PatchDropout": "mmcl.models.patch_dropout",
+    "attach_patch_dropout": "mmcl.models.patch_dropout",
+    "patch_dropout_active": "mmcl.models.patch_dropout",
+    "set_patch_dropout": "mmcl.models.patch_dropout",
+    "KeyQueue": "mmcl.models.queue",
+    "AUTO_POOLING": "mmcl.models.pooling",
+    "POOLINGS": "mmcl.models.pooling",
+    "pool": "mmcl.models.pooling",
+    "pooled_width": "mmcl.models.pooling",
+    "resolve_pooling": "mmcl.models.pooling",
+    "build_projection": "mmcl.models.projection",
+    "TokenizerLoadError": "mmcl.models.tokenizer",
+    "build_tokenizer": "mmcl.models.tokenizer",
+    "check_tokenizer_fits": "mmcl.models.tokenizer",
+    "tokenize": "mmcl.models.tokenizer",
+    "TowerLoadError": "mmcl.models.towers",
+    "build_tower": "mmcl.models.towers",
+}
 
 __all__ = [
     "AUTO_POOLING",
@@ -43,3 +72,15 @@ __all__ = [
     "set_patch_dropout",
     "tokenize",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -24,9 +24,10 @@ import deepspeed  # noqa: E402
 
 from mmcl.config import ModelConfig, TextTowerConfig, TowerConfig  # noqa: E402
 from mmcl.distributed import get_rank, run_command  # noqa: E402
-from mmcl.engine.zero import full_parameters  # noqa: E402
-from mmcl.engine.steps import feature_cache_step, plain_step  # noqa: E402
+from mmcl.engine.feature_cache import feature_cache_step  # noqa: E402
+from mmcl.engine.steps import plain_step  # noqa: E402
 from mmcl.engine.task import TrainingTask  # noqa: E402
+from mmcl.engine.zero import full_parameters  # noqa: E402
 from mmcl.models import build_model  # noqa: E402
 from mmcl.models.patch_dropout import patch_dropout_hooks  # noqa: E402
 

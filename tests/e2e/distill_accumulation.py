@@ -21,12 +21,13 @@ import deepspeed  # noqa: E402
 
 from mmcl.config import ModelConfig, TextTowerConfig, TowerConfig  # noqa: E402
 from mmcl.distributed import get_rank, run_command  # noqa: E402
-from mmcl.engine.objectives import DistillObjective  # noqa: E402
-from mmcl.engine.zero import full_parameters  # noqa: E402
-from mmcl.engine.steps import feature_cache_step, plain_step  # noqa: E402
+from mmcl.engine.feature_cache import feature_cache_step  # noqa: E402
+from mmcl.engine.steps import plain_step  # noqa: E402
 from mmcl.engine.task import TrainingTask  # noqa: E402
-from mmcl.engine.teacher import Teacher, TeacherInputs  # noqa: E402
+from mmcl.engine.zero import full_parameters  # noqa: E402
 from mmcl.models import build_model  # noqa: E402
+from mmcl.objectives.distill import DistillObjective  # noqa: E402
+from mmcl.objectives.teacher import Teacher, TeacherInputs  # noqa: E402
 
 ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

@@ -49,8 +49,8 @@ def distill_zero3(digits, tmp_path_factory):
 
 
 def test_distill_trains_beside_clip_with_the_teacher_kept_out_of_checkpoints(distill_zero3):
-    from mmcl.engine.objectives.distill import DistillConfig
-    from mmcl.engine.teacher import load_teacher
+    from mmcl.objectives.settings import DistillConfig
+    from mmcl.objectives.teacher import load_teacher
 
     _, out, distill = distill_zero3
     logged = [r for r in records(out) if "loss" in r]

@@ -128,7 +128,7 @@ def test_each_sample_s_teacher_features_were_encoded_once_by_the_two_ranks_into_
 def test_cached_features_are_the_teacher_s_features_of_each_sample_s_centre_crop(runs, data):
     from mmcl.config import load_config
     from mmcl.engine import training_data
-    from mmcl.engine.teacher import load_teacher
+    from mmcl.objectives.teacher import load_teacher
     from mmcl.models import build_tokenizer
 
     cfg = load_config(str(data / "reference.yaml"))

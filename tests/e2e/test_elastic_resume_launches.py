@@ -5,7 +5,8 @@ checkpoint is resumed at 1 rank and at 4 ranks with the same global batch (one c
 another data.num_workers, one with train.allow_batch_change). Every run logs each step's
 sample keys per rank (MMCL_DEBUG_DIR) and saves its state right after loading, so the checks
 read the interrupted epoch's coverage from the keys and compare the re-partitioned fp32
-weights and Adam moments with the checkpoint's through DeepSpeed's universal format.
+weights and Adam moments with the checkpoint's through DeepSpeed's universal format. The
+figures README quotes come from `benchmarks/elastic_resume.py`, which runs the same launches.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ RESUMES = {
     2: [(1, 16, 1, []), (4, 4, 1, [])],
     3: [(1, 8, 1, ["train.allow_batch_change=true"]), (4, 4, 1, [])],  # 1 rank: global batch 16 -> 8
 }
-FIGURES: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +94,40 @@ def universal_state(checkpoint: Path, out: Path) -> dict[str, dict]:
     return state
 
 
+def coverage(expected: set[str], before: list[str], debug: Path) -> dict:
+    """The interrupted epoch's samples: expected, seen (before the checkpoint + after the resume), seen twice."""
+    seen = Counter(before + logged_keys(debug))
+    return {"expected": len(expected), "seen": len(seen), "duplicated": sum(n - 1 for n in seen.values()),
+            "missing": len(expected - set(seen)), "unexpected": len(set(seen) - expected)}
+
+
+def max_differences(first: Path, interrupted_at: int, resumes: list, out: Path) -> dict[str, float]:
+    """The largest |loaded - saved| of the fp32 weights and Adam moments over the resumes of one run."""
+    saved = universal_state(first / "checkpoints" / f"step_{interrupted_at:08d}", out / "saved")
+    assert saved and all(set(v) == {"fp32", "exp_avg", "exp_avg_sq"} for v in saved.values())
+    assert sum(float(v["exp_avg_sq"].abs().sum()) for v in saved.values()) > 0  # real moments, not a fresh optimizer
+    worst = {"fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+    for ranks, _, _, _, debug, _ in resumes:
+        loaded = universal_state(debug / "after_resume", out / f"loaded{ranks}")
+        assert loaded.keys() == saved.keys()
+        for name, tensors in saved.items():
+            for key, tensor in tensors.items():
+                assert loaded[name][key].shape == tensor.shape, (name, key)
+                worst[key] = max(worst[key], float((loaded[name][key] - tensor).abs().max()))
+    return worst
+
+
 @pytest.fixture(scope="module")
 def elastic_runs(small_digits, tmp_path_factory):
     """Per stage: the interrupted 2-rank run and its two resumes (outputs + debug folders)."""
+    return launch_elastic_runs(small_digits, lambda name: tmp_path_factory.mktemp(name))
+
+
+def launch_elastic_runs(small_digits: Path, new_dir) -> dict:
+    """The launches of `elastic_runs`; `new_dir(name)` gives a fresh folder."""
     runs = {}
     for stage, ds_json in STAGES.items():
-        base = tmp_path_factory.mktemp(f"elastic{stage}")
+        base = new_dir(f"elastic{stage}")
         config = tiny_run_config(small_digits, base / "run", micro_batch_size=GLOBAL_BATCH // 2, steps=EPOCH_STEPS,
                                  checkpoint_every=2, keep_checkpoints=10)
         config["data"]["train_shards"] = str(small_digits / "train" / f"{{00000..{SHARDS - 1:05d}}}.tar")
@@ -142,29 +170,14 @@ def test_interrupted_epoch_is_seen_once_on_1_and_4_ranks(elastic_runs, small_dig
         assert batch == ranks * micro
         # the rest of epoch 0 is exactly the remaining samples, in the new global batches
         assert steps_left == (EPOCH_STEPS - interrupted_at) * GLOBAL_BATCH // batch
-        seen = Counter(before + logged_keys(debug))
-        duplicated = sum(n - 1 for n in seen.values())
-        FIGURES[(stage, ranks)] = {"expected": len(expected), "seen": len(seen), "duplicated": duplicated,
-                                   "interrupted_at": interrupted_at, "signal": SIGNAL[stage].name, "workers": workers}
-        assert set(seen) == expected and duplicated == 0
+        figures = coverage(expected, before, debug)
+        assert figures == {"expected": len(expected), "seen": len(expected), "duplicated": 0, "missing": 0, "unexpected": 0}
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_weights_and_adam_moments_equal_the_checkpoint_after_repartitioning(elastic_runs, stage, tmp_path):
     first, _, interrupted_at, resumes, _ = elastic_runs[stage]
-    saved = universal_state(first / "checkpoints" / f"step_{interrupted_at:08d}", tmp_path / "saved")
-    assert saved and all(set(v) == {"fp32", "exp_avg", "exp_avg_sq"} for v in saved.values())
-    assert sum(float(v["exp_avg_sq"].abs().sum()) for v in saved.values()) > 0  # real moments, not a fresh optimizer
-    worst = {"fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
-    for ranks, _, _, _, debug, _ in resumes:
-        loaded = universal_state(debug / "after_resume", tmp_path / f"loaded{ranks}")
-        assert loaded.keys() == saved.keys()
-        for name, tensors in saved.items():
-            for key, tensor in tensors.items():
-                assert loaded[name][key].shape == tensor.shape, (name, key)
-                worst[key] = max(worst[key], float((loaded[name][key] - tensor).abs().max()))
-    FIGURES[(stage, "max_abs_difference")] = worst
-    assert worst == {"fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+    assert max_differences(first, interrupted_at, resumes, tmp_path) == {"fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -196,9 +209,3 @@ def test_a_changed_global_batch_is_refused_before_training(elastic_runs, tmp_pat
     assert result.returncode != 0
     assert ("mmcl: error: the checkpoint was trained with a global batch of 16 and this launch has 8 "
             "(micro x accumulation x world size); keep 16 or set train.allow_batch_change=true.") in result.stderr
-
-
-def test_report_figures(elastic_runs):
-    """Prints the coverage and re-partitioning figures the README quotes (run with -s to see them)."""
-    for key, value in sorted(FIGURES.items(), key=str):
-        print("elastic-resume figure", key, value)

@@ -61,7 +61,8 @@ def images() -> list[Image.Image]:
 def test_export_from_zero_checkpoint_gives_the_run_models_embeddings_in_transformers(runs, exports, stage):
     from transformers import AutoModel, AutoProcessor, VisionTextDualEncoderModel
 
-    from mmcl.evaluation.loading import eval_transform, load_mmcl_model_dir
+    from mmcl.evaluation.loading import eval_transform
+    from mmcl.model_dir import load_mmcl_model_dir
     from mmcl.export import load_exported
     from mmcl.models import tokenize
 

@@ -91,7 +91,8 @@ def mmcl_view(run_dir: Path, images: list[Path], classnames: list[str]):
     """mmcl's own unit embeddings of the images and TEXTS, and its zero-shot top-1 class per image."""
     from PIL import Image
 
-    from mmcl.evaluation.loading import eval_transform, load_mmcl_model_dir, text_encoder
+    from mmcl.evaluation.loading import eval_transform, text_encoder
+    from mmcl.model_dir import load_mmcl_model_dir
     from mmcl.evaluation.zeroshot import build_zeroshot_classifier, zeroshot_scores
     from mmcl.models import tokenize
 

@@ -24,4 +24,4 @@ def test_from_the_loop_to_the_loss_is_six_mmcl_frames_in_five_files(digits, tmp_
     path = [(f["file"], f["function"]) for f in recorded if f["mmcl"]]
     assert path == [("mmcl/engine/trainer.py", "loop"), ("mmcl/engine/steps.py", "plain_backward"),
                     ("mmcl/engine/task.py", "forward"), ("mmcl/engine/task.py", "combine"),
-                    ("mmcl/engine/objectives/image_text.py", "forward"), ("mmcl/losses/clip.py", "forward")]
+                    ("mmcl/objectives/image_text.py", "forward"), ("mmcl/losses/clip.py", "forward")]

@@ -8,14 +8,14 @@ import textwrap
 import pytest
 import torch
 
-from mmcl.engine.teacher_cache import TeacherFeatureCache
+from mmcl.objectives.teacher_cache import TeacherFeatureCache
 
 FINGERPRINT = {"teacher_sha256": "0" * 64, "transform": "ResizeCenterCropU8(size=24)"}
 FLUSHES, ROWS, WIDTH = 20, 250, 256  # 256 kB a file
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from mmcl.engine.teacher_cache import TeacherFeatureCache
+    from mmcl.objectives.teacher_cache import TeacherFeatureCache
     directory, rank = sys.argv[1], int(sys.argv[2])
     cache = TeacherFeatureCache(directory, {fingerprint!r}, rank)
     for flush in range({flushes}):

@@ -10,11 +10,11 @@ import torch
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from mmcl.config import ConfigError, RunConfig, from_dict
-from mmcl.engine.objectives.distill import DistillConfig
-from mmcl.engine.objectives import DistillObjective
-from mmcl.engine.teacher import Teacher, TeacherInputs, TeacherLoadError, load_teacher
-from mmcl.engine.teacher_cache import StaleCacheError, TeacherFeatureCache
 from mmcl.models import build_model
+from mmcl.objectives.distill import DistillObjective
+from mmcl.objectives.settings import DistillConfig
+from mmcl.objectives.teacher import Teacher, TeacherInputs, TeacherLoadError, load_teacher
+from mmcl.objectives.teacher_cache import StaleCacheError, TeacherFeatureCache
 
 VIT = {"model_type": "vit", "image_size": 16, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
        "num_attention_heads": 2, "intermediate_size": 64}
@@ -88,7 +88,7 @@ def test_bf16_teacher_gives_nearly_the_fp32_features_and_the_same_fingerprint(cl
 
 
 def test_an_mmcl_model_directory_teaches_with_the_model_s_own_features(tmp_path, tokenizer_dir):
-    from mmcl.evaluation.loading import save_model_dir
+    from mmcl.model_dir import save_model_dir
     from mmcl.models import build_tokenizer
 
     cfg = run_config(tokenizer_dir, teacher=str(tmp_path))
@@ -173,7 +173,7 @@ def test_cached_teacher_features_equal_fresh_ones_across_runs_and_a_stale_cache_
 
 def test_the_loader_gives_the_teacher_the_student_s_crop_at_its_own_size_normalisation_and_tokens(tokenizer_dir, clip_dir):
     from mmcl.engine import training_data
-    from mmcl.engine.objectives.distill import teacher_transform
+    from mmcl.objectives.distill import teacher_transform
     from mmcl.models import build_tokenizer
 
     cfg = run_config(tokenizer_dir, teacher=str(clip_dir))

@@ -12,11 +12,11 @@ from transformers import (AutoTokenizer, BertConfig, SiglipConfig, SiglipImagePr
                           ViTConfig, ViTImageProcessor, VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
 
 from mmcl.config import from_dict
-from mmcl.engine.objectives.distill import DistillConfig
 from mmcl.data.tokenize import CaptionTokenizer
-from mmcl.engine.objectives import DistillObjective
-from mmcl.engine.teacher import load_teacher
 from mmcl.losses.distill import soft_cross_entropy
+from mmcl.objectives.distill import DistillObjective
+from mmcl.objectives.settings import DistillConfig
+from mmcl.objectives.teacher import load_teacher
 
 VIT = {"model_type": "vit", "image_size": 16, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
        "num_attention_heads": 2, "intermediate_size": 64}
@@ -168,7 +168,7 @@ def test_a_siglip2_directory_is_refused_at_load_in_one_sentence(tmp_path):
     """SigLIP 2's image tower takes patch sequences and spatial shapes: refused before training, not at step 1."""
     from transformers import Siglip2Config
 
-    from mmcl.engine.teacher import TeacherLoadError
+    from mmcl.objectives.teacher import TeacherLoadError
 
     Siglip2Config().save_pretrained(tmp_path)
     with pytest.raises(TeacherLoadError, match="is a SigLIP 2 model"):

@@ -1,6 +1,9 @@
-"""An objective is declared once: registering a new class is all the config, the data needs, the
-task and the docs need. Run in a fresh interpreter, because the run config's sections are built
-from the registry when `mmcl.config` is first imported."""
+"""An objective is declared once: adding one is its declaration (settings + `ObjectiveSpec` in
+mmcl/objectives/settings.py, one registry entry), its module (mmcl/objectives/<name>.py) and one
+field in the run config's section (mmcl/config.py) — and the config, the data needs, the task and
+the docs follow. The test makes exactly those edits in a copy of mmcl/ and checks the result in a
+fresh interpreter."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-NEW_OBJECTIVE = '''
-from dataclasses import dataclass
-
-import torch
-
-from mmcl.coerce import count
-from mmcl.engine.objectives import OBJECTIVES
-from mmcl.engine.objectives.base import Objective, image_width
-
+# 1. mmcl/objectives/settings.py: the torch-free declaration, appended, and its registry entry.
+DECLARATION = '''
 
 @dataclass
 class VarianceConfig:
@@ -26,11 +22,20 @@ class VarianceConfig:
     out_dim: int = count(8)  # projector output width
 
 
+VARIANCE = ObjectiveSpec("variance", "mmcl.objectives.variance:VarianceObjective", frozenset({"views"}), VarianceConfig,
+                         "ssl.variance")
+OBJECTIVES["variance"] = VARIANCE
+'''
+
+# 2. mmcl/objectives/variance.py: the nn.Module.
+MODULE = '''
+import torch
+
+from mmcl.objectives.base import Objective, image_width
+
+
 class VarianceObjective(Objective):
     name = "variance"
-    settings = VarianceConfig
-    settings_key = "ssl.variance"
-    needs = frozenset({"views"})
 
     def __init__(self, width, out_dim):
         super().__init__()
@@ -43,9 +48,29 @@ class VarianceObjective(Objective):
     def forward(self, outputs, batch=None):
         z = self.head(outputs["view_features"]).float()
         return {"loss": torch.relu(1 - z.std(0)).mean()}
+'''
+
+# 3. mmcl/config.py: its settings' field in the ssl section.
+CONFIG_FIELD = ("    triplet: TripletConfig = field(default_factory=TripletConfig)\n",
+                "    variance: VarianceConfig = field(default_factory=VarianceConfig)\n")
+CONFIG_IMPORT = ("from mmcl.objectives.settings import (", "from mmcl.objectives.settings import (VarianceConfig, ")
 
 
-OBJECTIVES["variance"] = VarianceObjective  # the registration
+def add_variance_objective(root: Path) -> None:
+    """The edits a new objective makes, applied to the copy of mmcl/ under `root`."""
+    settings = root / "mmcl/objectives/settings.py"
+    settings.write_text(settings.read_text() + DECLARATION)
+    (root / "mmcl/objectives/variance.py").write_text(MODULE)
+    config = root / "mmcl/config.py"
+    text = config.read_text()
+    for old, new in (CONFIG_IMPORT, (CONFIG_FIELD[0], CONFIG_FIELD[0] + CONFIG_FIELD[1])):
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    config.write_text(text)
+
+
+NEW_OBJECTIVE = '''
+import torch
 
 from mmcl.config import ConfigError, from_dict, uses_text, uses_views
 from mmcl.docs import config_reference, objectives_table
@@ -68,12 +93,33 @@ out = task({"views": [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]})
 assert out["loss"].requires_grad and out["variance"] >= 0 and task.needs == {"views"}
 assert "| `variance` |" in objectives_table() and "  variance:" in config_reference()
 assert "projector output width (>= 1)" in config_reference()
+assert "mmcl/objectives/variance.py" in objectives_table()
 print("registered")
 '''
 
 
 @pytest.mark.slow
-def test_a_registered_objective_gets_its_config_section_range_checks_data_needs_and_docs():
-    result = subprocess.run([sys.executable, "-c", NEW_OBJECTIVE], cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_a_registered_objective_gets_its_config_section_range_checks_data_needs_and_docs(tmp_path):
+    shutil.copytree(REPO / "mmcl", tmp_path / "mmcl", ignore=shutil.ignore_patterns("__pycache__"))
+    add_variance_objective(tmp_path)
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", NEW_OBJECTIVE], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("registered")
+
+
+def test_every_declared_objective_with_settings_has_its_field_in_the_run_config():
+    import typing
+
+    from mmcl.config import RunConfig
+    from mmcl.objectives import OBJECTIVES
+
+    for spec in OBJECTIVES.values():
+        if spec.settings is None:
+            continue
+        owner = RunConfig
+        *sections, key = spec.settings_key.split(".")
+        for section in sections:
+            owner = typing.get_type_hints(owner)[section]
+        assert typing.get_type_hints(owner)[key] is spec.settings, spec.name

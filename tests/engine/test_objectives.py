@@ -4,10 +4,13 @@ import pytest
 import torch
 
 from mmcl.config import RunConfig, from_dict
-from mmcl.engine.objectives import BYOLObjective, SimCLRObjective, loss_chunk_size, needs_of, simclr_temperature
 from mmcl.engine.optim import parameter_groups
+from mmcl.engine.sizes import loss_chunk_size
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model, cosine_momentum
+from mmcl.objectives import needs_of, simclr_temperature
+from mmcl.objectives.byol import BYOLObjective
+from mmcl.objectives.simclr import SimCLRObjective
 
 VIT = {"model_type": "vit", "image_size": 16, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
        "num_attention_heads": 2, "intermediate_size": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from mmcl.config import ConfigError, from_dict
-from mmcl.engine.objectives import MoCoObjective, loss_chunk_size, needs_of
+from mmcl.engine.sizes import loss_chunk_size
 from mmcl.engine.task import TrainingTask
 from mmcl.models import build_model
+from mmcl.objectives import needs_of
+from mmcl.objectives.moco import MoCoObjective
 from test_objectives import BERT, VIT, batch
 
 HEADS = {"moco": {"hidden_dim": 24, "out_dim": 8, "queue_size": 10, "base_momentum": 0.9},

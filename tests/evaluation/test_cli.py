@@ -119,7 +119,7 @@ def test_cli_end_to_end_with_an_mmcl_model_dir(tmp_path):
     from transformers import BertTokenizerFast
 
     from mmcl.config import ModelConfig, RunConfig, TextTowerConfig, TowerConfig
-    from mmcl.evaluation.loading import load_mmcl_model_dir, save_model_dir
+    from mmcl.model_dir import load_mmcl_model_dir, save_model_dir
     from mmcl.models import build_model
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "square", *CLASSNAMES]
@@ -160,7 +160,7 @@ def test_model_dir_from_pretrained_towers_loads_without_them(tmp_path):
     from transformers import BertConfig, BertModel, BertTokenizerFast, ViTConfig, ViTModel
 
     from mmcl.config import ModelConfig, RunConfig, TextTowerConfig, TowerConfig
-    from mmcl.evaluation.loading import load_mmcl_model_dir, save_model_dir
+    from mmcl.model_dir import load_mmcl_model_dir, save_model_dir
     from mmcl.models import build_model, build_tokenizer
 
     encoder = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)

@@ -72,7 +72,7 @@ def build(config: RunConfig, seed: int = 0):
 
 def write_run(folder: Path, config: RunConfig, model, tokenizer, metrics: dict | None = None) -> Path:
     """A finished run directory: config.yaml, model/ (mmcl model dir), metrics.json."""
-    from mmcl.evaluation.loading import save_model_dir
+    from mmcl.model_dir import save_model_dir
 
     folder.mkdir(parents=True, exist_ok=True)
     save_config(config, folder / "config.yaml")

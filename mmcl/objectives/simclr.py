@@ -2,28 +2,17 @@
 (beside clip this is SLIP)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from mmcl.coerce import count, positive
-from mmcl.engine.objectives.base import Objective, image_width, sync_batchnorm
 from mmcl.losses import NTXentLoss
 from mmcl.models import DualEncoder, MLPHead
+from mmcl.objectives.base import Objective, image_width, sync_batchnorm
+from mmcl.objectives.settings import simclr_temperature
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig
-
-
-@dataclass
-class SimCLRConfig:
-    """SimCLR: an MLP projector on the pooled image-tower features and NT-Xent over 2N views."""
-
-    temperature: float | None = positive(None)  # NT-Xent temperature; None = 0.1 beside clip/siglip (SLIP), 0.2 alone
-    hidden_dim: int = count(2048)  # projector hidden width
-    out_dim: int = count(128)  # projector output width
-    num_layers: int = count(2)  # projector depth (SimCLR 2, SLIP 3)
 
 
 class SimCLRObjective(Objective):
@@ -33,9 +22,6 @@ class SimCLRObjective(Objective):
     """
 
     name = "simclr"
-    settings = SimCLRConfig
-    settings_key = "ssl.simclr"
-    needs = frozenset({"views"})
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2,
                  temperature: float = 0.1, sync_batchnorm: bool = False):
@@ -52,13 +38,3 @@ class SimCLRObjective(Objective):
     def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
         z1, z2 = self.head(outputs["view_features"]).float().chunk(2)
         return self.loss(z1, z2)
-
-
-def simclr_temperature(cfg: RunConfig | None) -> float:
-    """ssl.simclr.temperature, or its default: 0.1 beside an image-text objective (SLIP), 0.2 alone."""
-    if cfg is not None and cfg.ssl.simclr.temperature is not None:
-        return cfg.ssl.simclr.temperature
-    from mmcl.engine.objectives import OBJECTIVES
-
-    joint = cfg is not None and any(OBJECTIVES[name].image_text for name in cfg.objectives)
-    return 0.1 if joint else 0.2

@@ -1,28 +1,16 @@
 """SimSiam: projector + predictor, negative cosine against the stop-gradient projection of the other view."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from mmcl.coerce import count
-from mmcl.engine.objectives.base import Objective, image_width, sync_batchnorm
 from mmcl.losses.simsiam import SimSiamLoss
 from mmcl.models import DualEncoder, MLPHead
+from mmcl.objectives.base import Objective, image_width, sync_batchnorm
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig
-
-
-@dataclass
-class SimSiamConfig:
-    """SimSiam: projector + predictor, negative cosine against the stop-gradient projection of the other view."""
-
-    hidden_dim: int = count(2048)  # projector hidden width
-    out_dim: int = count(2048)  # projector output width
-    num_layers: int = count(3)  # projector depth (SimSiam 3)
-    predictor_hidden_dim: int = count(512)  # predictor bottleneck width (SimSiam: out_dim / 4)
 
 
 class SimSiamObjective(Objective):
@@ -35,9 +23,6 @@ class SimSiamObjective(Objective):
     """
 
     name = "simsiam"
-    settings = SimSiamConfig
-    settings_key = "ssl.simsiam"
-    needs = frozenset({"views"})
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048, num_layers: int = 3,
                  predictor_hidden_dim: int = 512, sync_batchnorm: bool = False):

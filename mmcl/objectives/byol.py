@@ -2,33 +2,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from mmcl.coerce import count
-from mmcl.engine.objectives.base import (Objective, check_momenta, encode_with, image_width, momentum_field, split_legacy_state,
-                                         sync_batchnorm)
 from mmcl.losses import BYOLLoss
 from mmcl.models import DualEncoder, Gather, MLPHead, MomentumEncoder, no_gather
+from mmcl.objectives.base import Objective, encode_with, image_width, split_legacy_state, sync_batchnorm
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig
-
-
-@dataclass
-class BYOLConfig:
-    """BYOL: online tower + projector + predictor, EMA target tower + projector."""
-
-    base_momentum: float = momentum_field(0.99)  # target EMA momentum at the first step (BYOL: 0.996 for long runs)
-    final_momentum: float = momentum_field(1.0)  # momentum at the last step; cosine schedule in between
-    hidden_dim: int = count(4096)  # projector and predictor hidden width
-    out_dim: int = count(256)  # projector and predictor output width
-
-    def validate(self, key: str, source: str) -> None:
-        check_momenta(self, key, source)
 
 
 class BYOLObjective(Objective):
@@ -41,10 +25,6 @@ class BYOLObjective(Objective):
     """
 
     name = "byol"
-    settings = BYOLConfig
-    settings_key = "ssl.byol"
-    needs = frozenset({"views"})
-    state = "momentum copy (EMA target: tower + projector)"
 
     def __init__(self, model: DualEncoder, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256,
                  base_momentum: float = 0.99, final_momentum: float = 1.0, sync_batchnorm: bool = False):

@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmcl.model_dir import kind_of
+
 if TYPE_CHECKING:
-    from mmcl.engine.objectives.distill import DistillConfig
+    from mmcl.objectives.settings import DistillConfig
 
 
 class TeacherLoadError(ValueError):
@@ -160,11 +162,12 @@ def _openclip_teacher(model_name: str, weights: str | None, config_file: str | N
 def _directory_teacher(path: Path) -> Teacher:
     if not path.is_dir():
         raise TeacherLoadError(f"distill.teacher '{path}' is not a directory.")
-    if (path / "mmcl_export.json").is_file():
+    kind = kind_of(path)
+    if kind == "export":
         return _mmcl_export_teacher(path)
-    if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file():
+    if kind == "model_dir":
         return _mmcl_dir_teacher(path)
-    if (path / "config.json").is_file():
+    if kind == "transformers":
         return _transformers_teacher(path)
     raise TeacherLoadError(f"distill.teacher '{path}' is neither a transformers model directory (config.json), an mmcl "
                            "model directory (config.yaml + model.safetensors) nor an mmcl export.")
@@ -172,7 +175,7 @@ def _directory_teacher(path: Path) -> Teacher:
 
 def _mmcl_dir_teacher(path: Path) -> Teacher:
     from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
-    from mmcl.evaluation.loading import load_mmcl_model_dir
+    from mmcl.model_dir import load_mmcl_model_dir
 
     model, config, tokenizer = load_mmcl_model_dir(path)
     if tokenizer is None:
@@ -194,7 +197,7 @@ class _Holder(nn.Module):
 
 
 def _mmcl_export_teacher(path: Path) -> Teacher:
-    from mmcl.export import load_exported
+    from mmcl.export.hf_loader import load_exported
 
     exported = load_exported(path)
     if exported.text_tower is None:

@@ -1,6 +1,6 @@
 """distill: the student's image-text logits follow a frozen teacher's softmax (OpenCLIP's DistillClipLoss).
 
-The teacher (`mmcl.engine.teacher`) encodes its own inputs of the batch — `teacher_pixel_values`
+The teacher (`mmcl.objectives.teacher`) encodes its own inputs of the batch — `teacher_pixel_values`
 (the same decoded image at its size and normalisation) and `teacher_input_ids` /
 `teacher_attention_mask` (the caption through its tokenizer) — without gradient, inside the
 task's `encode` (`batch_outputs`), so its features travel with the student's: feature-cache
@@ -15,65 +15,19 @@ each optimizer step the ranks share their new entries (`after_step`), and `encod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from mmcl.coerce import PATH, ConfigError
-from mmcl.engine.objectives.base import Objective
-from mmcl.engine.teacher import Teacher, TeacherInputs, TeacherLoadError, load_teacher
-from mmcl.engine.teacher_cache import TeacherFeatureCache, token_key
 from mmcl.losses import DistillLoss
 from mmcl.models import DualEncoder, Gather, no_gather
+from mmcl.objectives.base import Objective
+from mmcl.objectives.teacher import Teacher, TeacherInputs, TeacherLoadError, load_teacher
+from mmcl.objectives.teacher_cache import TeacherFeatureCache, token_key
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig
-
-
-@dataclass
-class DistillConfig:
-    """The `distill` objective: the student's image-text logits follow a frozen teacher's softmax
-    over the same global batch (OpenCLIP's DistillClipLoss; combine with clip by weight).
-
-    The teacher runs outside DeepSpeed (not trained, not partitioned, not checkpointed: resume
-    loads it again from `teacher` and checks the weights' SHA-256), replicated on every rank,
-    and sees its own inputs: the same decoded image at its own size and normalisation (the
-    student's random crop box, or its centre crop when `cache_dir` is set) and the caption
-    through its own tokenizer.
-    """
-
-    # "openclip:<architecture>" (with `weights`), "hf-hub:<org>/<name>" (an OpenCLIP model on the
-    # Hub; needs a network), or a local directory: a transformers CLIP / SigLIP /
-    # VisionTextDualEncoder model (e.g. an mmcl export) or an mmcl model directory.
-    teacher: str | None = None
-    weights: str | None = field(default=None, metadata=PATH)  # openclip: the local weights file (.pt/.bin/.safetensors)
-    openclip_config: str | None = field(default=None, metadata=PATH)  # openclip: a model config JSON to register (stem = name)
-    precision: Literal["fp32", "bf16"] = "fp32"  # the teacher's weights and compute
-    # Teacher features per sample key (and per caption's tokens) written here, so a multi-epoch
-    # run encodes each sample once. The teacher then sees a deterministic centre crop. Refused
-    # when it was written for other teacher weights or another transform.
-    cache_dir: str | None = None
-
-    def validate(self, key: str, source: str) -> None:
-        teacher = self.teacher
-        if teacher is None:
-            return
-        others = self.weights is not None or self.openclip_config is not None
-        if teacher.startswith("openclip:"):
-            if not teacher[len("openclip:"):]:
-                raise ConfigError(f"{source}: '{key}.teacher' must name the architecture after 'openclip:', e.g. openclip:ViT-B-32.")
-            if self.weights is None:
-                raise ConfigError(f"{source}: '{key}.teacher: {teacher}' needs '{key}.weights', the local weights file "
-                                  "(a random teacher teaches nothing).")
-            return
-        if not teacher.startswith("hf-hub:") and not Path(teacher).expanduser().is_dir():
-            raise ConfigError(f"{source}: '{key}.teacher' points to '{teacher}', which is not a directory; use a transformers "
-                              "or mmcl model directory, openclip:<architecture> or hf-hub:<id>.")
-        if others:
-            raise ConfigError(f"{source}: '{key}.weights' / '{key}.openclip_config' only apply to openclip:<architecture> teachers.")
 
 
 TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
@@ -102,21 +56,6 @@ class DistillObjective(Objective):
     """forward -> {"loss", "i2t_agree", "t2i_agree"} (see `mmcl.losses.DistillLoss`)."""
 
     name = "distill"
-    settings = DistillConfig
-    settings_key = "distill"
-    needs = frozenset({"pixel_values", "text", "teacher"})
-    cacheable = True
-    image_text = True
-    state = "frozen teacher (only its SHA-256 is saved)"
-
-    @classmethod
-    def check(cls, cfg: RunConfig, source: str) -> None:
-        if cls.name not in cfg.objectives:
-            if cfg.distill.teacher is not None:
-                raise ConfigError(f"{source}: 'distill.teacher' is set but 'objectives' has no 'distill'; add distill: 1.0 to it.")
-        elif cfg.distill.teacher is None:
-            raise ConfigError(f"{source}: objective 'distill' needs 'distill.teacher' (openclip:<architecture>, hf-hub:<id> "
-                              "or a transformers / mmcl model directory).")
 
     def __init__(self, teacher: Teacher, cache: TeacherFeatureCache | None = None):
         super().__init__()

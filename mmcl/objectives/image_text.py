@@ -1,15 +1,13 @@
 """Image-text objectives: clip and siglip (on the model's features), clip_queue (plus queued negatives)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from mmcl.coerce import ConfigError, count, probability
-from mmcl.engine.objectives.base import Objective, check_momenta, momentum_field, split_state
 from mmcl.losses import ClipQueueLoss, build_loss
 from mmcl.models import DualEncoder, Gather, KeyQueue, MomentumEncoder, no_gather
+from mmcl.objectives.base import Objective, split_state
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig
@@ -23,9 +21,6 @@ class ClipObjective(Objective):
     """
 
     name = "clip"
-    needs = frozenset({"pixel_values", "text"})
-    cacheable = True
-    image_text = True
 
     def __init__(self, loss: nn.Module):
         super().__init__()
@@ -44,24 +39,6 @@ class SigLipObjective(ClipObjective):
 
     name = "siglip"
 
-    @classmethod
-    def check(cls, cfg: RunConfig, source: str) -> None:
-        if cls.name in cfg.objectives and cfg.model.logit_bias_init is None:
-            raise ConfigError(f"{source}: objective 'siglip' needs 'model.logit_bias_init' (SigLIP uses -10).")
-
-
-@dataclass
-class ClipQueueConfig:
-    """The `clip_queue` objective: CLIP's InfoNCE plus queued negatives from momentum towers (ALBEF-style)."""
-
-    size: int = count(4096)  # queued image and text features (each) used as extra negatives
-    base_momentum: float = momentum_field(0.995)  # momentum towers' EMA momentum at the first step (ALBEF: 0.995) ...
-    final_momentum: float = momentum_field(1.0)  # ... cosine to this at the last step
-    distill: float = probability(0.0)  # ALBEF's momentum distillation: target = distill * momentum softmax + (1 - distill) * one-hot
-
-    def validate(self, key: str, source: str) -> None:
-        check_momenta(self, key, source)
-
 
 class ClipQueueObjective(Objective):
     """CLIP's InfoNCE against momentum keys plus `size` queued keys of earlier batches per
@@ -75,20 +52,6 @@ class ClipQueueObjective(Objective):
     """
 
     name = "clip_queue"
-    settings = ClipQueueConfig
-    settings_key = "loss.clip_queue"
-    needs = frozenset({"pixel_values", "text"})
-    image_text = True
-    state = "momentum copy (both towers), image and text queues"
-
-    @classmethod
-    def check(cls, cfg: RunConfig, source: str) -> None:
-        if cls.name not in cfg.objectives:
-            return
-        if isinstance(cfg.loss.chunk_size, int):
-            raise ConfigError(f"{source}: objective 'clip_queue' computes its loss densely; remove 'loss.chunk_size'.")
-        if set(cfg.objectives) & {"clip", "siglip"}:
-            raise ConfigError(f"{source}: 'clip_queue' already is CLIP's loss (with extra negatives); use it instead of clip/siglip.")
 
     def __init__(self, model: DualEncoder, dim: int, size: int = 4096, base_momentum: float = 0.995,
                  final_momentum: float = 1.0, distill: float = 0.0):

@@ -22,56 +22,26 @@ shuffle with (as in MoCo); ViT towers have no BatchNorm, only the projector does
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmcl.coerce import ConfigError, count, nonnegative, positive
 from mmcl.distributed import all_gather_no_grad, get_rank, get_world_size
-from mmcl.engine.objectives.base import (Objective, check_momenta, encode_with, image_width, momentum_field,
-                                         split_legacy_state, split_state, sync_batchnorm)
 from mmcl.losses import MoCoLoss
 from mmcl.models import DualEncoder, Gather, KeyQueue, MLPHead, MomentumEncoder, no_gather
+from mmcl.objectives.base import Objective, encode_with, image_width, split_legacy_state, split_state, sync_batchnorm
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig
-
-
-@dataclass
-class MoCoConfig:
-    """MoCo: query encoder (tower + projector [+ predictor]) vs an EMA momentum copy, InfoNCE against a queue."""
-
-    temperature: float = positive(0.2)  # InfoNCE temperature (MoCo v2 0.2)
-    queue_size: int = nonnegative(65536, note="(0 = MoCo v3, no queue)")  # past keys used as negatives; 0 = MoCo v3 (the keys of the global batch)
-    predictor: bool = False  # MoCo v3's predictor MLP on the query side
-    hidden_dim: int = count(2048)  # projector (and predictor) hidden width
-    out_dim: int = count(128)  # key dimension
-    num_layers: int = count(2)  # projector depth (MoCo v2 2, v3 3)
-    base_momentum: float = momentum_field(0.99)  # momentum copy's EMA momentum at the first step (MoCo v2: 0.999 constant) ...
-    final_momentum: float = momentum_field(1.0)  # ... cosine to this at the last step
-    shuffle_bn: bool = True  # shuffle the key batch across ranks so BatchNorm statistics cannot leak the positive
-
-    def validate(self, key: str, source: str) -> None:
-        check_momenta(self, key, source)
+    from mmcl.objectives.settings import MoCoConfig
 
 
 class MoCoObjective(Objective):
     """See the module docstring. forward -> {"loss", "acc"[, "queue_filled"]}; `after_step` -> {"momentum"}."""
 
     name = "moco"
-    settings = MoCoConfig
-    settings_key = "ssl.moco"
-    needs = frozenset({"views"})
-    state = "momentum copy (the key encoder), key queue"
-
-    @classmethod
-    def check(cls, cfg: RunConfig, source: str) -> None:
-        if cls.name in cfg.objectives and cfg.ssl.sync_batchnorm and cfg.ssl.moco.shuffle_bn:
-            raise ConfigError(f"{source}: 'ssl.sync_batchnorm' makes 'ssl.moco.shuffle_bn' pointless (the statistics are "
-                              "global either way); set ssl.moco.shuffle_bn: false.")
 
     def __init__(self, model: DualEncoder, in_dim: int, settings: MoCoConfig, sync_batchnorm: bool = False):
         super().__init__()
