@@ -1,0 +1,152 @@
+"""model.init_from beyond CLIPModel: SiglipModel, VisionTextDualEncoderModel, mmcl exports and model dirs.
+
+Each source is tiny, random and saved locally with save_pretrained; the model mmcl builds from it
+(what the first training step computes with) must give the source's embeddings to 1e-5.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from export_helpers import ENCODER, IMAGE, TEXT, build, run_config, write_run
+
+from mmcl.config import ConfigError, from_dict
+from mmcl.models import build_model, build_tokenizer, tokenize
+
+TOLERANCE = 1e-5
+CAPTIONS = ["a photo of the digit seven", "handwritten three", "number zero written by hand"]
+PIXELS = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+def run(init_from, **model) -> "RunConfig":  # noqa: F821
+    return from_dict({"model": {"init_from": str(init_from), **model}, "objectives": {"clip": 1.0}})
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tokenizer_dir, tmp_path_factory):
+    from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(0)
+    config = SiglipConfig(vision_config=dict(image_size=16, patch_size=4, **ENCODER),
+                          text_config=dict(vocab_size=64, max_position_embeddings=12, **ENCODER))
+    model = SiglipModel(config).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(4.9)  # exp = 134: above mmcl's default cap of 100
+        model.logit_bias.fill_(-7.25)
+    folder = tmp_path_factory.mktemp("siglip")
+    model.save_pretrained(str(folder))
+    SiglipImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]).save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(folder))
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def vtde_dir(tokenizer_dir, tmp_path_factory):
+    from transformers import (AutoTokenizer, BertConfig, CLIPImageProcessor, ViTConfig, VisionTextDualEncoderConfig,
+                              VisionTextDualEncoderModel, VisionTextDualEncoderProcessor)
+
+    torch.manual_seed(0)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        ViTConfig(**{k: v for k, v in IMAGE["vit"].items() if k != "model_type"}),
+        BertConfig(**{k: v for k, v in TEXT["bert"].items() if k != "model_type"}), projection_dim=20)
+    model = VisionTextDualEncoderModel(config).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)
+    folder = tmp_path_factory.mktemp("vtde")
+    model.save_pretrained(str(folder))
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                   image_mean=[0.1, 0.2, 0.3], image_std=[0.6, 0.5, 0.4])
+    VisionTextDualEncoderProcessor(image_processor=processor,
+                                   tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir))).save_pretrained(str(folder))
+    return folder, model
+
+
+def test_init_from_a_siglip_model_gives_its_embeddings_logit_scale_and_bias(siglip_dir):
+    folder, source = siglip_dir
+    config = run(folder)
+    model_cfg = config.model
+    assert (model_cfg.embed_dim, model_cfg.text.context_length, model_cfg.image.projection, model_cfg.text.pooling) == (32, 12, "none", "pooler_output")
+    assert (config.data.image_size, config.data.image_mean, config.data.image_std) == (16, [0.4, 0.5, 0.6], [0.2, 0.3, 0.4])
+    model = build_model(model_cfg).eval()
+    tokens = tokenize(build_tokenizer(model_cfg.text), CAPTIONS, 12)
+    with torch.no_grad():
+        assert max_diff(model.encode_image(PIXELS, normalize=False), source.get_image_features(pixel_values=PIXELS).pooler_output) <= TOLERANCE
+        assert max_diff(model.encode_text(**tokens, normalize=False), source.get_text_features(**tokens).pooler_output) <= TOLERANCE
+        out = model(input_ids=tokens["input_ids"])
+    assert out["logit_scale"].item() == pytest.approx(source.logit_scale.exp().item(), rel=1e-6)  # cap raised to fit
+    assert out["logit_bias"].item() == pytest.approx(-7.25)
+
+
+def test_init_from_a_vision_text_dual_encoder_gives_its_embeddings_processor_and_tokenizer(vtde_dir, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    folder, source = vtde_dir
+    config = run(folder)
+    assert (config.model.embed_dim, config.model.text.context_length, config.model.image.pooling) == (20, 16, "pooler_output")
+    assert (config.data.image_size, config.data.image_mean, config.data.image_std) == (16, [0.1, 0.2, 0.3], [0.6, 0.5, 0.4])
+    model = build_model(config.model).eval()
+    tokenizer = build_tokenizer(config.model.text)
+    tokens = tokenize(tokenizer, CAPTIONS, 16)
+    assert torch.equal(tokens["input_ids"], tokenize(AutoTokenizer.from_pretrained(str(tokenizer_dir)), CAPTIONS, 16)["input_ids"])
+    with torch.no_grad():
+        assert max_diff(model.encode_image(PIXELS, normalize=False), source.get_image_features(pixel_values=PIXELS).pooler_output) <= TOLERANCE
+        assert max_diff(model.encode_text(**tokens, normalize=False), source.get_text_features(**tokens).pooler_output) <= TOLERANCE
+        assert model(input_ids=tokens["input_ids"])["logit_scale"].item() == pytest.approx(torch.tensor(3.0).exp().item(), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def mmcl_run(tokenizer_dir, tmp_path_factory):
+    """A finished run (model/ dir) with an mlp text head and a logit bias, and its export."""
+    from mmcl.export.export import export_run
+
+    config = run_config(tokenizer_dir, text_projection="mlp", logit_bias_init=-3.0, mlp_hidden_dim=40)
+    model, tokenizer = build(config)
+    with torch.no_grad():
+        model.logit_bias.fill_(-4.5)
+    root = tmp_path_factory.mktemp("mmcl_run")
+    run_dir = write_run(root / "run", config, model, tokenizer)
+    export = export_run(run_dir, root / "export")
+    return run_dir / "model", export, model, tokenizer
+
+
+@pytest.mark.parametrize("which", ["model_dir", "export"])
+def test_init_from_an_mmcl_model_dir_or_export_gives_its_embeddings(mmcl_run, which):
+    model_dir, export, source, tokenizer = mmcl_run
+    config = run(model_dir if which == "model_dir" else export)
+    assert (config.model.text.projection, config.model.mlp_hidden_dim, config.model.image.pooling) == ("mlp", 40, "cls")
+    assert (config.data.image_size, config.data.image_mean) == (16, [0.5, 0.5, 0.5])
+    model = build_model(config.model).eval()
+    tokens = tokenize(build_tokenizer(config.model.text), CAPTIONS, 12)
+    assert torch.equal(tokens["input_ids"], tokenize(tokenizer, CAPTIONS, 12)["input_ids"])
+    with torch.no_grad():
+        assert max_diff(model.encode_image(PIXELS, normalize=False), source.encode_image(PIXELS, normalize=False)) <= TOLERANCE
+        assert max_diff(model.encode_text(**tokens, normalize=False), source.encode_text(**tokens, normalize=False)) <= TOLERANCE
+        out = model(input_ids=tokens["input_ids"])
+    assert (out["logit_scale"].item(), out["logit_bias"].item()) == (pytest.approx(torch.tensor(2.5).exp().item(), rel=1e-6), -4.5)
+
+
+def test_init_from_what_cannot_be_carried_is_one_sentence(vtde_dir, mmcl_run, tmp_path):
+    folder, _ = vtde_dir
+    cases = []
+    with pytest.raises(ConfigError) as error:
+        run(folder, image={"projection": "mlp"})
+    cases.append((error.value, "'model.image.projection' is mlp but"))
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(ConfigError) as error:
+        run(tmp_path / "vit")
+    cases.append((error.value, "is a 'vit' model, which has no image and text tower"))
+    # an image-only mmcl model dir has no text tower to carry
+    image_only = tmp_path / "ssl"
+    image_only.mkdir()
+    (image_only / "config.yaml").write_text(yaml.safe_dump({"model": {"image": {"config": dict(IMAGE["vit"])}, "text": None}}))
+    (image_only / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError) as error:
+        run(image_only)
+    cases.append((error.value, "has no text tower; give 'model.text.name_or_path'"))
+    for value, expected in cases:
+        assert expected in str(value) and str(value).count("\n") == 0 and str(value).endswith(".")
