@@ -150,3 +150,37 @@ def test_init_from_what_cannot_be_carried_is_one_sentence(vtde_dir, mmcl_run, tm
     cases.append((error.value, "has no text tower; give 'model.text.name_or_path'"))
     for value, expected in cases:
         assert expected in str(value) and str(value).count("\n") == 0 and str(value).endswith(".")
+
+
+@pytest.mark.e2e
+def test_zero3_run_started_from_a_siglip_model_keeps_its_embeddings_scale_and_bias(siglip_dir, tmp_path):
+    """One deepspeed launch (2 CPU ranks, ZeRO-3) from model.init_from = a SiglipModel, 2 steps at a negligible
+    learning rate: the first step runs with SigLIP's logit scale, and the run's model/ gives SigLIP's embeddings."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+    from data_tools.demo_dataset import build_demo
+    from launch import deepspeed_command, run as launch, write_config
+
+    from mmcl.evaluation.loading import load_mmcl_model_dir
+
+    folder, source = siglip_dir
+    data = tmp_path / "digits"
+    build_demo(data, image_size=32, samples_per_shard=64)
+    config = {"model": {"init_from": str(folder)}, "objectives": {"siglip": 1.0},
+              "data": {"train_shards": str(data / "train" / "{00000..00003}.tar"), "shuffle_buffer": 16, "num_workers": 1},
+              "optim": {"lr": 1e-12, "warmup_steps": 1}, "train": {"micro_batch_size": 8, "steps": 2, "log_every": 1},
+              "output_dir": str(tmp_path / "run"), "seed": 0}
+    result = launch(deepspeed_command(write_config(tmp_path / "run.yaml", config), "configs/ds/zero3.json"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    first = next(r for r in records if "logit_scale" in r)
+    assert first["step"] == 1 and first["logit_scale"] == pytest.approx(source.logit_scale.exp().item(), rel=1e-5)
+    model, run_config_, tokenizer = load_mmcl_model_dir(tmp_path / "run" / "model")
+    assert run_config_.data.image_size == 16 and model.logit_bias.item() == pytest.approx(-7.25, abs=1e-6)
+    tokens = tokenize(tokenizer, CAPTIONS, 12)
+    with torch.no_grad():
+        assert max_diff(model.encode_image(PIXELS, normalize=False), source.get_image_features(pixel_values=PIXELS).pooler_output) <= TOLERANCE
+        assert max_diff(model.encode_text(**tokens, normalize=False), source.get_text_features(**tokens).pooler_output) <= TOLERANCE
