@@ -114,6 +114,10 @@ def read_source(init_from: str) -> InitSource | None:
         return None
     folder = Path(init_from).expanduser()
     try:
+        if kind == "export" and not folder.is_dir():  # a Hub repo: its files, through the cache
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(init_from))
         if kind == "model_dir":
             from safetensors.torch import load_file
 
@@ -125,7 +129,7 @@ def read_source(init_from: str) -> InitSource | None:
 
             from mmcl.export.hf_loader import load_exported
 
-            exported = load_exported(init_from)
+            exported = load_exported(folder)
             towers = {"image": exported.image_tower, "text": exported.text_tower}
             config = exported.model.config
             configs = {"image": config} if exported.text_tower is None else {"image": config.vision_config, "text": config.text_config}

@@ -184,3 +184,17 @@ def test_zero3_run_started_from_a_siglip_model_keeps_its_embeddings_scale_and_bi
     with torch.no_grad():
         assert max_diff(model.encode_image(PIXELS, normalize=False), source.get_image_features(pixel_values=PIXELS).pooler_output) <= TOLERANCE
         assert max_diff(model.encode_text(**tokens, normalize=False), source.get_text_features(**tokens).pooler_output) <= TOLERANCE
+
+
+def test_init_from_a_siglip_model_at_another_image_size_interpolates_its_positions(siglip_dir):
+    folder, source = siglip_dir
+    config = from_dict({"model": {"init_from": str(folder)}, "objectives": {"siglip": 1.0}, "data": {"image_size": 24}})
+    model = build_model(config.model, image_size=config.data.image_size).eval()
+    assert model.image_tower.config.image_size == 24
+    with torch.no_grad():
+        assert model.encode_image(torch.randn(2, 3, 24, 24)).shape == (2, 32)
+        # the learnt 4x4 grid is kept where it still applies: the rest of the tower is SigLIP's
+        ours = dict(model.image_tower.named_parameters())
+        for name, tensor in source.vision_model.named_parameters():
+            if "position_embedding" not in name:
+                assert torch.equal(ours[name], tensor), name
