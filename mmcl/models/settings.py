@@ -69,9 +69,9 @@ class ModelConfig:
     logit_bias_init: float | None = None  # learnable logit bias (sigmoid loss; SigLIP uses -10); None = no bias
     # a pretrained two-tower model to start from: a transformers CLIPModel (e.g. from `mmcl convert openclip`),
     # SiglipModel or VisionTextDualEncoderModel folder or hub id, an `mmcl export` folder or an mmcl model dir;
-    # both towers, their projections, the logit scale (and bias) start from it; fills in model.image/text
-    # .name_or_path, pooling and projection, embed_dim, text.context_length (and tokenizer) and
-    # data.image_size/image_mean/image_std where they are not set
+    # both towers, their projections, the logit scale (and bias) start from it; fills in each tower's
+    # name_or_path, pooling and projection, embed_dim, logit_bias_init/logit_scale_max (SigLIP),
+    # text.context_length and text.tokenizer, data.image_size/image_mean/image_std where they are not set
     init_from: str | None = field(default=None, metadata=MODEL_PATH)
 
     def validate(self, key: str, source: str) -> None:

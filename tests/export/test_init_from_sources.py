@@ -184,6 +184,12 @@ def test_zero3_run_started_from_a_siglip_model_keeps_its_embeddings_scale_and_bi
     with torch.no_grad():
         assert max_diff(model.encode_image(PIXELS, normalize=False), source.get_image_features(pixel_values=PIXELS).pooler_output) <= TOLERANCE
         assert max_diff(model.encode_text(**tokens, normalize=False), source.get_text_features(**tokens).pooler_output) <= TOLERANCE
+    # and it exports as a SiglipModel that plain transformers reproduces on both sides
+    from mmcl.cli import main as mmcl_main
+
+    assert mmcl_main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    info = json.loads((tmp_path / "export" / "mmcl_export.json").read_text())
+    assert (info["architecture"], info["image"]["exact"], info["text"]["exact"]) == ("SiglipModel", True, True)
 
 
 def test_init_from_a_siglip_model_at_another_image_size_interpolates_its_positions(siglip_dir):
