@@ -4,6 +4,7 @@
     mmcl push --model DIR --repo-id ORG/NAME [--private] [--revision BRANCH] [--commit-message MSG] [--allow-inexact]
     mmcl export --run RUN --out DIR --format openclip [--hub-repo-id ORG/NAME]   (OpenCLIP's hub layout)
     mmcl convert openclip --model NAME|hf-hub:ORG/NAME|local-dir:PATH [--weights FILE] [--config JSON] --out DIR
+    mmcl wise-ft --zero-shot DIR --fine-tuned DIR --alpha A [--alpha B ...] --out DIR [--eval --data T --data H ...]
 
 User errors print one line (`mmcl: error: ...`) and exit with status 2; a bad --out is one of them,
 said before any work (mmcl/export/staging.py: --overwrite replaces only an earlier mmcl output). `push` does not import
@@ -25,7 +26,7 @@ def add_out_options(parser: argparse.ArgumentParser, help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcl", description="mmcl model tools: export to transformers, push to the Hub.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push,convert}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push,convert,wise-ft}")
 
     export = commands.add_parser("export", help="write a transformers folder (weights, processor, card) from a run",
                                  description="Export a run directory, one of its checkpoints/step_* folders or its "
@@ -61,7 +62,33 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", default=None, metavar="MSG", help="commit title")
     push.add_argument("--allow-inexact", action="store_true",
                       help="push an export that plain transformers does not reproduce on some side (refused by default)")
+    _add_wise_ft(commands)
     return parser
+
+
+def _add_wise_ft(commands) -> None:
+    from mmcl.zeroshot_options import add_zeroshot_options
+
+    wise = commands.add_parser(
+        "wise-ft", help="interpolate a zero-shot and a fine-tuned model (WiSE-FT), export each mix, optionally evaluate",
+        description="Write (1 - alpha) * zero-shot + alpha * fine-tuned weights as an exact export per --alpha "
+                    "(OUT/alpha_<alpha>/). With --eval, classify every --data zero-shot with each mix, print the "
+                    "sweep, and write OUT/mmcl_wise_ft.json and OUT/wise_ft.png (target vs held-out top-1).")
+    wise.add_argument("--zero-shot", required=True, metavar="DIR", help="the model before fine-tuning: mmcl model dir, run dir or export")
+    wise.add_argument("--fine-tuned", required=True, metavar="DIR", help="the fine-tuned model, of the same architecture")
+    wise.add_argument("--alpha", type=float, action="append", required=True, metavar="A",
+                      help="mixing weight of the fine-tuned model, 0..1 (repeatable; 0 = zero-shot, 1 = fine-tuned)")
+    add_out_options(wise, "folder to create: one export per alpha (+ the sweep with --eval)")
+    evaluation = wise.add_argument_group("evaluation (--eval; the options of mmcl-zeroshot)")
+    evaluation.add_argument("--eval", action="store_true", help="evaluate every alpha zero-shot on --data")
+    evaluation.add_argument("--data", action="append", default=None, metavar="DATA",
+                            help="labelled data (shards with .cls, a saved datasets dir or an image folder); repeat: "
+                                 "the fine-tuning target first, then held-out datasets")
+    add_zeroshot_options(evaluation)
+    evaluation.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    evaluation.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    evaluation.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    evaluation.add_argument("--split", default=None, help="split of a saved `datasets` DatasetDict (default: test/validation)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # --out is checked before torch is imported or anything is loaded (and again by the functions below).
         from mmcl.export.staging import check_convert_out, check_export_out
 
+        if args.command == "wise-ft":
+            return _wise_ft(args)
         if args.command == "convert":
             check_convert_out(args.model, args.out, overwrite=args.overwrite, weights=args.weights, config_file=args.config)
         elif args.command == "export":
@@ -108,6 +137,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"mmcl: error: {redact(str(error))}", file=sys.stderr, flush=True)
         return 2
+    return 0
+
+
+def _wise_ft(args: argparse.Namespace) -> int:
+    from mmcl.export.errors import ExportError
+    from mmcl.export.staging import check_out
+
+    if args.eval and not args.data:
+        raise ExportError("--eval needs --data: the fine-tuning target first, then held-out data.")
+    if args.data and not args.eval:
+        raise ExportError("--data is only read with --eval; add --eval to evaluate the sweep.")
+    check_out(args.out, overwrite=args.overwrite, sources=[args.zero_shot, args.fine_tuned], what="output folder")
+    from mmcl.export.wise_ft import format_sweep, wise_ft
+
+    try:
+        summary = wise_ft(args.zero_shot, args.fine_tuned, args.alpha, args.out, overwrite=args.overwrite,
+                          eval_args=args if args.eval else None)
+    except (ValueError, FileNotFoundError) as error:  # evaluation data and prompts
+        raise ExportError(str(error)) from error
+    if "sweep" in summary:
+        print(format_sweep(summary["sweep"]))
+    extra = f", the sweep in {summary['out']}/mmcl_wise_ft.json and wise_ft.png" if "sweep" in summary else ""
+    print(f"mmcl: wrote {len(summary['alphas'])} WiSE-FT exports to {summary['out']} "
+          f"({', '.join(summary['exports'].values())}){extra}")
     return 0
 
 

@@ -12,10 +12,8 @@ from these dataclasses (`python -m mmcl.docs`).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mmcl.coerce import ConfigError, build, check_path, count, nonnegative
+from mmcl.coerce import ConfigError, build, count, nonnegative
 from mmcl.data.settings import DataConfig, ViewsConfig
 from mmcl.engine.settings import OptimConfig, TrainConfig
 from mmcl.evaluation.settings import EvalConfig
@@ -149,64 +147,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
 
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Build and validate a RunConfig from plain data (as parsed from YAML)."""
-    config = build(RunConfig, _expand_init_from(raw, source), key="", source=source)
+    from mmcl.models.init_source import expand_init_from
+
+    config = build(RunConfig, expand_init_from(raw, source), key="", source=source)
     _check_run(config, source)
     return config
-
-
-def _read_json_file(folder_or_hub_id: str, filename: str) -> dict[str, Any] | None:
-    """A JSON file of a local folder or (through the Hub cache or network) a Hub repo; None if absent."""
-    local = Path(folder_or_hub_id).expanduser()
-    if local.is_dir():
-        path = local / filename
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(folder_or_hub_id, filename))
-        except Exception:  # offline, missing repo or file: the caller decides whether that is an error
-            return None
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-
-def _expand_init_from(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    """With `model.init_from: SOURCE` (a CLIPModel), fill the keys it decides where the config leaves them unset."""
-    model = raw.get("model") if isinstance(raw, dict) else None
-    init_from = model.get("init_from") if isinstance(model, dict) else None
-    if not isinstance(init_from, str):
-        return raw  # absent, or a type error _build reports
-    check_path(init_from, "model.init_from", source, hub_id_allowed=True)
-    clip = _read_json_file(init_from, "config.json")
-    if clip is None and not Path(init_from).expanduser().exists():
-        clip = {"model_type": "clip"}  # a hub id not reachable now (offline): the towers' loading reports it
-    if clip is None or clip.get("model_type") != "clip":
-        what = "has no readable config.json" if clip is None else f"is a '{clip.get('model_type')}' model"
-        raise ConfigError(f"{source}: 'model.init_from' = '{init_from}' {what}; it must be a transformers CLIPModel "
-                          "folder or hub id (e.g. written by `mmcl convert openclip`).")
-    raw = copy.deepcopy(raw)
-    model = raw["model"]
-    sides = ["image"] + (["text"] if model.get("text", {}) is not None else [])
-    for kind in sides:
-        tower = model.setdefault(kind, {})
-        if isinstance(tower, dict) and "name_or_path" not in tower and "config" not in tower:
-            tower["name_or_path"] = init_from
-    text_config, vision_config = clip.get("text_config") or {}, clip.get("vision_config") or {}
-    if isinstance(model.get("text"), dict) and "max_position_embeddings" in text_config:
-        model["text"].setdefault("context_length", text_config["max_position_embeddings"])
-    if "projection_dim" in clip:
-        model.setdefault("embed_dim", clip["projection_dim"])
-    data = raw.setdefault("data", {})
-    if isinstance(data, dict):
-        if "image_size" in vision_config:
-            data.setdefault("image_size", vision_config["image_size"])
-        processor = _read_json_file(init_from, "preprocessor_config.json") or {}
-        for key in ("image_mean", "image_std"):
-            if key in processor:
-                data.setdefault(key, processor[key])
-    return raw
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from mmcl.distributed import note_joined, run_command
 from mmcl.evaluation.prompts import builtin_prompt_sets, load_builtin, read_list_file
+from mmcl.zeroshot_options import add_zeroshot_options
 
 BUILTIN_HELP = (
     "Built-in prompt sets (mmcl/evaluation/prompts/*.json): " + ", ".join(builtin_prompt_sets()) +
@@ -206,24 +207,15 @@ def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
 # ----------------------------------------------------------------------------- commands
 
 
-def run_zeroshot(argv: list[str] | None = None) -> dict:
-    parser = _parser("Zero-shot classification (CLIP_benchmark 'zeroshot_classification').", "zeroshot_classification")
-    parser.add_argument("--data", required=True, help="labelled data: shards with .cls, a saved `datasets` dir, or an image folder")
-    parser.add_argument("--prompts", default=None, help=f"built-in set for both class names and templates ({', '.join(builtin_prompt_sets())})")
-    parser.add_argument("--classnames", default=None, help="built-in set name or FILE (.txt one per line, or .json list)")
-    parser.add_argument("--templates", default=None,
-                        help="built-in set name or FILE (.txt/.json list with {c}, or .json {classname: [prompts]} CuPL-style)")
-    parser.add_argument("--text-batch-size", type=int, default=256, help="prompts per text-encoder batch (default 256)")
-    parser.add_argument("--confusion", action="store_true", help="add the confusion matrix to the JSON metrics")
-    args = parser.parse_args(argv)
-
+def zeroshot_metrics(args: argparse.Namespace, model, device: torch.device, data: str,
+                     confusion: bool = False) -> tuple[dict, dict]:
+    """(metrics, extra) of zero-shot classification of `model` (an EvalModel) on `data`, with the
+    class names and templates `args` selects (add_zeroshot_options), else those beside the data."""
     from mmcl.evaluation.data import build_eval_loader
     from mmcl.evaluation.features import extract_features
     from mmcl.evaluation.zeroshot import build_zeroshot_classifier, evaluate_zeroshot
 
-    device = _setup_distributed(args.device)
-    model = _model(args, device)
-    loader = build_eval_loader(args.data, model.transform, args.batch_size, args.workers, args.split)
+    loader = build_eval_loader(data, model.transform, args.batch_size, args.workers, args.split)
     classnames, templates = (load_builtin(args.prompts) if args.prompts else (None, None))
     classnames = _resolve_list(args.classnames, "classnames") or classnames or loader.classnames
     templates = _resolve_list(args.templates, "templates") or templates or loader.templates
@@ -235,10 +227,22 @@ def run_zeroshot(argv: list[str] | None = None) -> dict:
     classifier = build_zeroshot_classifier(model.encode_text, classnames, templates, args.text_batch_size)
     images = extract_features(loader, model.encode_image, device=device, desc="images")
     if "label" not in images:
-        raise ValueError(f"{args.data} has no class labels (.cls / label column); zero-shot classification needs them.")
-    metrics = evaluate_zeroshot(images["features"], images["label"], classifier, args.confusion)
+        raise ValueError(f"{data} has no class labels (.cls / label column); zero-shot classification needs them.")
+    metrics = evaluate_zeroshot(images["features"], images["label"], classifier, confusion)
+    return metrics, {"num_samples": int(images["features"].shape[0]), "skipped": _skipped(loader)}
+
+
+def run_zeroshot(argv: list[str] | None = None) -> dict:
+    parser = _parser("Zero-shot classification (CLIP_benchmark 'zeroshot_classification').", "zeroshot_classification")
+    parser.add_argument("--data", required=True, help="labelled data: shards with .cls, a saved `datasets` dir, or an image folder")
+    add_zeroshot_options(parser)
+    parser.add_argument("--confusion", action="store_true", help="add the confusion matrix to the JSON metrics")
+    args = parser.parse_args(argv)
+
+    device = _setup_distributed(args.device)
+    model = _model(args, device)
+    metrics, extra = zeroshot_metrics(args, model, device, args.data, args.confusion)
     dataset = args.dataset_name or args.prompts or _dataset_name(args, args.data)
-    extra = {"num_samples": int(images["features"].shape[0]), "skipped": _skipped(loader)}
     return _report(args, "zeroshot_classification", dataset, model, metrics, extra)
 
 

@@ -171,8 +171,8 @@ def _architecture_only(config) -> None:
 
     sides = [config.model.image] + ([config.model.text] if config.model.text is not None else [])
     for tower in sides:
-        if tower.name_or_path is None:
-            continue
+        if tower.name_or_path is None or tower.name_or_path == config.model.init_from:
+            continue  # init_from's towers are rebuilt from it by build_model (a model dir has no config.json)
         try:
             inline = AutoConfig.from_pretrained(tower.name_or_path).to_diff_dict()
         except (OSError, ValueError) as error:

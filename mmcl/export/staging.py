@@ -32,9 +32,9 @@ from typing import Iterable, Iterator
 
 from mmcl.export.errors import ExportError
 
-# The file each kind of mmcl output holds (transformers export, OpenCLIP export, OpenCLIP conversion):
+# The file each kind of mmcl output holds (transformers export, OpenCLIP export, OpenCLIP conversion, WiSE-FT):
 # an existing non-empty folder is replaced only when it holds one of them.
-OUTPUT_MARKERS = ("mmcl_export.json", "mmcl_openclip_export.json", "openclip_conversion.json")
+OUTPUT_MARKERS = ("mmcl_export.json", "mmcl_openclip_export.json", "openclip_conversion.json", "mmcl_wise_ft.json")
 WORK_INFIX = ".mmcl-replace-"
 WORK_MARKER = "mmcl-replace.json"
 COMPLETE = "complete"  # created in the work folder once `new` holds the whole, checked output

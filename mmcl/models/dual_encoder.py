@@ -150,12 +150,14 @@ class DualEncoder(nn.Module):
 
 
 def build_model(cfg: ModelConfig, image_size: int | None = None) -> DualEncoder:
-    """`DualEncoder.from_config(cfg, image_size)`; with `cfg.init_from`, its heads and logit scale from that CLIPModel."""
-    model = DualEncoder.from_config(cfg, image_size)
-    if cfg.init_from is not None:
-        from mmcl.models.init_from import load_clip_heads
+    """`DualEncoder.from_config(cfg, image_size)`; with `cfg.init_from`, its towers, heads and logit scale from there."""
+    if cfg.init_from is None:
+        return DualEncoder.from_config(cfg, image_size)
+    from mmcl.models.init_from import load_init_from, read_source, resolve_init_towers
 
-        load_clip_heads(model, cfg.init_from)
+    source = read_source(cfg.init_from)  # None for a CLIPModel: its towers load by name_or_path
+    model = DualEncoder.from_config(cfg if source is None else resolve_init_towers(cfg, source), image_size)
+    load_init_from(model, cfg, source, image_size)
     return model
 
 

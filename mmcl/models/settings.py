@@ -67,9 +67,11 @@ class ModelConfig:
     logit_scale_init: float = positive(1 / 0.07)  # initial multiplier of the cosine similarities (CLIP: 1/0.07)
     logit_scale_max: float = positive(100.0)  # the effective multiplier is clamped to this in the forward pass
     logit_bias_init: float | None = None  # learnable logit bias (sigmoid loss; SigLIP uses -10); None = no bias
-    # a transformers CLIPModel folder or hub id (e.g. from `mmcl convert openclip`): both towers, their linear
-    # projections and the logit scale start from it; fills in model.image/text.name_or_path, embed_dim,
-    # text.context_length and data.image_size/image_mean/image_std where they are not set
+    # a pretrained two-tower model to start from: a transformers CLIPModel (e.g. from `mmcl convert openclip`),
+    # SiglipModel or VisionTextDualEncoderModel folder or hub id, an `mmcl export` folder or an mmcl model dir;
+    # both towers, their projections, the logit scale (and bias) start from it; fills in each tower's
+    # name_or_path, pooling and projection, embed_dim, logit_bias_init/logit_scale_max (SigLIP),
+    # text.context_length and text.tokenizer, data.image_size/image_mean/image_std where they are not set
     init_from: str | None = field(default=None, metadata=MODEL_PATH)
 
     def validate(self, key: str, source: str) -> None:
