@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_wise_ft(commands) -> None:
-    from mmcl.zeroshot_options import add_zeroshot_options
+    from mmcl.evaluation.options import add_zeroshot_options
 
     wise = commands.add_parser(
         "wise-ft", help="interpolate a zero-shot and a fine-tuned model (WiSE-FT), export each mix, optionally evaluate",

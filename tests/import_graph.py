@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("components", ("mmcl.data.*", "mmcl.models.*", "mmcl.losses.*")),
     ("config", ("mmcl.config",)),
     # what a model directory, an export and a teacher folder hold, and reading an export back
-    ("model directory", ("mmcl.model_dir", "mmcl.export.hf_loader")),
+    ("model directory", ("mmcl.model_dir", "mmcl.export.hf_loader", "mmcl.pretrained")),
     ("objectives", ("mmcl.objectives.*",)),
     ("evaluation", ("mmcl.evaluation.*", "mmcl.curate.*")),
     ("export", ("mmcl.export.*",)),

@@ -29,7 +29,8 @@ from mmcl.engine.run import Run
 from mmcl.engine.runtime import TrainingError, check_output_dir, init_process_group, say
 from mmcl.engine.sizes import loss_chunk_size, steps_per_epoch
 from mmcl.engine.task import TrainingTask
-from mmcl.models import build_model, build_tokenizer
+from mmcl.models import build_tokenizer
+from mmcl.pretrained import build_model
 from mmcl.objectives import uses_feature_cache
 
 

@@ -19,9 +19,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mmcl.distributed import note_joined, run_command
-from mmcl.evaluation.prompts import builtin_prompt_sets, load_builtin, read_list_file
-from mmcl.zeroshot_options import add_zeroshot_options
+from mmcl.distributed import run_command
+from mmcl.evaluation.prompts import builtin_prompt_sets
+from mmcl.evaluation.options import add_zeroshot_options
+from mmcl.evaluation.running import setup_distributed, skipped_counts, zeroshot_metrics
 
 BUILTIN_HELP = (
     "Built-in prompt sets (mmcl/evaluation/prompts/*.json): " + ", ".join(builtin_prompt_sets()) +
@@ -81,25 +82,6 @@ def _fields_of(template: str) -> list[tuple]:
         return [item for item in string.Formatter().parse(template) if item[1] is not None]
     except ValueError:
         return [("", None, "", None)]
-
-
-def _setup_distributed(device_arg: str | None) -> torch.device:
-    """Join the torchrun process group if there is one; pick this rank's device."""
-    import torch.distributed as dist
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg is None:
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank if world_size > 1 else 0)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        note_joined()
-    return device
 
 
 def _model(args: argparse.Namespace, device: torch.device):
@@ -166,70 +148,7 @@ def _main(run: Callable[[list[str] | None], Any], argv: list[str] | None) -> int
     return 0
 
 
-def _resolve_list(value: str | None, what: str) -> Any:
-    """A built-in set's classnames/templates, or a user file's; None when not given."""
-    if value is None:
-        return None
-    if Path(value).exists():
-        return read_list_file(value, what)
-    if value in builtin_prompt_sets():
-        classnames, templates = load_builtin(value)
-        return classnames if what == "classnames" else templates
-    raise FileNotFoundError(f"--{what} '{value}' is neither a file nor a built-in set ({', '.join(builtin_prompt_sets())}).")
-
-
-def _skipped(*loaders) -> dict:
-    """Undecodable samples by reason, summed over loaders and ranks."""
-    total: dict[str, int] = {}
-    for loader in loaders:
-        for reason, count in loader.skipped.items():
-            total[reason] = total.get(reason, 0) + count
-    return _sum_over_ranks(total)
-
-
-def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
-    """Sum skip counters over ranks (all_gather_object: a handful of small dicts)."""
-    import torch.distributed as dist
-
-    from mmcl.distributed import get_world_size
-
-    if get_world_size() == 1:
-        return counts
-    parts: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(parts, counts)
-    total: dict[str, int] = {}
-    for part in parts:
-        for reason, count in part.items():
-            total[reason] = total.get(reason, 0) + count
-    return total
-
-
 # ----------------------------------------------------------------------------- commands
-
-
-def zeroshot_metrics(args: argparse.Namespace, model, device: torch.device, data: str,
-                     confusion: bool = False) -> tuple[dict, dict]:
-    """(metrics, extra) of zero-shot classification of `model` (an EvalModel) on `data`, with the
-    class names and templates `args` selects (add_zeroshot_options), else those beside the data."""
-    from mmcl.evaluation.data import build_eval_loader
-    from mmcl.evaluation.features import extract_features
-    from mmcl.evaluation.zeroshot import build_zeroshot_classifier, evaluate_zeroshot
-
-    loader = build_eval_loader(data, model.transform, args.batch_size, args.workers, args.split)
-    classnames, templates = (load_builtin(args.prompts) if args.prompts else (None, None))
-    classnames = _resolve_list(args.classnames, "classnames") or classnames or loader.classnames
-    templates = _resolve_list(args.templates, "templates") or templates or loader.templates
-    if classnames is None:
-        raise ValueError("no class names: pass --classnames FILE or a built-in set with --prompts, or put classnames.txt beside the shards.")
-    if templates is None:
-        templates = ["a photo of a {c}."]
-        print("no templates given; using 'a photo of a {c}.'", file=sys.stderr)
-    classifier = build_zeroshot_classifier(model.encode_text, classnames, templates, args.text_batch_size)
-    images = extract_features(loader, model.encode_image, device=device, desc="images")
-    if "label" not in images:
-        raise ValueError(f"{data} has no class labels (.cls / label column); zero-shot classification needs them.")
-    metrics = evaluate_zeroshot(images["features"], images["label"], classifier, confusion)
-    return metrics, {"num_samples": int(images["features"].shape[0]), "skipped": _skipped(loader)}
 
 
 def run_zeroshot(argv: list[str] | None = None) -> dict:
@@ -239,7 +158,7 @@ def run_zeroshot(argv: list[str] | None = None) -> dict:
     parser.add_argument("--confusion", action="store_true", help="add the confusion matrix to the JSON metrics")
     args = parser.parse_args(argv)
 
-    device = _setup_distributed(args.device)
+    device = setup_distributed(args.device)
     model = _model(args, device)
     metrics, extra = zeroshot_metrics(args, model, device, args.data, args.confusion)
     dataset = args.dataset_name or args.prompts or _dataset_name(args, args.data)
@@ -256,7 +175,7 @@ def run_retrieval(argv: list[str] | None = None) -> dict:
     from mmcl.evaluation.data import build_eval_loader
     from mmcl.evaluation.retrieval import encode_retrieval_data, retrieval_metrics
 
-    device = _setup_distributed(args.device)
+    device = setup_distributed(args.device)
     model = _model(args, device)
     loader = build_eval_loader(args.data, model.transform, args.batch_size, args.workers, args.split)
     data = encode_retrieval_data(loader, model.encode_image, model.encode_text, device)
@@ -265,7 +184,7 @@ def run_retrieval(argv: list[str] | None = None) -> dict:
         query_chunk=args.chunk_size, item_chunk=max(args.chunk_size, 16384),
     )
     extra = {"num_samples": int(data["image_features"].shape[0]), "num_captions": int(data["text_features"].shape[0]),
-             "skipped": _skipped(loader)}
+             "skipped": skipped_counts(loader)}
     return _report(args, "zeroshot_retrieval", _dataset_name(args, args.data), model, metrics, extra)
 
 
@@ -292,7 +211,7 @@ def _train_test_run(args: argparse.Namespace) -> tuple[Any, torch.device, dict[s
     """The setup kNN and the linear probe share: this rank's device, the model, and the image
     features {"features" [N, D], "label" [N]} of each labelled split ("train", "test", and "val"
     when --val-data is given), with the skipped samples summed over splits and ranks."""
-    device = _setup_distributed(args.device)
+    device = setup_distributed(args.device)
     model = _model(args, device)
     sources = {"train": args.train_data, "test": args.test_data}
     if getattr(args, "val_data", None):
@@ -301,7 +220,7 @@ def _train_test_run(args: argparse.Namespace) -> tuple[Any, torch.device, dict[s
     for split, source in sources.items():
         splits[split], loader = _labelled_features(args, model, device, source, f"{split} images")
         loaders.append(loader)
-    return model, device, splits, _skipped(*loaders)
+    return model, device, splits, skipped_counts(*loaders)
 
 
 def _train_test_extra(splits: dict[str, dict], skipped: dict[str, int], **settings: Any) -> dict:

@@ -172,7 +172,7 @@ def _architecture_only(config) -> None:
     sides = [config.model.image] + ([config.model.text] if config.model.text is not None else [])
     for tower in sides:
         if tower.name_or_path is None or tower.name_or_path == config.model.init_from:
-            continue  # init_from's towers are rebuilt from it by build_model (a model dir has no config.json)
+            continue  # init_from's towers are rebuilt from it by mmcl.pretrained.build_model (a model dir has no config.json)
         try:
             inline = AutoConfig.from_pretrained(tower.name_or_path).to_diff_dict()
         except (OSError, ValueError) as error:
@@ -211,7 +211,8 @@ def load_model(source: Source):
     import torch
     from safetensors.torch import load_file
 
-    from mmcl.models import build_model, build_tokenizer
+    from mmcl.models import build_tokenizer
+    from mmcl.pretrained import build_model
 
     if source.model_dir is not None:
         folder = source.model_dir

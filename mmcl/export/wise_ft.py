@@ -64,8 +64,9 @@ def load_input(path: str | Path, flag: str) -> Loaded:
     folder = Path(path).expanduser()
     try:
         if (folder / INFO_FILE).is_file():  # an export: rebuilt exactly through model.init_from
-            from mmcl.evaluation.loading import _self_contained
-            from mmcl.models import build_model, build_tokenizer
+            from mmcl.model_dir import _self_contained
+            from mmcl.models import build_tokenizer
+            from mmcl.pretrained import build_model
 
             dual = "text" in json.loads((folder / INFO_FILE).read_text())
             raw = {"model": {"init_from": str(folder), **({} if dual else {"text": None})},
@@ -209,9 +210,9 @@ def _name(data: str) -> str:
 
 def evaluate(model, loaded: Loaded, args: argparse.Namespace, alpha: float) -> dict[str, Any]:
     """Top-1 of the mixed model on every dataset: {"target": acc, "held_out": mean acc, "per_dataset": {...}}."""
-    from mmcl.evaluation.cli import _setup_distributed, zeroshot_metrics
+    from mmcl.evaluation.running import setup_distributed, zeroshot_metrics
 
-    device = _setup_distributed(args.device)
+    device = setup_distributed(args.device)
     evaluated = eval_model(model, loaded.config, loaded.tokenizer, alpha_name(alpha), device)
     per_dataset = {}
     for data in args.data:

@@ -150,15 +150,11 @@ class DualEncoder(nn.Module):
 
 
 def build_model(cfg: ModelConfig, image_size: int | None = None) -> DualEncoder:
-    """`DualEncoder.from_config(cfg, image_size)`; with `cfg.init_from`, its towers, heads and logit scale from there."""
-    if cfg.init_from is None:
-        return DualEncoder.from_config(cfg, image_size)
-    from mmcl.models.init_from import load_init_from, read_source, resolve_init_towers
-
-    source = read_source(cfg.init_from)  # None for a CLIPModel: its towers load by name_or_path
-    model = DualEncoder.from_config(cfg if source is None else resolve_init_towers(cfg, source), image_size)
-    load_init_from(model, cfg, source, image_size)
-    return model
+    """`DualEncoder.from_config(cfg, image_size)`. A config with `init_from` is built by
+    `mmcl.pretrained.build_model`, which reads the source (exports sit above the models)."""
+    if cfg.init_from is not None:
+        raise ValueError("a model config with 'init_from' is built by mmcl.pretrained.build_model, which loads the source.")
+    return DualEncoder.from_config(cfg, image_size)
 
 
 def _build_side(tower_cfg: TowerConfig, kind: str, cfg: ModelConfig,

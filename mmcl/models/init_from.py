@@ -4,13 +4,14 @@ CLIPModel sources:
 
 `model.init_from: DIR` (a CLIPModel folder such as `mmcl convert openclip` writes, or a Hub id)
 makes the config loader fill in both towers from DIR (`name_or_path`), the embedding width,
-the context length and the image normalisation; `build_model` then calls
+the context length and the image normalisation; `mmcl.pretrained.build_model` then calls
 `load_clip_heads` to copy CLIPModel's `visual_projection` / `text_projection` into mmcl's
 linear heads and its `logit_scale` (a log, like mmcl's), so step 0 computes CLIPModel's (and
 the converted OpenCLIP model's) embeddings and logits.
 
-Every other source (SiglipModel, VisionTextDualEncoderModel, an mmcl export or model directory):
-`resolve_init_towers` turns each tower whose `name_or_path` is the source into the source's own
+Every other source (SiglipModel, VisionTextDualEncoderModel, an mmcl export or model directory) is
+read by `mmcl.pretrained.read_source` (it reads exports, which sit above the models) into an
+`InitSource`; `resolve_init_towers` turns each tower whose `name_or_path` is the source into the source's own
 inline tower config, and `load_init_from` copies the source's tower weights, the heads of those
 sides and the logit scale (and bias) into the built model, read from its safetensors by name.
 """
@@ -101,60 +102,6 @@ def _inline(config) -> dict[str, Any]:
 
 def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{name}": tensor.detach().float() for name, tensor in module.state_dict().items()}
-
-
-def read_source(init_from: str) -> InitSource | None:
-    """The source of `model.init_from` (None for a CLIPModel, whose towers load by name_or_path).
-
-    Towers are loaded with transformers' own classes, so its checkpoint key conversions apply."""
-    from mmcl.models.init_source import HEADS_FILE, MODEL_DIR_WEIGHTS, source_kind
-
-    kind, described = source_kind(init_from)
-    if kind in (None, "clip"):
-        return None
-    folder = Path(init_from).expanduser()
-    try:
-        if kind == "export" and not folder.is_dir():  # a Hub repo: its files, through the cache
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(init_from))
-        if kind == "model_dir":
-            from safetensors.torch import load_file
-
-            model = described.get("model") or {}
-            configs = {side: dict(model[side]["config"]) for side in ("image", "text") if isinstance(model.get(side), dict)}
-            return InitSource(init_from, configs, {k: v.float() for k, v in load_file(str(folder / MODEL_DIR_WEIGHTS)).items()})
-        if kind == "export":
-            from safetensors.torch import load_file
-
-            from mmcl.export.hf_loader import load_exported
-
-            exported = load_exported(folder)
-            towers = {"image": exported.image_tower, "text": exported.text_tower}
-            config = exported.model.config
-            configs = {"image": config} if exported.text_tower is None else {"image": config.vision_config, "text": config.text_config}
-            state = {k: v.float() for k, v in load_file(str(folder / HEADS_FILE)).items()}
-        else:
-            import transformers
-
-            from mmcl.models.towers import _DTYPE_KWARG
-
-            cls = transformers.SiglipModel if kind == "siglip" else transformers.VisionTextDualEncoderModel
-            loaded = cls.from_pretrained(init_from, **{_DTYPE_KWARG: torch.float32})
-            towers = {"image": loaded.vision_model, "text": loaded.text_model}
-            configs = {"image": loaded.config.vision_config, "text": loaded.config.text_config}
-            state = {name: loaded.state_dict()[name].float() for name in ("logit_scale", "logit_bias") if name in loaded.state_dict()}
-            if kind == "vtde":
-                state.update({"image_projection.weight": loaded.visual_projection.weight.detach().float(),
-                              "text_projection.weight": loaded.text_projection.weight.detach().float()})
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
-        raise ValueError(f"'model.init_from' = '{init_from}' could not be loaded ({reason}); save it again with "
-                         "save_pretrained (or `mmcl export`).") from error
-    for side, tower in towers.items():
-        if tower is not None:
-            state.update(_prefixed(f"{side}_tower", tower))
-    return InitSource(init_from, {side: _inline(config) for side, config in configs.items()}, state)
 
 
 def _from_source(cfg) -> list[str]:

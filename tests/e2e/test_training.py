@@ -103,7 +103,7 @@ def test_consolidated_fp32_state_dict_loads_back(reference_runs, stage):
 
     from mmcl.config import load_config
     from mmcl.engine.checkpoint import consolidated_state_dict
-    from mmcl.models import build_model
+    from mmcl.pretrained import build_model
 
     _, out, _ = reference_runs[stage]
     state = consolidated_state_dict(out / "checkpoints" / f"step_{STEPS[stage]:08d}")

@@ -11,7 +11,8 @@ import yaml
 from export_helpers import ENCODER, IMAGE, TEXT, build, run_config, write_run
 
 from mmcl.config import ConfigError, from_dict
-from mmcl.models import build_model, build_tokenizer, tokenize
+from mmcl.models import build_tokenizer, tokenize
+from mmcl.pretrained import build_model
 
 TOLERANCE = 1e-5
 CAPTIONS = ["a photo of the digit seven", "handwritten three", "number zero written by hand"]

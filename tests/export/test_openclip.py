@@ -150,7 +150,8 @@ def test_converted_tokenizer_gives_openclip_ids_with_eot_last_when_truncated(con
 
 def test_run_started_with_init_from_has_openclip_embeddings_and_logit_scale_at_step_0(openclip_checkpoints, converted, tmp_path):
     from mmcl.config import load_config
-    from mmcl.models import build_model, build_tokenizer, tokenize
+    from mmcl.models import build_tokenizer, tokenize
+    from mmcl.pretrained import build_model
 
     path = write_config(tmp_path / "run.yaml", {"model": {"init_from": str(converted["tiny-ViT-quickgelu"])},
                                                 "output_dir": str(tmp_path / "out")})
