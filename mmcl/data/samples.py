@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from .class_prompts import ClassPrompts
 from .decode import IMAGE_EXTENSIONS, BadSample, decode_caption, decode_image
 from .transforms import normalize_uint8
 
@@ -45,6 +46,7 @@ SKIP_REASONS = (
     "transform_error",
     "unreadable_shard",
     "truncated_shard",
+    "missing_label",
 )
 
 
@@ -59,6 +61,8 @@ class SampleSpec:
     teacher_transform: uint8 [3,H,W] -> [3,S_t,S_t] for `teacher_pixel_values` (a distillation
         teacher's own size), applied to the same decoded image with the RNGs re-seeded to the
         sample's seed, so a random crop of the same class and scale picks the student's box.
+    class_prompts: captions from the `.cls` labels (FLYP) instead of `caption_key`; a sample
+        without a label is skipped (missing_label).
     """
 
     image_transform: Callable[[Tensor], Tensor] | None
@@ -67,6 +71,7 @@ class SampleSpec:
     max_pixels: int = 89_478_485
     all_captions: bool = False
     teacher_transform: Callable[[Tensor], Tensor] | None = None
+    class_prompts: ClassPrompts | None = None
 
 
 @dataclass
@@ -140,8 +145,9 @@ def _pil_to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng: bool) -> Sample:
-    """Raw sample -> Sample, or raise `BadSample(reason)`. `seed` drives caption choice and augmentation."""
+def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng: bool, epoch: int = 0) -> Sample:
+    """Raw sample -> Sample, or raise `BadSample(reason)`. `seed` drives caption choice and augmentation;
+    `epoch` the choice of a class prompt (with `spec.class_prompts`)."""
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_ext is None:
         raise BadSample("missing_image")
@@ -158,6 +164,10 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
             label = int(raw["cls"].decode("utf-8").strip())
         except (UnicodeDecodeError, ValueError) as error:
             raise BadSample("bad_label", str(error)) from error
+    if spec.class_prompts is not None:
+        if label is None:
+            raise BadSample("missing_label")
+        caption = spec.class_prompts.caption(label, str(raw["__key__"]), epoch)
     try:
         image = decode_image_tensor(raw[image_ext], spec.max_pixels, _reduction_fn(_transforms(spec)))
     except BadSample:

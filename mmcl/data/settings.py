@@ -26,6 +26,10 @@ class DataConfig:
     train_crop_scale: list[float] = bounded([0.9, 1.0], 0, 1, low_open=True)  # RandomResizedCrop scale range
     max_pixels: int = count(89_478_485)  # images above this are skipped (decompression bombs)
     val_shards: str | None = None  # held-out image-caption shards (retrieval)
+    # FLYP: caption each labelled (.cls) training image with a prompt of its class, made from
+    # eval.classnames and eval.templates (one template drawn per sample and epoch), instead of
+    # its .txt; same-class pairs of the global batch are then no negatives in the clip loss.
+    captions_from_labels: bool = False
 
     def validate(self, key: str, source: str) -> None:
         if self.resampled and self.samples_per_epoch is None and self.train_shards is not None:
