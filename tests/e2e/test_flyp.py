@@ -1,8 +1,8 @@
 """FLYP end to end: 2 CPU ranks under the deepspeed launcher (ZeRO-2) fine-tune on the labelled
 digits with class-prompt captions (data.captions_from_labels), evaluate zero-shot, and resume.
 
-One reference launch (6 steps, a checkpoint at step 3) and one launch resumed from that
-checkpoint. The labels travel with the batch and are all-gathered: every step's logged count
+One reference launch (6 steps of 2 feature-cached micro-batches, a checkpoint at step 3) and
+one launch resumed from that checkpoint. The labels travel with the batch and are all-gathered: every step's logged count
 of left-out same-class pairs equals the one computed here from the step's sample keys (both
 ranks') and the shards' .cls files. The class prompts are drawn per (seed, epoch, key), so the
 resumed run logs the reference's losses and ends with its zero-shot accuracy.
@@ -20,7 +20,9 @@ STEPS, RESUME_AT = 6, 3
 
 
 def flyp_config(digits, output_dir):
-    config = tiny_run_config(digits, output_dir, steps=STEPS, checkpoint_every=RESUME_AT)
+    # 2 micro-batches of 8 per step: the labels also travel through feature-cache accumulation.
+    config = tiny_run_config(digits, output_dir, steps=STEPS, checkpoint_every=RESUME_AT, micro_batch_size=8,
+                             grad_accum_steps=2)
     config["data"]["captions_from_labels"] = True
     config["eval"] = {"zeroshot_shards": str(digits / "classification" / "00000.tar"),
                       "classnames": str(digits / "classification" / "classnames.txt"),
@@ -67,7 +69,7 @@ def test_flyp_leaves_out_exactly_the_same_class_pairs_of_the_global_batch(flyp_r
     logged = {r["step"]: r["clip/same_label_pairs"] for r in records(run_dir) if "clip/same_label_pairs" in r}
     assert sorted(logged) == list(range(1, STEPS + 1)) == sorted(keys)
     for step, step_keys in keys.items():
-        assert len(step_keys) == 32  # 2 ranks x 16
+        assert len(step_keys) == 32  # 2 ranks x 2 micro-batches x 8
         expected = sum(n * (n - 1) for n in Counter(labels[k] for k in step_keys).values())
         assert expected > 0 and logged[step] == expected, (step, logged[step], expected)
 
