@@ -74,7 +74,7 @@ def _add_wise_ft(commands) -> None:
         description="Write (1 - alpha) * zero-shot + alpha * fine-tuned weights as an exact export per --alpha "
                     "(OUT/alpha_<alpha>/). With --eval, classify every --data zero-shot with each mix, print the "
                     "sweep, and write OUT/mmcl_wise_ft.json and OUT/wise_ft.png (target vs held-out top-1).")
-    wise.add_argument("--zero-shot", required=True, metavar="DIR", help="the model before fine-tuning: mmcl model dir, run dir or export")
+    wise.add_argument("--zero-shot", required=True, metavar="DIR", help="the model before fine-tuning: mmcl model dir, run dir or export, or the transformers CLIP/SigLIP/dual-encoder folder or hub id the fine-tune started from")
     wise.add_argument("--fine-tuned", required=True, metavar="DIR", help="the fine-tuned model, of the same architecture")
     wise.add_argument("--alpha", type=float, action="append", required=True, metavar="A",
                       help="mixing weight of the fine-tuned model, 0..1 (repeatable; 0 = zero-shot, 1 = fine-tuned)")

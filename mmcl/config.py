@@ -212,8 +212,23 @@ def _check_run(config: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: objective '{name}' needs a text tower ('model.text').")
     for objective in OBJECTIVES.values():
         objective.check(config, source)
+    _check_captions_from_labels(config, source)
     if not uses_text(config):
         _check_image_only(config, source)
+
+
+def _check_captions_from_labels(config: RunConfig, source: str) -> None:
+    """FLYP (`data.captions_from_labels`) captions images with class prompts for the clip objective."""
+    if not config.data.captions_from_labels:
+        return
+    if config.eval.classnames is None:
+        raise ConfigError(f"{source}: 'data.captions_from_labels' makes captions from the class names; set "
+                          "'eval.classnames' (label i is the i-th name) and 'eval.templates'.")
+    others = [name for name in config.objectives if OBJECTIVES[name].image_text and name != "clip"]
+    if "clip" not in config.objectives or others:
+        raise ConfigError(f"{source}: 'data.captions_from_labels' trains with the clip objective, which leaves "
+                          f"same-class pairs out of the negatives; use objectives: {{clip: 1.0}}"
+                          + (f" instead of {', '.join(others)}." if others else "."))
 
 
 def _check_image_only(config: RunConfig, source: str) -> None:

@@ -39,7 +39,7 @@ missing shards) tops up with repeated samples of the epoch (`repeated_samples()`
 last batch may be partial; ranks may then see different numbers of batches.
 
 Skips (`samples.SKIP_REASONS`): missing_image, missing_caption, empty_caption,
-bad_caption_encoding, bad_caption, caption_too_large, bad_label, metadata_too_large,
+bad_caption_encoding, bad_caption, caption_too_large, bad_label, missing_label, metadata_too_large,
 corrupt_image, image_too_large, transform_error (per sample) and unreadable_shard,
 truncated_shard (per shard event). Nothing is raised for bad data; an epoch without a single
 usable sample raises `NoDataError` naming the counts.
@@ -56,6 +56,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..distributed import get_rank, get_world_size
+from .class_prompts import ClassPrompts
 from .decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_TEXT_BYTES
 from .elastic import EpochPlan, Segment
 from .pipeline import StreamConfig, WorkerState, worker_batches
@@ -373,6 +374,7 @@ def build_train_loader(
     caption_key: str = "txt",
     pin_memory: bool = False,
     teacher: Any | None = None,
+    class_prompts: ClassPrompts | None = None,
 ) -> ShardLoader:
     """The training loader for `data_cfg` (a `mmcl.config.DataConfig`).
 
@@ -388,6 +390,8 @@ def build_train_loader(
     teacher: a `TeacherData` (a distillation teacher's transform, tokenizer, context length,
         mean and std): batches then also hold teacher_pixel_values, teacher_input_ids and
         teacher_attention_mask from the same decoded image and caption.
+    class_prompts: captions made from the `.cls` labels (FLYP, `data.captions_from_labels`)
+        instead of the `caption_key` files; needs a tokenizer.
     """
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
@@ -423,11 +427,12 @@ def build_train_loader(
         sample=SampleSpec(
             image_transform=image_transform,
             view_transforms=list(view_transforms) if view_transforms else None,
-            caption_key=caption_key if tokenizer is not None else None,
+            caption_key=caption_key if tokenizer is not None and class_prompts is None else None,
             max_pixels=int(data_cfg.max_pixels),
             teacher_transform=teacher.transform if teacher is not None else None,
             max_text_bytes=int(data_cfg.max_text_bytes),
             max_image_bytes=int(data_cfg.max_image_bytes),
+            class_prompts=class_prompts if tokenizer is not None else None,
         ),
         tokenize=CaptionTokenizer(tokenizer, context_length) if tokenizer is not None else None,
         mean=_mean_std(data_cfg.image_mean, image_mean, CLIP_MEAN),

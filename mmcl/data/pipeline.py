@@ -233,7 +233,7 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
         if last_good_draw is None:
             last_good_draw = draw
         try:
-            sample = decode_sample(materialize(item), cfg.sample, seed, restore_rng)
+            sample = decode_sample(materialize(item), cfg.sample, seed, restore_rng, epoch)
         except BadSample as error:
             if not fill:
                 context.add(error.reason)

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from .class_prompts import ClassPrompts
 from .decode import (
     BLOCK_PIXELS,
     DEFAULT_MAX_IMAGE_BYTES,
@@ -62,6 +63,7 @@ SKIP_REASONS = (
     "transform_error",
     "unreadable_shard",
     "truncated_shard",
+    "missing_label",
 )
 
 
@@ -78,6 +80,8 @@ class SampleSpec:
         sample's seed, so a random crop of the same class and scale picks the student's box.
     max_text_bytes / max_image_bytes: caption and `.cls` members / image members above these
         are not read (the sample is skipped as caption_, metadata_ or image_too_large).
+    class_prompts: captions from the `.cls` labels (FLYP) instead of `caption_key`; a sample
+        without a label is skipped (missing_label).
     """
 
     image_transform: Callable[[Tensor], Tensor] | None
@@ -86,6 +90,7 @@ class SampleSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     all_captions: bool = False
     teacher_transform: Callable[[Tensor], Tensor] | None = None
+    class_prompts: ClassPrompts | None = None
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
@@ -182,8 +187,9 @@ def _rgb_tensor(image: Image.Image) -> Tensor:
         raise BadSample("corrupt_image", f"{type(error).__name__}: {error}") from error
 
 
-def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng: bool) -> Sample:
-    """Raw sample -> Sample, or raise `BadSample(reason)`. `seed` drives caption choice and augmentation.
+def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng: bool, epoch: int = 0) -> Sample:
+    """Raw sample -> Sample, or raise `BadSample(reason)`. `seed` drives caption choice and augmentation;
+    `epoch` the choice of a class prompt (with `spec.class_prompts`).
 
     Whatever the bytes hold, only `BadSample` comes out: each step turns any other exception
     into its own reason (bad_caption, bad_label, corrupt_image, transform_error).
@@ -201,6 +207,10 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
     label = None
     if "cls" in raw:
         label = decode_label(member_bytes(raw["cls"], "cls", spec.caption_key))
+    if spec.class_prompts is not None:
+        if label is None:
+            raise BadSample("missing_label")
+        caption = spec.class_prompts.caption(label, str(raw["__key__"]), epoch)
     image_bytes = member_bytes(raw[image_ext], image_ext, spec.caption_key)
     image = _stage("corrupt_image", decode_image_tensor, image_bytes, spec.max_pixels,
                    _reduction_fn(_transforms(spec)))

@@ -28,6 +28,10 @@ class DataConfig:
     max_text_bytes: int = count(65_536)  # caption and .cls members above this many bytes are skipped unread
     max_image_bytes: int = count(268_435_456)  # image members above this many bytes are skipped unread (256 MiB)
     val_shards: str | None = None  # held-out image-caption shards (retrieval)
+    # FLYP: caption each labelled (.cls) training image with a prompt of its class, made from
+    # eval.classnames and eval.templates (one template drawn per sample and epoch), instead of
+    # its .txt; same-class pairs of the global batch are then no negatives in the clip loss.
+    captions_from_labels: bool = False
 
     def validate(self, key: str, source: str) -> None:
         if self.resampled and self.samples_per_epoch is None and self.train_shards is not None:

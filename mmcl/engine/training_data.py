@@ -5,6 +5,7 @@ import os
 from typing import Any, Iterator
 
 from mmcl.config import RunConfig
+from mmcl.data.class_prompts import ClassPrompts
 from mmcl.data.loader import ShardLoader, TeacherData, build_train_loader
 from mmcl.data.shards import expand_shards, is_local, lookup_shard_sizes, refuse_pipes
 from mmcl.data.transforms import ssl_view_pair
@@ -69,7 +70,24 @@ def build(cfg: RunConfig, tokenizer, rank: int, world_size: int, teacher=None) -
     return build_train_loader(cfg.data, tokenizer if "text" in needs else None, context_length,
                               batch_size=cfg.train.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
                               view_transforms=ssl_views(cfg) if "views" in needs else None,
-                              pixel_values="pixel_values" in needs, teacher=teacher_data)
+                              pixel_values="pixel_values" in needs, teacher=teacher_data,
+                              class_prompts=class_prompts(cfg) if cfg.data.captions_from_labels else None)
+
+
+def class_prompts(cfg: RunConfig) -> ClassPrompts:
+    """FLYP's captions (`data.captions_from_labels`): eval.templates filled with each of
+    eval.classnames (class i = the i-th name), or the bare names without templates, as the
+    zero-shot evaluation makes them."""
+    from mmcl.evaluation.prompts import expand_prompts
+    from mmcl.evaluation.settings import entries
+
+    try:
+        classnames = entries(cfg.eval.classnames, "classnames")
+        templates = entries(cfg.eval.templates, "templates") or ["{}"]
+        texts, class_ids = expand_prompts(classnames, templates)
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"data.captions_from_labels cannot make the class prompts: {error}") from None
+    return ClassPrompts.from_lists(texts, class_ids, cfg.seed)
 
 
 def ssl_views(cfg: RunConfig):

@@ -56,19 +56,22 @@ def check_alphas(alphas: Sequence[float]) -> list[float]:
 
 
 def load_input(path: str | Path, flag: str) -> Loaded:
-    """A model directory / run directory (its model/ or latest checkpoint) or an `mmcl export` folder."""
+    """A model directory / run directory (its model/ or latest checkpoint), an `mmcl export` folder, or
+    a `transformers` CLIPModel / SiglipModel / VisionTextDualEncoderModel folder or hub id (the model
+    a fine-tune started from with `model.init_from`)."""
     from mmcl.config import ConfigError, from_dict
-    from mmcl.export.hf_loader import INFO_FILE
     from mmcl.export.source import load_model, locate
+    from mmcl.models.init_source import source_kind
 
     folder = Path(path).expanduser()
     try:
-        if (folder / INFO_FILE).is_file():  # an export: rebuilt exactly through model.init_from
+        kind, described = source_kind(str(path))
+        if kind in ("export", "clip", "siglip", "vtde"):  # rebuilt exactly through model.init_from
             from mmcl.model_dir import _self_contained
             from mmcl.models import build_tokenizer
             from mmcl.pretrained import build_model
 
-            dual = "text" in json.loads((folder / INFO_FILE).read_text())
+            dual = kind != "export" or "text" in described
             raw = {"model": {"init_from": str(folder), **({} if dual else {"text": None})},
                    "objectives": {"clip": 1.0} if dual else {"simclr": 1.0}}
             config = from_dict(raw, source=f"{flag} {path}")

@@ -20,6 +20,11 @@ gradients + O(B + N) for the per-row statistics. Compute, in units of one B*N*D
 matmul: on one process 1 forward + 3 backward (OpenCLIP's dense loss: 2 + 4); across
 ranks each direction is its own [B, N] matrix, 2 + 6 (dense local loss: 2 + 4).
 
+Class labels (FLYP): with query and key labels, the same-label pairs of each chunk other than
+the positives are filled with the dtype's lowest value before the statistics see them: they
+add exactly 0 to every softmax sum and gradient, like the dense loss's -inf (a finite value,
+so a chunk whose row is entirely masked gives no inf - inf).
+
 Values and gradients equal the dense loss up to floating-point rounding; the statistics
 accumulate in float32 (float64 for float64 inputs) while the chunk matmuls run in the
 inputs' dtype. Autocast is switched off inside, so forward and the backward's recomputed
@@ -185,6 +190,27 @@ def _frobenius(a: Tensor, b: Tensor, rows: int = 4096) -> Tensor:
     return total.to(b.dtype)
 
 
+def _mask_same_labels(logits: Tensor, query_labels: Tensor | None, key_labels: Tensor | None,
+                      i0: int, i1: int, j0: int, j1: int, diagonal: int) -> Tensor:
+    """Fill the chunk's same-label pairs (labels >= 0), except its positives on `diagonal`,
+    with the lowest finite value of its dtype (in place); no labels: the chunk unchanged."""
+    if query_labels is None:
+        return logits
+    rows = query_labels[i0:i1, None]
+    same = (rows == key_labels[None, j0:j1]) & (rows >= 0)
+    same.diagonal(diagonal).fill_(False)
+    return logits.masked_fill_(same, torch.finfo(logits.dtype).min)
+
+
+def _check_labels(queries: Tensor, keys: Tensor, query_labels: Tensor | None, key_labels: Tensor | None) -> None:
+    if (query_labels is None) != (key_labels is None):
+        raise ValueError("give both query_labels and key_labels, or neither.")
+    if query_labels is not None and (tuple(query_labels.shape) != (queries.shape[0],) or tuple(key_labels.shape) != (keys.shape[0],)):
+        raise ValueError(
+            f"labels must be [B] and [N] like the queries and keys, got {tuple(query_labels.shape)} and {tuple(key_labels.shape)}."
+        )
+
+
 def _check_chunked_args(queries: Tensor, keys: Tensor, label_offset: int, chunk: int, columns: bool) -> None:
     if queries.ndim != 2 or keys.ndim != 2 or queries.shape[1] != keys.shape[1]:
         raise ValueError(f"queries and keys must be [B, D] and [N, D], got {tuple(queries.shape)} and {tuple(keys.shape)}.")
@@ -201,15 +227,18 @@ def _check_chunked_args(queries: Tensor, keys: Tensor, label_offset: int, chunk:
 class _ChunkedInfoNCE(torch.autograd.Function):
     """Summed cross-entropy of queries over keys (and optionally of keys over queries), chunked.
 
-    forward(queries [B, D], keys [N, D], logit_scale scalar, label_offset, chunk, columns)
+    forward(queries [B, D], keys [N, D], logit_scale scalar, label_offset, chunk, columns,
+    query_labels [B] | None, key_labels [N] | None)
     -> (row loss sum, column loss sum, row top-1 hits, column top-1 hits).
     logits = logit_scale * queries @ keys.T; query i's positive is key label_offset + i.
     Rows: sum_i CE(logits[i], label_offset + i). Columns (only with columns=True, which
-    needs N == B and offset 0): sum_j CE(logits[:, j], j); otherwise 0.
+    needs N == B and offset 0): sum_j CE(logits[:, j], j); otherwise 0. With labels, the
+    same-label pairs other than the positives are left out (`_mask_same_labels`).
     """
 
     @staticmethod
-    def forward(ctx, queries: Tensor, keys: Tensor, logit_scale: Tensor, label_offset: int, chunk: int, columns: bool):
+    def forward(ctx, queries: Tensor, keys: Tensor, logit_scale: Tensor, label_offset: int, chunk: int, columns: bool,
+                query_labels: Tensor | None = None, key_labels: Tensor | None = None):
         with _no_autocast(queries.device):
             stat = _stat_dtype(queries.dtype)
             rows, n, device = queries.shape[0], keys.shape[0], queries.device
@@ -222,6 +251,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
                 for j0, j1 in _ranges(n, chunk):
                     logits = _scores(q, keys[j0:j1], scratch(0, i1 - i0, j1 - j0))
                     diagonal = label_offset + i0 - j0  # the chunk's positives: (r, r + diagonal)
+                    _mask_same_labels(logits, query_labels, key_labels, i0, i1, j0, j1, diagonal)
                     # The positives are read off the chunks, not recomputed as row dot
                     # products: with the very logits inside the log-sum-exp, each row's
                     # loss lse - positive is >= 0 and as accurate as the dense loss's.
@@ -240,6 +270,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
                 col_loss, col_hits = row_loss.new_zeros(()), row_hits.new_zeros(())
         ctx.save_for_backward(queries, keys, logit_scale, row_stats.max, row_stats.sum, col_stats.max, col_stats.sum)
         ctx.label_offset, ctx.chunk, ctx.columns = label_offset, chunk, columns
+        ctx.query_labels, ctx.key_labels = query_labels, key_labels
         ctx.mark_non_differentiable(row_hits, col_hits)
         return row_loss, col_loss, row_hits, col_hits
 
@@ -266,6 +297,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
                 for j0, j1 in _ranges(keys.shape[0], chunk):
                     k = keys[j0:j1]
                     logits = _scores(q_scaled, k, scratch(0, i1 - i0, j1 - j0))
+                    _mask_same_labels(logits, ctx.query_labels, ctx.key_labels, i0, i1, j0, j1, offset + i0 - j0)
                     dlogits = torch.sub(logits, row_max[i0:i1, None], out=scratch(1, i1 - i0, j1 - j0))
                     dlogits.exp_().mul_(row_factor[i0:i1, None])
                     if columns:
@@ -279,7 +311,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             grad_scale = _frobenius(queries, g_q).to(logit_scale.dtype) if ctx.needs_input_grad[2] else None
             grad_queries = g_q.mul_(scale).to(queries.dtype) if ctx.needs_input_grad[0] else None
             grad_keys = g_k.mul_(scale).to(keys.dtype) if ctx.needs_input_grad[1] else None
-        return grad_queries, grad_keys, grad_scale, None, None, None
+        return grad_queries, grad_keys, grad_scale, None, None, None, None, None
 
 
 class _ChunkedSigmoid(torch.autograd.Function):
@@ -372,18 +404,25 @@ def chunked_infonce(
     label_offset: int = 0,
     chunk: int = DEFAULT_CHUNK,
     columns: bool = False,
+    query_labels: Tensor | None = None,
+    key_labels: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Summed InfoNCE cross-entropy over [chunk, chunk] blocks of logit_scale * queries @ keys.T.
 
     queries: [B, D]; keys: [N, D]; query i's positive is key label_offset + i.
     columns=True (needs N == B, label_offset 0) also scores every key against the queries
     (the other direction of the symmetric loss) from the same chunks.
+    query_labels [B], key_labels [N]: optional class ids (< 0 = none); a query and a key of
+    the same class other than its positive are then no negative (left out, as in
+    `mmcl.losses.clip.same_label_mask`).
     Returns (row loss sum, column loss sum (0 without columns), row top-1 hits, column
     top-1 hits (0 without columns)); the sums are differentiable w.r.t. queries, keys and
     logit_scale, and equal the dense F.cross_entropy(..., reduction="sum").
     """
     _check_chunked_args(queries, keys, label_offset, chunk, columns)
-    return _ChunkedInfoNCE.apply(queries, keys, _as_scalar(logit_scale, queries), label_offset, chunk, columns)
+    _check_labels(queries, keys, query_labels, key_labels)
+    return _ChunkedInfoNCE.apply(queries, keys, _as_scalar(logit_scale, queries), label_offset, chunk, columns,
+                                 query_labels, key_labels)
 
 
 def chunked_sigmoid(

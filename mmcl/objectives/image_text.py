@@ -18,26 +18,43 @@ class ClipObjective(Objective):
 
     It has no parameters of its own (the logit scale/bias belong to the model), so it can be
     evaluated on cached features (`cacheable`: feature-cache gradient accumulation).
+    With `same_label_negatives` False (FLYP, `data.captions_from_labels`), the batch's class
+    `labels` travel with the features (`batch_outputs`, so feature caching keeps them too)
+    and pairs of one class are no negatives of each other.
     """
 
     name = "clip"
+    masks_labels = True  # FLYP can leave same-class pairs out of its negatives
 
-    def __init__(self, loss: nn.Module):
+    def __init__(self, loss: nn.Module, same_label_negatives: bool = True):
         super().__init__()
         self.loss = loss
+        self.same_label_negatives = same_label_negatives
 
     @classmethod
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
-        return cls(build_loss(cls.name, chunk_size=chunk_size))
+        flyp = cls.masks_labels and cfg is not None and cfg.data.captions_from_labels
+        return cls(build_loss(cls.name, chunk_size=chunk_size), same_label_negatives=not flyp)
+
+    def batch_outputs(self, batch: dict) -> dict[str, Tensor]:
+        if self.same_label_negatives:
+            return {}
+        if "labels" not in batch:
+            raise ValueError("data.captions_from_labels needs class labels in every batch; the shards have no .cls files.")
+        return {"labels": batch["labels"]}
 
     def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
-        return self.loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], outputs.get("logit_bias"))
+        features = (outputs["image_features"], outputs["text_features"], outputs["logit_scale"], outputs.get("logit_bias"))
+        if self.same_label_negatives:
+            return self.loss(*features)
+        return self.loss(*features, labels=outputs["labels"].long())  # combine() made them float
 
 
 class SigLipObjective(ClipObjective):
     """siglip: SigLIP's pairwise sigmoid loss over the global batch (needs model.logit_bias_init)."""
 
     name = "siglip"
+    masks_labels = False
 
 
 class ClipQueueObjective(Objective):

@@ -61,6 +61,37 @@ def test_wise_ft_at_alpha_0_and_1_reproduces_its_inputs_bit_for_bit_and_0_5_is_t
         assert torch.equal(half[key], (zero[key] + one[key]) / 2), key
 
 
+def test_wise_ft_takes_the_transformers_clip_model_a_fine_tune_started_from(pair, tmp_path):
+    """--zero-shot may be the plain CLIPModel folder (or hub id) that `model.init_from` named."""
+    import shutil
+
+    from mmcl.config import from_dict
+    from mmcl.model_dir import save_model_dir
+    from mmcl.models import build_tokenizer
+    from mmcl.pretrained import build_model
+
+    plain = tmp_path / "hub_clip"  # what a user downloads: the export less mmcl's own files
+    shutil.copytree(pair["zero_shot"]["export"], plain, ignore=shutil.ignore_patterns("mmcl_*"))
+    assert json.loads((plain / "config.json").read_text())["model_type"] == "clip"
+    config = from_dict({"model": {"init_from": str(plain)}, "objectives": {"clip": 1.0}}, source="test")
+    tuned = build_model(config.model)  # a "fine-tune" started from it: its weights moved a little
+    with torch.no_grad():
+        for parameter in tuned.parameters():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    tuned_dir = save_model_dir(tuned, config, build_tokenizer(config.model.text), tmp_path / "tuned")
+    out = tmp_path / "wise"
+    assert mmcl_main(["wise-ft", "--zero-shot", str(plain), "--fine-tuned", str(tuned_dir),
+                      "--alpha", "0", "--alpha", "0.5", "--out", str(out)]) == 0
+    start = pair["zero_shot"]["model"]
+    exported = load_exported(out / "alpha_0")
+    with torch.no_grad():  # alpha 0 is the CLIPModel itself, which is the zero-shot model's export
+        assert torch.allclose(exported.encode_image(PIXELS), start.encode_image(PIXELS), atol=1e-5)
+    half = load_input(out / "alpha_0.5", "--zero-shot").model.state_dict()
+    zero, one = load_input(plain, "--zero-shot").model.state_dict(), tuned.state_dict()
+    assert half.keys() == one.keys()
+    assert all(torch.allclose(half[key], (zero[key] + one[key]) / 2, atol=1e-7) for key in half)
+
+
 def test_wise_ft_refuses_models_of_different_architectures_in_one_sentence(pair, tokenizer_dir, tmp_path, capsys):
     config = run_config(tokenizer_dir, **CLIP_TOWERS, embed_dim=16)
     other = write_run(tmp_path / "other", config, *build(config)) / "model"
