@@ -166,7 +166,10 @@ def train(config: dict, out: Path, fresh: bool) -> float:
 
 
 def zeroshot(model: Path, data: Path, out: Path) -> float:
-    """Top-1 of `model` on the labelled shards `data` (class names and templates beside them)."""
+    """Top-1 of `model` on the labelled shards `data` (class names and templates beside them); reused when newer than the model."""
+    weights = model / "model.safetensors"
+    if out.is_file() and weights.is_file() and out.stat().st_mtime > weights.stat().st_mtime:
+        return float(json.loads(out.read_text())["metrics"]["acc1"])
     call([BIN / "mmcl-zeroshot", "--model", model, "--data", data, "--device", "cpu", "--workers", "1",
           "--batch-size", "256", "--output", out], f"mmcl-zeroshot {model} on {data}")
     return float(json.loads(out.read_text())["metrics"]["acc1"])
@@ -209,6 +212,52 @@ def wise_ft(pretrained: Path, full: Path, data: dict[str, Path], out: Path, fres
     return json.loads(info.read_text())["sweep"]
 
 
+def full_size_config(data: dict[str, Path], out: Path, lora_rank: int | None) -> dict:
+    """ViT-B/16 + a 12-layer 512-wide text tower (CLIP ViT-B/16's shapes), inline configs, random init, one step."""
+    vision = {"model_type": "clip_vision_model", "image_size": 224, "patch_size": 16, "num_channels": 3, "hidden_size": 768,
+              "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+    text = {"model_type": "clip_text_model", "vocab_size": 49408, "hidden_size": 512, "num_hidden_layers": 12,
+            "num_attention_heads": 8, "intermediate_size": 2048, "max_position_embeddings": 77}
+    config = {
+        "model": {"image": {"config": vision}, "text": {"config": text, "tokenizer": str(data["tokenizer"]), "context_length": 77},
+                  "embed_dim": 512},
+        "objectives": {"clip": 1.0},
+        "data": {"train_shards": str(data["digits"] / "train/{00000..00002}.tar"), "image_size": 224,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "shuffle_buffer": 100, "num_workers": 1},
+        "output_dir": str(out),
+        "seed": 0,
+        "optim": {"lr": 1e-4},
+        "train": {"micro_batch_size": 4, "steps": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0},
+    }
+    return config if lora_rank is None else merge(config, lora(lora_rank))
+
+
+def full_size(data: dict[str, Path], work: Path, fresh: bool) -> dict[str, dict]:
+    """Trainable parameters, optimizer state and peak RSS of one ZeRO-2 step at full size: full vs LoRA r=16."""
+    rows = {}
+    for name, rank in (("full", None), ("lora_r16", 16)):
+        out = work / "runs" / f"full_size_{name}"
+        config = full_size_config(data, out, rank)
+        refusal = supported(config, work / "runs" / f"full_size_{name}.probe.yaml")
+        if refusal:
+            print(f"full size {name}: skipped, this checkout does not take its config ({refusal})", flush=True)
+            continue
+        wall = train(config, out, fresh)
+        rows[name] = {"wall_s": wall, **run_facts(out)}
+        print("full size", name, rows[name], flush=True)
+    return rows
+
+
+def full_size_table(rows: dict[str, dict]) -> str:
+    full = rows.get("full", {})
+    lines = ["| ViT-B/16 + 12-layer text, ZeRO-2, 2 ranks, 1 step | trainable params | optimizer state | vs full | peak RSS GB |",
+             "|---|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        ratio = f"{r['optimizer_state_bytes'] / full['optimizer_state_bytes']:.1%}" if full else "-"
+        lines.append(f"| {name} | {r['trainable']:,} | {r['optimizer_state_bytes'] / 2**20:,.1f} MiB | {ratio} | {r['peak_gb']:.2f} |")
+    return "\n".join(lines)
+
+
 def cpu_facts() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
@@ -244,6 +293,8 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="peak lr of the LoRA runs")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--plot", type=Path, help="copy the WiSE-FT plot here")
+    parser.add_argument("--full-size", action="store_true",
+                        help="also one ZeRO-2 step of ViT-B/16 + 12-layer text (random init): full vs LoRA r=16")
     parser.add_argument("--fresh", action="store_true", help="run everything again instead of reusing finished runs")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -280,10 +331,13 @@ def main() -> None:
             rows["full"]["wise_ft_sweep"] = sweep
             if args.plot:
                 shutil.copyfile(args.work / "wise_ft" / "wise_ft.png", args.plot)
+    big = full_size(data, args.work, args.fresh) if args.full_size else {}
     print(f"\n{cpu_facts()}; total {time.time() - started:.0f} s\n")
     print(table(rows))
+    if big:
+        print("\n" + full_size_table(big))
     (args.work / "results.json").write_text(json.dumps({"cpu": cpu_facts(), "args": {k: str(v) for k, v in vars(args).items()},
-                                                        "rows": rows}, indent=2) + "\n")
+                                                        "rows": rows, "full_size": big}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
