@@ -23,7 +23,11 @@ memory (`memory/peak_gb` of metrics.jsonl: the largest peak RSS of the ranks) an
 (median of the logged windows after the first). Prints a Markdown table; writes results.json
 and the WiSE-FT plot into --work (and copies the plot to --plot when given).
 
-    python benchmarks/finetune.py --work /tmp/ftev [--pretrain-steps 400] [--steps 150] [--methods ...]
+    python benchmarks/finetune.py --work /tmp/ftev [--pretrain-steps 400] [--steps 150] [--methods ...] [--full-size]
+
+--full-size adds the memory figure at full size: one ZeRO-2 step (2 CPU ranks, fp32, 4 images per
+rank) of a random-init ViT-B/16 + 12-layer 512-wide text tower from inline configs, every weight
+training vs LoRA r=16 on both towers: trainable parameters, optimizer state and peak RSS.
 
 Finished runs are kept and reused (a run dir with model/ and metrics.json is not run again), so
 a later call with more --methods adds rows; --fresh runs everything again. Methods whose config
@@ -269,10 +273,12 @@ def cpu_facts() -> str:
 
 def table(rows: dict[str, dict], full_name: str = "full") -> str:
     full = rows.get(full_name, {})
-    lines = ["| method | lr | digits top-1 (target) | shapes top-1 (retained) | trainable params | "
-             "optimizer state | vs full | peak RSS GB | step s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in rows.items():
+    zero = rows["zero-shot"]
+    lines = ["| method | lr | digits top-1 (target) | share of full's gain | shapes top-1 (retained) | of zero-shot's | "
+             "trainable params | optimizer state | vs full | peak RSS GB | step s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ordered = sorted(rows.items(), key=lambda item: item[0].startswith("wise_ft"))  # the WiSE-FT mixes last
+    for name, r in ordered:
         if "trainable" in r:
             ratio = f"{r['optimizer_state_bytes'] / full['optimizer_state_bytes']:.1%}" if full.get("optimizer_state_bytes") else "-"
             cost = (f"{r['trainable']:,} | {r['optimizer_state_bytes'] / 2**20:.2f} MiB | {ratio} | {r['peak_gb']:.2f} | "
@@ -280,7 +286,9 @@ def table(rows: dict[str, dict], full_name: str = "full") -> str:
         else:
             cost = "0 | - | - | - | -" if name == "zero-shot" else "(as full) | - | - | - | -"
         lr = f"{r['lr']:g}" if r.get("lr") else "-"
-        lines.append(f"| {name} | {lr} | {r['digits']:.1%} | {r['shapes']:.1%} | {cost} |")
+        gain = f"{(r['digits'] - zero['digits']) / (full['digits'] - zero['digits']):.0%}" if full else "-"
+        kept = f"{r['shapes'] / zero['shapes']:.0%}"
+        lines.append(f"| {name} | {lr} | {r['digits']:.1%} | {gain} | {r['shapes']:.1%} | {kept} | {cost} |")
     return "\n".join(lines)
 
 
