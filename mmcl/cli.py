@@ -1,6 +1,6 @@
 """The `mmcl` command: export a run to `transformers` format, and push an export to the Hub.
 
-    mmcl export --run RUN_OR_CHECKPOINT --out DIR [--overwrite] [--license ID] [--dataset ID ...]
+    mmcl export --run RUN_OR_CHECKPOINT --out DIR [--overwrite] [--license ID] [--dataset ID ...] [--trust-checkpoint]
     mmcl push --model DIR --repo-id ORG/NAME [--private] [--revision BRANCH] [--commit-message MSG] [--allow-inexact]
     mmcl export --run RUN --out DIR --format openclip [--hub-repo-id ORG/NAME]   (OpenCLIP's hub layout)
     mmcl convert openclip --model NAME|hf-hub:ORG/NAME|local-dir:PATH [--weights FILE] [--config JSON] --out DIR
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, metavar="PATH", help="run output_dir, checkpoints/step_* folder or model/ folder")
     export.add_argument("--out", required=True, metavar="DIR", help="export folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle a checkpoint that holds objects besides tensors and DeepSpeed's types (can run code: only checkpoints you trust)")
     export.add_argument("--license", default=None, metavar="ID", help="license id for the model card (default: other)")
     export.add_argument("--dataset", action="append", default=None, metavar="ID",
                         help="Hub dataset id for the card's metadata (repeatable; default: names from the shard paths)")
@@ -73,13 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "export" and args.format == "openclip":
             from mmcl.export.openclip import export_openclip
 
-            out = export_openclip(args.run, args.out, overwrite=args.overwrite, repo_id=args.hub_repo_id)
+            out = export_openclip(args.run, args.out, overwrite=args.overwrite, repo_id=args.hub_repo_id,
+                                  trust_checkpoint=args.trust_checkpoint)
             print(f"mmcl: exported {args.run} to {out} in OpenCLIP's format; load it with "
                   f"open_clip.create_model_and_transforms('local-dir:{out}')")
         elif args.command == "export":
             from mmcl.export.export import export_run
 
-            out = export_run(args.run, args.out, overwrite=args.overwrite, license=args.license, datasets=args.dataset)
+            out = export_run(args.run, args.out, overwrite=args.overwrite, license=args.license, datasets=args.dataset,
+                             trust_checkpoint=args.trust_checkpoint)
             print(f"mmcl: exported {args.run} to {out} (README.md says how to load it)")
         else:
             from mmcl.export.push import push_export

@@ -199,12 +199,12 @@ def verify(folder: Path, model, config, tokenizer) -> dict[str, float]:
 
 
 def export_openclip(run_or_checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False,
-                    repo_id: str | None = None) -> Path:
+                    repo_id: str | None = None, trust_checkpoint: bool = False) -> Path:
     """`mmcl export --format openclip`: a run directory, checkpoint or model dir -> OpenCLIP folder."""
     from mmcl.export.source import load_model, locate
 
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"export folder {out} already exists and is not empty; choose a new --out or pass --overwrite.")
-    model, config, tokenizer = load_model(locate(run_or_checkpoint))
+    model, config, tokenizer = load_model(locate(run_or_checkpoint, trust_checkpoint))
     return export_openclip_model(model, config, tokenizer, out, overwrite=overwrite, repo_id=repo_id)
