@@ -10,7 +10,7 @@ Layout under `<output_dir>/checkpoints/`:
     latest                    the tag of the newest COMPLETE checkpoint
 
 A checkpoint is written aside under its own tag; only when every rank has finished is its
-manifest written (mmcl_manifest.json: size and SHA-256 of every file, engine/manifest.py) and
+manifest written (mmcl_manifest.json: size and SHA-256 of every file, mmcl/manifest.py) and
 `latest` switched, by an atomic rename of a fully written temporary file. A kill while
 writing therefore leaves `latest` pointing at the previous good checkpoint; a save of the same
 tag later replaces the half-written folder. Retention deletes older tags only after the switch,
@@ -19,7 +19,7 @@ and only folders with a manifest (never a folder mmcl did not write).
 Resuming "latest" checks the checkpoint against its manifest first: a damaged one (a flipped
 bit, a copy that stopped halfway) is skipped for the previous intact one, with one line saying
 so. Nothing in a checkpoint is unpickled beyond tensors and DeepSpeed's own types
-(engine/safe_unpickle.py) unless train.trust_checkpoint; per-rank trainer state (data-stream
+(mmcl/safe_unpickle.py) unless train.trust_checkpoint; per-rank trainer state (data-stream
 position, RNG states) is loaded with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mmcl import manifest
 from mmcl.distributed import get_rank, get_world_size
-from mmcl.engine import manifest
 from mmcl.engine.runtime import TrainingError
-from mmcl.engine.safe_unpickle import check_pickles, restricted_unpickling
+from mmcl.safe_unpickle import check_pickles, restricted_unpickling
 
 LATEST = "latest"
 TASK_STATE = "task_state.safetensors"

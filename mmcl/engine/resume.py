@@ -16,7 +16,7 @@ from mmcl.engine import elastic
 from mmcl.engine.checkpoint import TRUST_HINT, ResumeError, load_rank_state, load_task_state, resolve_resume
 from mmcl.engine.rng import restore_rng
 from mmcl.engine.runtime import say
-from mmcl.engine.safe_unpickle import restricted_unpickling
+from mmcl.safe_unpickle import restricted_unpickling
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig

@@ -146,7 +146,7 @@ def _openclip_teacher(model_name: str, weights: str | None, config_file: str | N
         raise TeacherLoadError(f"open_clip has no architecture '{model_name}' (distill.teacher); pick one of "
                                "open_clip.list_models() or register yours with distill.openclip_config.")
     if weights is not None:
-        from mmcl.engine.safe_unpickle import weights_file_problem
+        from mmcl.safe_unpickle import weights_file_problem
 
         problem = weights_file_problem(Path(weights))
         if problem is not None:

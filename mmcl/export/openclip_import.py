@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from mmcl.engine.safe_unpickle import weights_file_problem
+from mmcl.safe_unpickle import weights_file_problem
 from mmcl.export.errors import ExportError
 from mmcl.export.staging import staged
 

@@ -9,9 +9,9 @@
 and `load_model(source)` returns the DualEncoder in float32 and eval mode. A DeepSpeed
 checkpoint is consolidated with DeepSpeed's own `zero_to_fp32` (the fp32 master weights, so
 bf16/fp16 runs export full precision). Its files are pickles: `locate` refuses a checkpoint
-whose files differ from its manifest (engine/manifest.py) or whose pickles hold anything but
+whose files differ from its manifest (mmcl/manifest.py) or whose pickles hold anything but
 tensors and DeepSpeed's own types, and the consolidation unpickles weights-only
-(engine/safe_unpickle.py), unless `trust_checkpoint` (`mmcl export --trust-checkpoint`).
+(mmcl/safe_unpickle.py), unless `trust_checkpoint` (`mmcl export --trust-checkpoint`).
 """
 from __future__ import annotations
 
@@ -101,8 +101,8 @@ TRUST_HINT = "pass --trust-checkpoint"
 
 def _check_checkpoint(folder: Path, trust: bool) -> None:
     """A damaged checkpoint (files that differ from its manifest) or one with foreign pickles: ExportError."""
-    from mmcl.engine import manifest
-    from mmcl.engine.safe_unpickle import check_pickles
+    from mmcl import manifest
+    from mmcl.safe_unpickle import check_pickles
 
     if manifest.read_manifest(folder) is not None:
         problem = manifest.damage(folder)
@@ -221,7 +221,7 @@ def consolidate(checkpoint: Path, trust: bool = False) -> dict[str, Any]:
     """Full fp32 state dict of the DualEncoder from a DeepSpeed checkpoint folder (any ZeRO stage).
 
     DeepSpeed's loaders unpickle fully; here they load tensors and DeepSpeed's types only, unless `trust`."""
-    from mmcl.engine.safe_unpickle import restricted_unpickling
+    from mmcl.safe_unpickle import restricted_unpickling
 
     with restricted_unpickling(str(checkpoint), TRUST_HINT, trust, error=ExportError):
         return _consolidate(checkpoint)

@@ -120,7 +120,7 @@ def test_consolidated_fp32_state_dict_loads_back(reference_runs, stage):
 def test_truncated_latest_checkpoint_resumes_from_the_previous_one_and_pruning_spares_foreign_folders(reference_runs, tmp_path):
     """latest (step 8) has a file cut in half: resume says so in one line, continues from step 4 with the
     reference losses, and keep_checkpoints=2 deletes only checkpoints with mmcl's manifest."""
-    from mmcl.engine.manifest import damage
+    from mmcl.manifest import damage
 
     config, out, _ = reference_runs[2]
     resumed = tmp_path / "resumed"
@@ -171,7 +171,7 @@ def test_crafted_checkpoint_is_refused_by_export_and_resume_and_its_payload_neve
     import torch
 
     from launch import BIN, REPO, env
-    from mmcl.engine.manifest import write_manifest
+    from mmcl.manifest import write_manifest
 
     config, out, _ = reference_runs[2]
     crafted, marker = tmp_path / "given_run", tmp_path / "marker"

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmcl.engine import manifest
+from mmcl import manifest
 from mmcl.engine.checkpoint import ResumeError, _prune, resolve_resume, written_by_mmcl
-from mmcl.engine.safe_unpickle import (NO_FORCE, UnsafeCheckpoint, check_pickles, restricted_unpickling,
+from mmcl.safe_unpickle import (NO_FORCE, UnsafeCheckpoint, check_pickles, restricted_unpickling,
                                        weights_file_problem)
 
 
