@@ -49,6 +49,9 @@ class TrainConfig:
     keep_checkpoints: int = count(2)  # newest checkpoints kept on disk
     resume: str | None = None  # "latest" or a checkpoint directory (any world size / workers / micro batch)
     allow_batch_change: bool = False  # resume with another global batch: remaining steps re-derived from remaining samples
+    # resume a checkpoint whose pickles hold objects other than tensors and DeepSpeed's own types
+    # (refused by default: unpickling them can run code); only for checkpoints you trust
+    trust_checkpoint: bool = False
     zero_stage: int | None = bounded(None, 0, 3)  # ZeRO stage when no --deepspeed_config is given (default 2)
     max_nonfinite_steps: int = count(5)  # abort after this many non-finite losses in a row
     patch_dropout_final_steps: int = nonnegative(0)  # train the last N steps with every patch token (FLIP's unmasked tuning)

@@ -39,13 +39,14 @@ CONFIG_COPY = "mmcl_config.yaml"
 
 
 def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-               license: str | None = None, datasets: Sequence[str] | None = None) -> Path:
+               license: str | None = None, datasets: Sequence[str] | None = None, trust_checkpoint: bool = False) -> Path:
     """Export a run directory, one of its checkpoints or its model/ folder to `out_dir`; returns the folder.
 
     license: the card's license id (default "other"); datasets: Hub dataset ids for the card
-    (default: names taken from the run's shard paths).
+    (default: names taken from the run's shard paths); trust_checkpoint: unpickle a checkpoint
+    fully (see mmcl.export.source).
     """
-    out, source = check_export_out(run_or_checkpoint, out_dir, overwrite=overwrite)
+    out, source = check_export_out(run_or_checkpoint, out_dir, overwrite=overwrite, trust_checkpoint=trust_checkpoint)
     model, config, tokenizer = load_model(source)
     return export_model(model, config, tokenizer, out, facts=read_facts(source), source=source, overwrite=overwrite,
                         license=license, datasets=datasets)

@@ -178,10 +178,10 @@ def verify(folder: Path, model, config, tokenizer) -> dict[str, float]:
 
 
 def export_openclip(run_or_checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False,
-                    repo_id: str | None = None) -> Path:
+                    repo_id: str | None = None, trust_checkpoint: bool = False) -> Path:
     """`mmcl export --format openclip`: a run directory, checkpoint or model dir -> OpenCLIP folder."""
     from mmcl.export.source import load_model
 
-    out, source = check_export_out(run_or_checkpoint, out_dir, overwrite=overwrite)
+    out, source = check_export_out(run_or_checkpoint, out_dir, overwrite=overwrite, trust_checkpoint=trust_checkpoint)
     model, config, tokenizer = load_model(source)
     return export_openclip_model(model, config, tokenizer, out, overwrite=overwrite, repo_id=repo_id)
