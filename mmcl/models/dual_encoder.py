@@ -173,6 +173,10 @@ def _build_side(tower_cfg: TowerConfig, kind: str, cfg: ModelConfig,
     projection = build_projection(tower_cfg.projection, width, cfg.embed_dim, cfg.mlp_hidden_dim, key)
     if tower_cfg.lock:
         lock_tower(tower, tower_cfg.unlocked_layers, key)
+    if tower_cfg.lora is not None:  # after pooling/projection sizing: adapters change no shape
+        from mmcl.models.lora import add_lora
+
+        add_lora(tower, tower_cfg.lora, key)
     if tower_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(tower, key)
     return tower, pooling, projection
