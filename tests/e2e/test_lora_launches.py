@@ -4,8 +4,8 @@ One 8-step reference run per stage (checkpoints every 4) serves every check: ZeR
 global batch of 32 in one micro-batch per rank, ZeRO-2 and ZeRO-3 in two accumulated by
 feature caching, so equal losses across stages pin the feature cache with adapters; each
 stage's step-4 checkpoint resumed at 2 ranks reproduces steps 5-8; the ZeRO-2 checkpoint
-resumed at 1 rank (elastic) loads the same adapters, heads and Adam moments, and holds
-optimizer state for those alone; the ZeRO-2 run exported with `mmcl export` gives mmcl's
+resumed at 1 rank (elastic) loads the same adapters, heads and Adam moments; the checkpoints
+hold optimizer state for adapters and heads alone; the ZeRO-2 run exported with `mmcl export` gives mmcl's
 embeddings and zero-shot predictions in a process that imports only transformers.
 """
 from __future__ import annotations
@@ -64,13 +64,23 @@ def lora_runs(digits, tmp_path_factory):
 
 
 def test_lora_trains_the_same_under_zero_1_2_3_with_and_without_feature_cache_accumulation(lora_runs):
+    from safetensors.torch import load_file
+
     reference = losses(lora_runs[1][1])
     assert sorted(reference) == list(range(1, 9))
-    assert (reference[7] + reference[8]) / 2 < (reference[1] + reference[2]) / 2 - 0.05, reference
     for stage in (2, 3):  # two micro-batches of 8 per rank, feature-cached, against one of 16
         got = losses(lora_runs[stage][1])
         for step in reference:
-            assert got[step] == pytest.approx(reference[step], rel=1e-4), (stage, step, got, reference)
+            assert got[step] == pytest.approx(reference[step], rel=2e-5), (stage, step, got, reference)
+    # the adapters trained (B starts at zero) and the towers' own weights did not move (same seed, same init)
+    weights = [load_file(lora_runs[stage][1] / "model" / "model.safetensors") for stage in (1, 2, 3)]
+    adapters = [name for name in weights[0] if "lora_B" in name]
+    assert len(adapters) == 8 and all(weights[0][name].abs().max() > 1e-4 for name in adapters)
+    for name in weights[0]:
+        if "_tower." in name and "lora_" not in name:
+            assert torch.equal(weights[1][name], weights[0][name]) and torch.equal(weights[2][name], weights[0][name])
+        else:
+            torch.testing.assert_close(weights[1][name], weights[0][name], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -88,18 +98,40 @@ def test_lora_resume_in_the_middle_equals_the_uninterrupted_run(lora_runs, stage
         torch.testing.assert_close(again[name], final[name], atol=1e-6, rtol=0)
 
 
-def test_only_adapters_and_heads_hold_optimizer_state_and_an_elastic_resume_loads_them_unchanged(lora_runs, tmp_path):
+def optimizer_state_elements(checkpoint: Path) -> dict[str, int]:
+    """Elements of the fp32 master partitions and of AdamW's moments in a ZeRO checkpoint, summed over ranks."""
+    counts = {"master": 0, "moments": 0}
+    for path in sorted(checkpoint.glob("*optim_states.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        if "fp32_flat_groups" in state:  # ZeRO-3
+            master, adam = state["fp32_flat_groups"], state["optimizer_state_dict"]
+        else:  # ZeRO 1/2
+            master, adam = state["single_partition_of_fp32_groups"], state["base_optimizer_state"]
+        counts["master"] += sum(t.numel() for t in master)
+        counts["moments"] += sum(t.numel() for group in adam["state"].values() for key, t in group.items()
+                                 if key in ("exp_avg", "exp_avg_sq"))
+    return counts
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_only_adapters_and_heads_hold_optimizer_state(lora_runs, stage):
     from safetensors.torch import load_file
 
-    _, reference, _ = lora_runs[2]
+    _, reference, _ = lora_runs[stage]
     weights = load_file(reference / "model" / "model.safetensors")
-    trainable = {name for name in weights if "lora_" in name or name.startswith(HEADS)}
-    saved = universal_state(reference / "checkpoints" / "step_00000004", tmp_path / "saved")
-    assert {name.removeprefix("model.") for name in saved} == trainable
-    state_elements = sum(v["exp_avg"].numel() + v["exp_avg_sq"].numel() for v in saved.values())
-    assert state_elements == 2 * sum(weights[name].numel() for name in trainable)
-    assert state_elements < 0.1 * 2 * sum(t.numel() for t in weights.values())
+    trainable = sum(t.numel() for name, t in weights.items() if "lora_" in name or name.startswith(HEADS))
+    counts = optimizer_state_elements(reference / "checkpoints" / "step_00000004")
+    groups = 4  # heads decay / no decay, image adapters, text adapters; each padded by at most one element per rank
+    assert trainable <= counts["master"] <= trainable + groups, (counts, trainable)
+    assert 2 * trainable <= counts["moments"] <= 2 * (trainable + groups), (counts, trainable)
+    assert counts["master"] < 0.1 * sum(t.numel() for t in weights.values())
 
+
+def test_elastic_lora_resume_loads_the_same_adapters_heads_and_adam_moments(lora_runs, tmp_path):
+    _, reference, _ = lora_runs[2]
+    saved = universal_state(reference / "checkpoints" / "step_00000004", tmp_path / "saved")
+    assert any("lora_B" in name for name in saved)
+    assert sum(float(v["exp_avg_sq"].abs().sum()) for name, v in saved.items() if "lora_" in name) > 0
     elastic, debug = lora_runs["elastic"]
     loaded = universal_state(debug / "after_resume", tmp_path / "loaded")
     assert loaded.keys() == saved.keys()
