@@ -176,7 +176,8 @@ def _build_side(tower_cfg: TowerConfig, kind: str, cfg: ModelConfig,
     if tower_cfg.lora is not None:  # after pooling/projection sizing: adapters change no shape
         from mmcl.models.lora import add_lora
 
-        add_lora(tower, tower_cfg.lora, key)
+        with torch.random.fork_rng(devices=[]):  # the adapters' init leaves the next tower's init as without them
+            add_lora(tower, tower_cfg.lora, key)
     if tower_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(tower, key)
     return tower, pooling, projection

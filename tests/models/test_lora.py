@@ -59,11 +59,13 @@ def test_only_adapters_projections_and_logit_scale_train_and_get_optimizer_state
     assert state_elements < 0.25 * 2 * total
 
 
-def test_fresh_adapters_leave_the_embeddings_unchanged_and_merging_keeps_trained_ones():
+def test_fresh_adapters_leave_the_seeded_init_and_the_embeddings_unchanged_and_merging_keeps_trained_ones():
+    torch.manual_seed(0)
     plain = build_model(model_config()).eval()
     model = _lora_model().eval()
-    plain_state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
-    plain.load_state_dict(plain_state)
+    base = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert base.keys() == plain.state_dict().keys()
+    assert all(torch.equal(base[k], v) for k, v in plain.state_dict().items())  # same seed, same towers and heads
     pixels, (ids, mask) = image_batch(), text_batch()
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(pixels), plain.encode_image(pixels), atol=0, rtol=0)
