@@ -1,6 +1,6 @@
 """The `mmcl` command: export a run to `transformers` format, and push an export to the Hub.
 
-    mmcl export --run RUN_OR_CHECKPOINT --out DIR [--overwrite] [--license ID] [--dataset ID ...] [--trust-checkpoint]
+    mmcl export --run RUN_OR_CHECKPOINT --out DIR [--overwrite] [--license ID] [--dataset ID ...] [--trust-checkpoint] [--peft-adapters]
     mmcl push --model DIR --repo-id ORG/NAME [--private] [--revision BRANCH] [--commit-message MSG] [--allow-inexact]
     mmcl export --run RUN --out DIR --format openclip [--hub-repo-id ORG/NAME]   (OpenCLIP's hub layout)
     mmcl convert openclip --model NAME|hf-hub:ORG/NAME|local-dir:PATH [--weights FILE] [--config JSON] --out DIR
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export.add_argument("--format", choices=("transformers", "openclip"), default="transformers",
                         help="transformers (default) or openclip: open_clip_config.json + weights, as open_clip.push_to_hf_hub writes")
+    export.add_argument("--peft-adapters", action="store_true",
+                        help="LoRA runs: also write each LoRA tower's adapters as a peft adapter folder under adapters/ "
+                             "(the export itself has them merged)")
     export.add_argument("--hub-repo-id", default=None, metavar="ORG/NAME",
                         help="openclip format: the repo it will be pushed to (OpenCLIP's hf-hub: loading reads the tokenizer there)")
 
@@ -125,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mmcl.export.export import export_run
 
             out = export_run(args.run, args.out, overwrite=args.overwrite, license=args.license, datasets=args.dataset,
-                             trust_checkpoint=args.trust_checkpoint)
+                             trust_checkpoint=args.trust_checkpoint, adapters=args.peft_adapters)
             print(f"mmcl: exported {args.run} to {out} (README.md says how to load it)")
         else:
             from mmcl.export.push import push_export, stray_files

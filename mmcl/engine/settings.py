@@ -18,6 +18,11 @@ class OptimConfig:
     lr: float = positive(5e-4)  # peak learning rate of the projections, logit scale and fresh towers
     image_lr: float | None = positive(None)  # image tower's learning rate (None = lr); pretrained towers often want less
     text_lr: float | None = positive(None)  # text tower's learning rate (None = lr)
+    # layer-wise lr decay: layer i of a tower's N-layer stack gets its lr x decay^(N+1-i), the embeddings (what
+    # precedes the stack) decay^(N+1), the final norms/pooler after it the full lr; heads and logit scale the full lr
+    layer_decay: float | None = bounded(None, 0, 1, low_open=True)
+    image_layer_decay: float | None = bounded(None, 0, 1, low_open=True)  # the image tower's decay (None = layer_decay)
+    text_layer_decay: float | None = bounded(None, 0, 1, low_open=True)  # the text tower's decay (None = layer_decay)
     weight_decay: float = nonnegative(0.2)  # not applied to biases, norms, embeddings' position tables, logit scale/bias
     betas: list[float] = bounded([0.9, 0.98], 0, 1, high_open=True)  # AdamW's beta1, beta2
     eps: float = positive(1e-6)  # AdamW's epsilon

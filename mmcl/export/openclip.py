@@ -139,6 +139,12 @@ def export_openclip_model(model, config, tokenizer, out_dir: str | Path, overwri
 
     out = check_out(out_dir, overwrite=overwrite)
     model = model.float().eval().cpu()
+    for tower in (model.image_tower, model.text_tower):  # LoRA adapters: folded into the towers' weights
+        if tower is not None:
+            from mmcl.models.lora import has_lora, merge_lora
+
+            if has_lora(tower):
+                merge_lora(tower)
     check_representable(model, config, tokenizer)
     with staged(out) as staging:
         save_file(openclip_state(model, config.model.text.context_length), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
