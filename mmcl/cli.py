@@ -1,6 +1,6 @@
 """The `mmcl` command: export a run to `transformers` format, and push an export to the Hub.
 
-    mmcl export --run RUN_OR_CHECKPOINT --out DIR [--overwrite] [--license ID] [--dataset ID ...]
+    mmcl export --run RUN_OR_CHECKPOINT --out DIR [--overwrite] [--license ID] [--dataset ID ...] [--trust-checkpoint] [--peft-adapters]
     mmcl push --model DIR --repo-id ORG/NAME [--private] [--revision BRANCH] [--commit-message MSG] [--allow-inexact]
     mmcl export --run RUN --out DIR --format openclip [--hub-repo-id ORG/NAME]   (OpenCLIP's hub layout)
     mmcl convert openclip --model NAME|hf-hub:ORG/NAME|local-dir:PATH [--weights FILE] [--config JSON] --out DIR
@@ -33,12 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
                                              "model/ folder to a folder transformers loads offline.")
     export.add_argument("--run", required=True, metavar="PATH", help="run output_dir, checkpoints/step_* folder or model/ folder")
     add_out_options(export, "export folder to create")
+    export.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle a checkpoint that holds objects besides tensors and DeepSpeed's types (can run code: only checkpoints you trust)")
     export.add_argument("--license", default=None, metavar="ID", help="license id for the model card (default: other)")
     export.add_argument("--dataset", action="append", default=None, metavar="ID",
                         help="Hub dataset id for the card's metadata (repeatable; default: names from the shard paths)")
 
     export.add_argument("--format", choices=("transformers", "openclip"), default="transformers",
                         help="transformers (default) or openclip: open_clip_config.json + weights, as open_clip.push_to_hf_hub writes")
+    export.add_argument("--peft-adapters", action="store_true",
+                        help="LoRA runs: also write each LoRA tower's adapters as a peft adapter folder under adapters/ "
+                             "(the export itself has them merged)")
     export.add_argument("--hub-repo-id", default=None, metavar="ORG/NAME",
                         help="openclip format: the repo it will be pushed to (OpenCLIP's hf-hub: loading reads the tokenizer there)")
 
@@ -104,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "convert":
             check_convert_out(args.model, args.out, overwrite=args.overwrite, weights=args.weights, config_file=args.config)
         elif args.command == "export":
-            check_export_out(args.run, args.out, overwrite=args.overwrite)
+            check_export_out(args.run, args.out, overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
         if args.command == "convert":
             from mmcl.export.openclip_import import convert_openclip
 
@@ -115,13 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "export" and args.format == "openclip":
             from mmcl.export.openclip import export_openclip
 
-            out = export_openclip(args.run, args.out, overwrite=args.overwrite, repo_id=args.hub_repo_id)
+            out = export_openclip(args.run, args.out, overwrite=args.overwrite, repo_id=args.hub_repo_id,
+                                  trust_checkpoint=args.trust_checkpoint)
             print(f"mmcl: exported {args.run} to {out} in OpenCLIP's format; load it with "
                   f"open_clip.create_model_and_transforms('local-dir:{out}')")
         elif args.command == "export":
             from mmcl.export.export import export_run
 
-            out = export_run(args.run, args.out, overwrite=args.overwrite, license=args.license, datasets=args.dataset)
+            out = export_run(args.run, args.out, overwrite=args.overwrite, license=args.license, datasets=args.dataset,
+                             trust_checkpoint=args.trust_checkpoint, adapters=args.peft_adapters)
             print(f"mmcl: exported {args.run} to {out} (README.md says how to load it)")
         else:
             from mmcl.export.push import push_export, stray_files

@@ -9,22 +9,30 @@ exports (`mmcl.export.hf_loader`).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from mmcl.models import DualEncoder
+from mmcl.models.dual_encoder import add_tower_lora
 from mmcl.models.init_from import InitSource, _inline, _prefixed, load_init_from, resolve_init_towers
 from mmcl.models.init_source import HEADS_FILE, MODEL_DIR_WEIGHTS, source_kind
 
 
 def build_model(cfg, image_size: int | None = None) -> DualEncoder:
-    """`DualEncoder.from_config(cfg, image_size)`; with `cfg.init_from`, its towers, heads and logit scale from there."""
+    """`DualEncoder.from_config(cfg, image_size)`; with `cfg.init_from`, its towers, heads and logit scale
+    from there. LoRA adapters (`model.<side>.lora`) go in after the source's weights, around them."""
     if cfg.init_from is None:
         return DualEncoder.from_config(cfg, image_size)
     source = read_source(cfg.init_from)  # None for a CLIPModel: its towers load by name_or_path
-    model = DualEncoder.from_config(cfg if source is None else resolve_init_towers(cfg, source), image_size)
+    plain = replace(cfg, image=replace(cfg.image, lora=None), text=cfg.text and replace(cfg.text, lora=None))
+    model = DualEncoder.from_config(plain if source is None else resolve_init_towers(plain, source), image_size)
     load_init_from(model, cfg, source, image_size)
+    for side in ("image", "text"):
+        tower_cfg = getattr(cfg, side)
+        if tower_cfg is not None and tower_cfg.lora is not None:
+            add_tower_lora(getattr(model, f"{side}_tower"), tower_cfg, f"model.{side}")
     return model
 
 

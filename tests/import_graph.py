@@ -20,7 +20,7 @@ from pathlib import Path
 # most specific entry decides a module's layer. So a package's torch-free `settings` module,
 # which `mmcl.config` assembles, sits below the config while the rest of its package sits above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("mmcl", "mmcl.coerce", "mmcl.distributed", "mmcl.redact")),
+    ("base", ("mmcl", "mmcl.coerce", "mmcl.distributed", "mmcl.lazy", "mmcl.redact", "mmcl.safe_unpickle", "mmcl.manifest")),
     # torch-free: the config's sections, the objectives' declarations and their registry
     ("settings", ("mmcl.data.settings", "mmcl.models.settings", "mmcl.engine.settings", "mmcl.evaluation.settings",
                   "mmcl.evaluation.prompts", "mmcl.export.settings", "mmcl.export.errors", "mmcl.objectives",

@@ -6,8 +6,7 @@ with `state_dict()` / `load_state_dict()` for exact resume, `skip_counts()` and
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmcl.lazy import lazy_names
 
 # Imported on first use, so that `mmcl.config` (which reads this package's settings) imports no torch.
 _LAZY = {
@@ -46,14 +45,4 @@ __all__ = [
     "torchvision_eval_transform", "torchvision_train_transform",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

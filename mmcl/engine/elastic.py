@@ -141,6 +141,7 @@ def load_universal(engine, root: Path, tag: str) -> dict[str, Any]:
     if client_state is None:
         raise ResumeError(f"DeepSpeed could not load the universal checkpoint {folder}.")
     if engine.zero_optimization_stage() == 3:  # its universal load copies group 0's hyperparameters onto every group
+        # weights_only=False as DeepSpeed does; resume's restricted_unpickling block makes it weights-only
         saved = torch.load(folder / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
         groups = saved.get("optimizer_state_dict", saved)["param_groups"]
         for group, values in zip(engine.optimizer.param_groups, groups):
@@ -177,8 +178,8 @@ def discard_universal(root: Path, tag: str) -> None:
 
 def _restore_buffers(engine, folder: Path) -> None:
     """Persistent buffers (e.g. BatchNorm statistics) from the checkpoint's module state: DeepSpeed's
-    universal load restores parameters only. The file is this run's own DeepSpeed checkpoint, which
-    DeepSpeed itself loads the same way (it holds non-tensor objects)."""
+    universal load restores parameters only. It is loaded as DeepSpeed loads it (weights_only=False),
+    within resume's restricted_unpickling block, which makes every load weights-only (safe_unpickle.py)."""
     names = {name for name, _ in engine.module.named_buffers()}
     persistent = [name for name in engine.module.state_dict() if name in names]
     if not persistent:

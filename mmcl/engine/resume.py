@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from mmcl.distributed import get_rank, get_world_size
 from mmcl.engine import elastic
-from mmcl.engine.checkpoint import load_rank_state, load_task_state, resolve_resume
+from mmcl.engine.checkpoint import TRUST_HINT, ResumeError, load_rank_state, load_task_state, resolve_resume
 from mmcl.engine.rng import restore_rng
 from mmcl.engine.runtime import say
+from mmcl.safe_unpickle import restricted_unpickling
 
 if TYPE_CHECKING:
     from mmcl.config import RunConfig
@@ -27,7 +28,7 @@ def check_resume_layout(cfg: RunConfig, output_dir: Path, world_size: int, ds_co
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or str(world_size)  # torchrun / deepspeed
     layout = elastic.current_layout(cfg, world_size, int(local), stage)
-    found = resolve_resume(cfg.train.resume, output_dir) if cfg.train.resume is not None else None
+    found = resolve_resume(cfg.train.resume, output_dir, cfg.train.trust_checkpoint) if cfg.train.resume is not None else None
     if found is None:
         return None, layout, None, []
     saved = elastic.saved_layout(found[0] / found[1])
@@ -39,16 +40,18 @@ def resume(run: Run) -> None:
     if run.resume_from is None:
         return
     root, tag = run.resume_from
-    if run.layout_changes:
-        run.step, run.samples_seen = _resume_elastic(run, root, tag)
-    else:
-        _, client_state = run.engine.load_checkpoint(str(root), tag=tag)
-        run.step, run.samples_seen = client_state["step"], client_state["samples_seen"]
-        run.task.load_extra_state(load_task_state(root, tag))
-        rank_state = load_rank_state(root, tag)
-        run.loader.load_state_dict(rank_state["data"])
-        restore_rng(rank_state["rng"])
-        say(f"resumed from {root / tag} at step {run.step}")
+    # DeepSpeed's loaders unpickle fully; within this block they load tensors and DeepSpeed's types only
+    with restricted_unpickling(str(root / tag), TRUST_HINT, run.cfg.train.trust_checkpoint, error=ResumeError):
+        if run.layout_changes:
+            run.step, run.samples_seen = _resume_elastic(run, root, tag)
+        else:
+            _, client_state = run.engine.load_checkpoint(str(root), tag=tag)
+            run.step, run.samples_seen = client_state["step"], client_state["samples_seen"]
+            run.task.load_extra_state(load_task_state(root, tag))
+            rank_state = load_rank_state(root, tag)
+            run.loader.load_state_dict(rank_state["data"])
+            restore_rng(rank_state["rng"])
+            say(f"resumed from {root / tag} at step {run.step}")
     run.resumed_at = run.step
     _debug_after_resume(run.engine)
 

@@ -18,6 +18,11 @@ class OptimConfig:
     lr: float = positive(5e-4)  # peak learning rate of the projections, logit scale and fresh towers
     image_lr: float | None = positive(None)  # image tower's learning rate (None = lr); pretrained towers often want less
     text_lr: float | None = positive(None)  # text tower's learning rate (None = lr)
+    # layer-wise lr decay: layer i of a tower's N-layer stack gets its lr x decay^(N+1-i), the embeddings (what
+    # precedes the stack) decay^(N+1), the final norms/pooler after it the full lr; heads and logit scale the full lr
+    layer_decay: float | None = bounded(None, 0, 1, low_open=True)
+    image_layer_decay: float | None = bounded(None, 0, 1, low_open=True)  # the image tower's decay (None = layer_decay)
+    text_layer_decay: float | None = bounded(None, 0, 1, low_open=True)  # the text tower's decay (None = layer_decay)
     weight_decay: float = nonnegative(0.2)  # not applied to biases, norms, embeddings' position tables, logit scale/bias
     betas: list[float] = bounded([0.9, 0.98], 0, 1, high_open=True)  # AdamW's beta1, beta2
     eps: float = positive(1e-6)  # AdamW's epsilon
@@ -49,6 +54,9 @@ class TrainConfig:
     keep_checkpoints: int = count(2)  # newest checkpoints kept on disk
     resume: str | None = None  # "latest" or a checkpoint directory (any world size / workers / micro batch)
     allow_batch_change: bool = False  # resume with another global batch: remaining steps re-derived from remaining samples
+    # resume a checkpoint whose pickles hold objects other than tensors and DeepSpeed's own types
+    # (refused by default: unpickling them can run code); only for checkpoints you trust
+    trust_checkpoint: bool = False
     zero_stage: int | None = bounded(None, 0, 3)  # ZeRO stage when no --deepspeed_config is given (default 2)
     max_nonfinite_steps: int = count(5)  # abort after this many non-finite losses in a row
     patch_dropout_final_steps: int = nonnegative(0)  # train the last N steps with every patch token (FLIP's unmasked tuning)

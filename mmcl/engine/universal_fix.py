@@ -27,7 +27,8 @@ def _load_hp_checkpoint_state_from_checkpoint_dir(self, lp_groups_name: str, che
     optim_state_path = os.path.join(checkpoint_dir, "optimizer_state.pt")
     if not os.path.isfile(optim_state_path):
         raise FileNotFoundError(f"{optim_state_path} (the universal checkpoint's optimizer state) is missing")
-    optim_sd = torch.load(optim_state_path, weights_only=False)  # DeepSpeed's own file, loaded as DeepSpeed does
+    # loaded as DeepSpeed does; resume runs this inside restricted_unpickling, which makes it weights-only
+    optim_sd = torch.load(optim_state_path, weights_only=False)
     self._load_global_state(optim_sd)
     tp_rank = bwc_tensor_model_parallel_rank(mpu=self.mpu)
     if self.mpu is None:

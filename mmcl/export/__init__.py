@@ -9,10 +9,8 @@ Names are imported lazily, so `mmcl push` starts without importing torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from mmcl.export.errors import ExportError, PushError
+from mmcl.lazy import lazy_names
 
 _LAZY = {
     "export_run": "mmcl.export.export",
@@ -27,8 +25,4 @@ _LAZY = {
 
 __all__ = ["ExportError", "PushError", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mmcl.export' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

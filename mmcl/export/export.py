@@ -12,6 +12,8 @@
       mmcl_config.yaml                 the run's config (named so the folder is not mistaken for an mmcl model dir)
       metrics.json, training.png       the run's final metrics and plot, when the run has them
       README.md                        the model card
+      adapters/image|text/             with `adapters=True` and LoRA towers: each tower's peft adapter folder
+                                       (not among "files": `mmcl push` uploads the merged model alone)
 
 The folder is written aside and renamed into place only after `load_exported` has reproduced
 the model's embeddings from it, so an export that exists is an export that works.
@@ -36,27 +38,32 @@ from mmcl.redact import redact_tree
 
 FORMAT_VERSION = 1
 CONFIG_COPY = "mmcl_config.yaml"
+ADAPTERS_DIR = "adapters"  # peft adapter folders of LoRA towers, one per side (export option)
 
 
 def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-               license: str | None = None, datasets: Sequence[str] | None = None) -> Path:
+               license: str | None = None, datasets: Sequence[str] | None = None, trust_checkpoint: bool = False,
+               adapters: bool = False) -> Path:
     """Export a run directory, one of its checkpoints or its model/ folder to `out_dir`; returns the folder.
 
     license: the card's license id (default "other"); datasets: Hub dataset ids for the card
-    (default: names taken from the run's shard paths).
+    (default: names taken from the run's shard paths); trust_checkpoint: unpickle a checkpoint
+    fully (see mmcl.export.source); adapters: also write LoRA towers' adapters as peft adapter
+    folders (`adapters/<side>/`).
     """
-    out, source = check_export_out(run_or_checkpoint, out_dir, overwrite=overwrite)
+    out, source = check_export_out(run_or_checkpoint, out_dir, overwrite=overwrite, trust_checkpoint=trust_checkpoint)
     model, config, tokenizer = load_model(source)
     return export_model(model, config, tokenizer, out, facts=read_facts(source), source=source, overwrite=overwrite,
-                        license=license, datasets=datasets)
+                        license=license, datasets=datasets, adapters=adapters)
 
 
 def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFacts | None = None,
                  source: Source | None = None, overwrite: bool = False, license: str | None = None,
-                 datasets: Sequence[str] | None = None) -> Path:
+                 datasets: Sequence[str] | None = None, adapters: bool = False) -> Path:
     """Export an in-memory DualEncoder built from the RunConfig `config` (with its tokenizer, or None).
 
-    The model is put in float32 eval mode on the CPU in place; pass a copy to keep yours as it is.
+    The model is put in float32 eval mode on the CPU in place, its LoRA adapters merged into the
+    towers; pass a copy to keep yours as it is.
     """
     from mmcl.config import config_to_dict
     from mmcl.export.card import render_card
@@ -69,6 +76,7 @@ def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFac
     facts.config = redact_tree(portable_paths(facts.config or config_to_dict(config), run_dir))
     with staged(out) as staging:
         model = model.float().eval().cpu()
+        _merge_adapters(model, config, staging / ADAPTERS_DIR if adapters else None)
         hf, reports, probes = convert(model, config, tokenizer)
         hf.save_pretrained(str(staging))
         _save_processor(staging, config, tokenizer)
@@ -81,13 +89,30 @@ def export_model(model, config, tokenizer, out_dir: str | Path, *, facts: RunFac
         if facts.plot is not None:
             shutil.copyfile(facts.plot, staging / "training.png")
         # what the export consists of: `mmcl push` uploads exactly these
-        files = sorted({p.name for p in staging.iterdir() if not p.name.startswith(".")} | {INFO_FILE}) + ["README.md"]
+        files = sorted({p.name for p in staging.iterdir() if not p.name.startswith(".") and p.name != ADAPTERS_DIR}
+                       | {INFO_FILE}) + ["README.md"]
         info["files"] = files
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (staging / "README.md").write_text(render_card(info, facts, ".", files, license=license, datasets=datasets,
                                                        name=out.name))
         verify(staging, model, probes, info)
     return out
+
+
+def _merge_adapters(model, config, folder: Path | None) -> None:
+    """Fold LoRA adapters into their towers (in place); with `folder`, first save them there as peft adapters."""
+    from mmcl.models.lora import has_lora, merge_lora, save_lora_adapter
+
+    for kind in ("image", "text"):
+        tower = getattr(model, f"{kind}_tower", None)
+        if tower is None or not has_lora(tower):
+            continue
+        if folder is not None:
+            tower_cfg = getattr(config.model, kind)
+            name = tower_cfg.name_or_path if tower_cfg is not None else None
+            hub_id = name if name and not name.startswith(("/", ".", "~")) and not Path(name).exists() else None
+            save_lora_adapter(tower, folder / kind, base_model=hub_id)  # no local paths leave with the model
+        merge_lora(tower)
 
 
 def _run_relative(path: Path, run_dir: Path | None) -> str:

@@ -139,6 +139,12 @@ def export_openclip_model(model, config, tokenizer, out_dir: str | Path, overwri
 
     out = check_out(out_dir, overwrite=overwrite)
     model = model.float().eval().cpu()
+    for tower in (model.image_tower, model.text_tower):  # LoRA adapters: folded into the towers' weights
+        if tower is not None:
+            from mmcl.models.lora import has_lora, merge_lora
+
+            if has_lora(tower):
+                merge_lora(tower)
     check_representable(model, config, tokenizer)
     with staged(out) as staging:
         save_file(openclip_state(model, config.model.text.context_length), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -178,10 +184,10 @@ def verify(folder: Path, model, config, tokenizer) -> dict[str, float]:
 
 
 def export_openclip(run_or_checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False,
-                    repo_id: str | None = None) -> Path:
+                    repo_id: str | None = None, trust_checkpoint: bool = False) -> Path:
     """`mmcl export --format openclip`: a run directory, checkpoint or model dir -> OpenCLIP folder."""
     from mmcl.export.source import load_model
 
-    out, source = check_export_out(run_or_checkpoint, out_dir, overwrite=overwrite)
+    out, source = check_export_out(run_or_checkpoint, out_dir, overwrite=overwrite, trust_checkpoint=trust_checkpoint)
     model, config, tokenizer = load_model(source)
     return export_openclip_model(model, config, tokenizer, out, overwrite=overwrite, repo_id=repo_id)

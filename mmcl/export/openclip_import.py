@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmcl.safe_unpickle import weights_file_problem
 from mmcl.export.errors import ExportError
 from mmcl.export.staging import check_convert_out, staged
 
@@ -134,8 +137,10 @@ def load_openclip(model: str, weights: str | None = None, config_file: str | Non
                               "for a custom architecture, or use an hf-hub: / local-dir: id.")
         if weights is None:
             raise ExportError(f"--weights is needed with the built-in architecture '{model}' (a local checkpoint file).")
-        if not Path(weights).is_file():
+        if not Path(weights).exists():
             raise ExportError(f"OpenCLIP weights file {weights} does not exist.")
+        if not Path(weights).is_file():
+            raise ExportError(f"OpenCLIP weights file {weights} is not a regular file; pass a .safetensors, .pt or .bin file.")
     elif weights is not None:
         raise ExportError(f"--weights does not apply to '{model}': its weights come from that {schema[:-1]} source.")
     try:
@@ -145,8 +150,18 @@ def load_openclip(model: str, weights: str | None = None, config_file: str | Non
     if model_cfg is None:
         raise ExportError(f"the OpenCLIP config of '{model}' could not be found.")
     check_supported(model_cfg, model)
+    if weights is not None:
+        problem = weights_file_problem(Path(weights))
+        if problem is not None:
+            raise ExportError(f"OpenCLIP weights file {weights} {problem}; pass a .safetensors file or a .pt/.bin "
+                              "holding only the state dict's tensors.")
     try:
         oc_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights, device="cpu")
+    except pickle.UnpicklingError as error:  # a legacy (non-zip) pickle that torch's weights-only load refuses
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise ExportError(f"OpenCLIP weights file {weights} holds a pickled '{found.group(1) if found else 'object'}', not only "
+                          "tensors, so it is not loaded (unpickling it could run code); pass a .safetensors file or a "
+                          "state dict of tensors.") from None
     except (OSError, RuntimeError, ValueError) as error:
         raise ExportError(f"OpenCLIP could not load '{model}' ({str(error).splitlines()[0][:200]}).") from error
     if type(oc_model) is not open_clip.CLIP or type(oc_model.visual).__name__ != "VisionTransformer":

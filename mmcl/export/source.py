@@ -8,8 +8,10 @@
     <output_dir>/model (or any mmcl model directory: config.yaml + model.safetensors)
 and `load_model(source)` returns the DualEncoder in float32 and eval mode. A DeepSpeed
 checkpoint is consolidated with DeepSpeed's own `zero_to_fp32` (the fp32 master weights, so
-bf16/fp16 runs export full precision); it is a pickle, like every DeepSpeed checkpoint, so
-export only checkpoints you trust (your own runs).
+bf16/fp16 runs export full precision). Its files are pickles: `locate` refuses a checkpoint
+whose files differ from its manifest (mmcl/manifest.py) or whose pickles hold anything but
+tensors and DeepSpeed's own types, and the consolidation unpickles weights-only
+(mmcl/safe_unpickle.py), unless `trust_checkpoint` (`mmcl export --trust-checkpoint`).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class Source:
     model_dir: Path | None = None  # an mmcl model directory
     checkpoint: Path | None = None  # <root>/<tag> of a DeepSpeed checkpoint
     step: int | None = None  # optimizer step of the weights, when known
+    trusted: bool = False  # unpickle the checkpoint fully (the user trusts its author)
 
     @property
     def weights(self) -> Path:
@@ -81,9 +84,35 @@ def _latest(root: Path) -> Path | None:
     return folder
 
 
-def locate(path: str | Path) -> Source:
-    """Classify `path` (see the module docstring); raises ExportError when it holds no weights."""
-    path = Path(path).expanduser()
+def locate(path: str | Path, trust_checkpoint: bool = False) -> Source:
+    """Classify `path` (see the module docstring); raises ExportError when it holds no weights, or
+    a checkpoint that is damaged or holds pickled objects (unless `trust_checkpoint`)."""
+    source = _locate(Path(path).expanduser())
+    if source.checkpoint is not None:
+        _check_checkpoint(source.checkpoint, trust_checkpoint)
+        source.trusted = trust_checkpoint
+    return source
+
+
+TRUST_HINT = "pass --trust-checkpoint"
+
+
+def _check_checkpoint(folder: Path, trust: bool) -> None:
+    """A damaged checkpoint (files that differ from its manifest) or one with foreign pickles: ExportError."""
+    from mmcl import manifest
+    from mmcl.safe_unpickle import check_pickles
+
+    if manifest.read_manifest(folder) is not None:
+        problem = manifest.damage(folder)
+        if problem is not None:
+            older = sorted((p for p in folder.parent.glob("step_*") if p.name < folder.name), reverse=True)
+            previous = next((p for p in older if manifest.damage(p) is None), None)
+            instead = f"export the previous intact one, {previous}" if previous else "restore it from a copy"
+            raise ExportError(f"checkpoint {folder} is damaged ({problem}); {instead}.")
+    check_pickles(folder, TRUST_HINT, trust, error=ExportError)
+
+
+def _locate(path: Path) -> Source:
     if not path.exists():
         raise ExportError(f"{path} does not exist; pass a run directory (output_dir), one of its checkpoints/step_* folders or its model/ folder.")
     if _is_model_dir(path):
@@ -186,8 +215,17 @@ def _architecture_only(config) -> None:
         tower.name_or_path = None
 
 
-def consolidate(checkpoint: Path) -> dict[str, Any]:
-    """Full fp32 state dict of the DualEncoder from a DeepSpeed checkpoint folder (any ZeRO stage)."""
+def consolidate(checkpoint: Path, trust: bool = False) -> dict[str, Any]:
+    """Full fp32 state dict of the DualEncoder from a DeepSpeed checkpoint folder (any ZeRO stage).
+
+    DeepSpeed's loaders unpickle fully; here they load tensors and DeepSpeed's types only, unless `trust`."""
+    from mmcl.safe_unpickle import restricted_unpickling
+
+    with restricted_unpickling(str(checkpoint), TRUST_HINT, trust, error=ExportError):
+        return _consolidate(checkpoint)
+
+
+def _consolidate(checkpoint: Path) -> dict[str, Any]:
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -196,7 +234,7 @@ def consolidate(checkpoint: Path) -> dict[str, Any]:
         with contextlib.redirect_stdout(quiet):  # DeepSpeed prints its progress on stdout
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     except (ValueError, FileNotFoundError) as error:
-        # No ZeRO (stage 0): the model states file holds the full module.
+        # No ZeRO (stage 0): the model states file holds the full module (loaded as DeepSpeed does, in the block above).
         states = checkpoint / "mp_rank_00_model_states.pt"
         if not states.is_file():
             raise ExportError(f"{checkpoint} is not a complete DeepSpeed checkpoint ({str(error).splitlines()[0][:150]}).") from error
@@ -230,7 +268,7 @@ def load_model(source: Source):
         tokenizer_dir = model_dir / "tokenizer" if (model_dir / "tokenizer").is_dir() else None
         config = _model_config(raw, tokenizer_dir, config_path)
         _architecture_only(config)
-        state = consolidate(source.checkpoint)
+        state = consolidate(source.checkpoint, source.trusted)
 
     torch.manual_seed(0)  # the random init is overwritten; seeding only keeps runs reproducible
     model = build_model(config.model)

@@ -118,12 +118,14 @@ def _writable_parent(out: Path) -> Path:
     return parent
 
 
-def check_export_out(run_or_checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool):
+def check_export_out(run_or_checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool,
+                     trust_checkpoint: bool = False):
     """(checked out folder, Source) for `mmcl export --run RUN --out DIR`: DIR may not be the run or above it,
-    nor the weights, the run's checkpoints/ or model/ folder, or a place above or inside them."""
+    nor the weights, the run's checkpoints/ or model/ folder, or a place above or inside them. The
+    checkpoint is checked too (`source.locate`: intact, and nothing but tensors unless `trust_checkpoint`)."""
     from mmcl.export.source import CHECKPOINTS, MODEL_DIR, locate
 
-    source = locate(run_or_checkpoint)
+    source = locate(run_or_checkpoint, trust_checkpoint)
     given = Path(os.path.expanduser(str(run_or_checkpoint)))
     sources = [source.weights]
     if source.checkpoint is not None:
@@ -141,8 +143,9 @@ def check_convert_out(model: str, out_dir: str | Path, *, overwrite: bool, weigh
     folder, nor a folder above or inside them."""
     sources = [path for path in (weights, config_file) if path]
     for flag, path in (("--weights", weights), ("--config", config_file)):
-        if path and not Path(path).expanduser().is_file():
-            state = "is a folder" if Path(path).expanduser().is_dir() else "does not exist"
+        given = Path(path).expanduser() if path else None
+        if given is not None and not given.is_file():  # /dev/null exists, but is no file either
+            state = "is a folder" if given.is_dir() else "is not a regular file" if given.exists() else "does not exist"
             raise ExportError(f"{flag} {path} {state}; pass the file itself.")
     if model.startswith("local-dir:"):
         folder = model[len("local-dir:"):]

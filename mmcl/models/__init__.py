@@ -1,8 +1,7 @@
 """Models: `transformers` towers -> pooling -> projection -> normalised features."""
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmcl.lazy import lazy_names
 
 # Imported on first use, so that `mmcl.config` (which reads this package's settings) imports no torch.
 _LAZY = {
@@ -73,14 +72,4 @@ __all__ = [
     "tokenize",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -171,9 +171,20 @@ def _build_side(tower_cfg: TowerConfig, kind: str, cfg: ModelConfig,
     projection = build_projection(tower_cfg.projection, width, cfg.embed_dim, cfg.mlp_hidden_dim, key)
     if tower_cfg.lock:
         lock_tower(tower, tower_cfg.unlocked_layers, key)
+    if tower_cfg.lora is not None:  # after pooling/projection sizing: adapters change no shape
+        add_tower_lora(tower, tower_cfg, key)
     if tower_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(tower, key)
     return tower, pooling, projection
+
+
+def add_tower_lora(tower: PreTrainedModel, tower_cfg: TowerConfig, key: str) -> None:
+    """LoRA adapters (`tower_cfg.lora`) into `tower`, in place, with the global RNG left as it was:
+    a run with adapters builds the same towers and heads from one seed as a run without."""
+    from mmcl.models.lora import add_lora
+
+    with torch.random.fork_rng(devices=[]):
+        add_lora(tower, tower_cfg.lora, key)
 
 
 def enable_gradient_checkpointing(tower: PreTrainedModel, key: str = "model.image") -> None:

@@ -12,6 +12,19 @@ from mmcl.coerce import MODEL_PATH, ConfigError, bounded, count, nonnegative, po
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on a tower through Hugging Face `peft`: the tower's own weights stay frozen."""
+
+    rank: int = count(8)  # rank r of each adapter's low-rank update
+    alpha: float = positive(16.0)  # the update is scaled by alpha / rank
+    dropout: float = bounded(0.0, 0, 1, high_open=True)  # dropout on the adapters' input in training
+    # names of the Linear modules to adapt (peft's target_modules: leaf names such as query, value, q_proj);
+    # None: the attention query and value projections of the tower's layer stack (q_proj/v_proj for CLIP and
+    # SigLIP, query/value for ViT and BERT, q/v for T5), or every Linear in the stack when it has no attention
+    target_modules: list[str] | None = None
+
+
+@dataclass
 class TowerConfig:
     """One tower: any `transformers` model, pretrained (`name_or_path`) or random (`config`)."""
 
@@ -28,8 +41,13 @@ class TowerConfig:
     # image towers with token outputs (vit, deit, clip/siglip vision, dinov2): in training, drop this fraction
     # of the patch tokens per image after the position embeddings (FLIP); class/register tokens are kept
     patch_dropout: float = bounded(0.0, 0, 1, high_open=True)
+    # LoRA adapters (peft): only they (and the projection) train; the export merges them into the tower
+    lora: LoraConfig | None = None
 
     def validate(self, key: str, source: str) -> None:
+        if self.lora is not None and self.lock:
+            raise ConfigError(f"{source}: '{key}.lora' trains adapters on a tower that 'lock: true' freezes entirely; "
+                              "remove one of them.")
         if (self.name_or_path is None) == (self.config is None):
             raise ConfigError(f"{source}: '{key}' needs exactly one of 'name_or_path' (pretrained) or 'config' (random init).")
         if self.config is not None and "model_type" not in self.config:

@@ -24,6 +24,7 @@ never trained, cast, partitioned by ZeRO-3 or written into a checkpoint.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,10 @@ def load_teacher(cfg: DistillConfig) -> Teacher:
             teacher = _directory_teacher(Path(spec).expanduser())
     except TeacherLoadError:
         raise
+    except pickle.UnpicklingError:  # a legacy (non-zip) pickle that torch's weights-only load refuses
+        raise TeacherLoadError(f"distill.teacher '{spec}': its weights hold pickled objects, not only tensors, so they are "
+                               "not loaded (unpickling them could run code); pass a .safetensors file or a state dict "
+                               "of tensors.") from None
     except Exception as error:  # a loader failure deep inside open_clip / transformers: name the key
         raise TeacherLoadError(f"distill.teacher '{spec}' could not be loaded ({type(error).__name__}: "
                                f"{str(error).splitlines()[0] if str(error) else ''}).") from error
@@ -142,8 +147,13 @@ def _openclip_teacher(model_name: str, weights: str | None, config_file: str | N
     if not hub and model_name not in open_clip.list_models():
         raise TeacherLoadError(f"open_clip has no architecture '{model_name}' (distill.teacher); pick one of "
                                "open_clip.list_models() or register yours with distill.openclip_config.")
-    if weights is not None and not Path(weights).is_file():
-        raise TeacherLoadError(f"distill.weights '{weights}' does not exist.")
+    if weights is not None:
+        from mmcl.safe_unpickle import weights_file_problem
+
+        problem = weights_file_problem(Path(weights))
+        if problem is not None:
+            raise TeacherLoadError(f"distill.weights '{weights}' {problem}; pass a .safetensors file or a .pt/.bin "
+                                   "holding only the state dict's tensors.")
     model = open_clip.create_model(model_name, pretrained=weights, require_pretrained=not hub)
     preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
     size = preprocess.get("size", getattr(model.visual, "image_size", 224))

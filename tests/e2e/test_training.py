@@ -115,3 +115,85 @@ def test_consolidated_fp32_state_dict_loads_back(reference_runs, stage):
     assert all(name not in dict(model.named_parameters()) for name in missing)
     for name, tensor in state.items():
         assert torch.equal(tensor, exported[name]), name
+
+
+def test_truncated_latest_checkpoint_resumes_from_the_previous_one_and_pruning_spares_foreign_folders(reference_runs, tmp_path):
+    """latest (step 8) has a file cut in half: resume says so in one line, continues from step 4 with the
+    reference losses, and keep_checkpoints=2 deletes only checkpoints with mmcl's manifest."""
+    from mmcl.manifest import damage
+
+    config, out, _ = reference_runs[2]
+    resumed = tmp_path / "resumed"
+    for tag in ("step_00000004", "step_00000008"):
+        shutil.copytree(out / "checkpoints" / tag, resumed / "checkpoints" / tag)
+    (resumed / "checkpoints" / "latest").write_text("step_00000008")
+    cut = resumed / "checkpoints" / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = cut.stat().st_size
+    cut.write_bytes(cut.read_bytes()[: size // 2])
+    foreign = resumed / "checkpoints" / "step_00000001"  # a user's folder that looks like a tag
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    result = run(deepspeed_command(config, STAGES[2], 2, f"output_dir={resumed}", "train.resume=latest",
+                                   "train.keep_checkpoints=2"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    damaged = [line for line in result.stdout.splitlines() if "damaged" in line]
+    assert damaged == [f"[mmcl] checkpoint {resumed / 'checkpoints' / 'step_00000008'} is damaged (zero_pp_rank_1_mp_rank_00_"
+                       f"optim_states.pt has {size // 2} bytes instead of {size}); resuming from the previous intact one, "
+                       "step_00000004"]
+    assert f"resumed from {resumed / 'checkpoints' / 'step_00000004'} at step 4" in result.stdout
+    expected, got = losses(out), losses(resumed)
+    assert sorted(got) == list(range(5, STEPS[2] + 1))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), (step, got, expected)
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.is_dir()) == [
+        "step_00000001", "step_00000012", "step_00000016"]
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert damage(resumed / "checkpoints" / "step_00000016") is None
+
+
+class Payload:
+    """Unpickling it runs `touch <marker>`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_checkpoint_is_refused_by_export_and_resume_and_its_payload_never_runs(reference_runs, tmp_path):
+    """A run folder someone gave us: a real checkpoint whose model states and one optimizer partition are
+    pickles with a payload, and a manifest rewritten to match. Neither command unpickles them."""
+    import subprocess
+
+    import torch
+
+    from launch import BIN, REPO, env
+    from mmcl.manifest import write_manifest
+
+    config, out, _ = reference_runs[2]
+    crafted, marker = tmp_path / "given_run", tmp_path / "marker"
+    shutil.copytree(out / "checkpoints" / "step_00000004", crafted / "checkpoints" / "step_00000004")
+    (crafted / "checkpoints" / "latest").write_text("step_00000004")
+    shutil.copy(out / "config.yaml", crafted / "config.yaml")
+    folder = crafted / "checkpoints" / "step_00000004"
+    torch.save({"module": Payload(marker)}, folder / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": Payload(marker)}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    write_manifest(folder, 4)
+    refusal = (f"{folder / 'mp_rank_00_model_states.pt'} holds a pickled 'posix.system', which is neither a tensor nor "
+               "one of DeepSpeed's own types, and unpickling it could run code, so mmcl does not load it; use only "
+               "checkpoints you or mmcl wrote")
+
+    exported = subprocess.run([str(BIN / "mmcl"), "export", "--run", str(crafted), "--out", str(tmp_path / "export")],
+                              cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 2, exported.stdout + exported.stderr
+    assert exported.stderr == f"mmcl: error: {refusal} (pass --trust-checkpoint only if you trust its author).\n"
+    assert not (tmp_path / "export").exists()
+
+    resumed = run(deepspeed_command(config, STAGES[2], 2, f"output_dir={crafted}", "train.resume=latest"))
+    assert resumed.returncode != 0
+    assert f"{refusal} (set train.trust_checkpoint=true only if you trust its author)." in resumed.stdout + resumed.stderr
+    assert "Traceback" not in resumed.stdout + resumed.stderr
+    assert not marker.exists()

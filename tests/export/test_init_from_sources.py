@@ -82,6 +82,22 @@ def test_init_from_a_siglip_model_gives_its_embeddings_logit_scale_and_bias(sigl
     assert out["logit_bias"].item() == pytest.approx(-7.25)
 
 
+def test_lora_on_a_model_started_from_siglip_wraps_its_loaded_weights(siglip_dir):
+    """Adapters go in after the source's weights: at step 0 (B = 0) the towers are the source's, and only
+    the adapters (and heads) train."""
+    folder, source = siglip_dir
+    model_cfg = run(folder, image={"lora": {"rank": 2}}, text={"lora": {"rank": 2}}).model
+    model = build_model(model_cfg).eval()
+    tokens = tokenize(build_tokenizer(model_cfg.text), CAPTIONS, 12)
+    with torch.no_grad():
+        assert max_diff(model.encode_image(PIXELS, normalize=False), source.get_image_features(pixel_values=PIXELS).pooler_output) <= TOLERANCE
+        assert max_diff(model.encode_text(**tokens, normalize=False), source.get_text_features(**tokens).pooler_output) <= TOLERANCE
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name}
+    assert trainable <= {"image_projection", "text_projection", "logit_scale", "logit_bias"}
+    assert any("lora_A" in name for name, _ in model.image_tower.named_parameters())
+    assert any("lora_A" in name for name, _ in model.text_tower.named_parameters())
+
+
 def test_init_from_a_vision_text_dual_encoder_gives_its_embeddings_processor_and_tokenizer(vtde_dir, tokenizer_dir):
     from transformers import AutoTokenizer
 
