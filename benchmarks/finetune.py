@@ -10,7 +10,9 @@ launcher (ZeRO-2), as `make demo` runs:
 
     zero-shot     the pre-trained model, no tuning
     full          every weight trains
-    lora_r4/16    LoRA adapters (model.image.lora / model.text.lora) on both towers; heads and logit scale train
+    lora_r4/16    LoRA adapters (model.image.lora / model.text.lora) on both towers' attention q/v projections
+                  (the default targets); heads and logit scale train
+    lora_r*_emb   the same, plus an adapter on the text tower's token embedding (target_modules)
     lit           the image tower locked (model.image.lock: true); text tower and heads train
     flyp          FLYP: the labelled digits (.cls) with class-prompt captions (data.captions_from_labels)
     wise_<α>      WiSE-FT of the full fine-tune: `mmcl wise-ft --eval` at α = 0.25, 0.5, 0.75
@@ -54,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-METHODS = ["full", "lora_r4", "lora_r16", "lit", "flyp"]
+METHODS = ["full", "lora_r4", "lora_r16", "lora_r4_emb", "lora_r16_emb", "lit", "flyp"]
 ALPHAS = [0.25, 0.5, 0.75]
 
 
@@ -131,9 +133,11 @@ def finetune_config(data: dict[str, Path], pretrained: Path, out: Path, steps: i
     }
 
 
-def lora(rank: int) -> dict:
+def lora(rank: int, text_targets: list[str] | None = None) -> dict:
+    """LoRA on both towers (default targets: the attention q/v projections); `text_targets` replaces the text side's."""
     side = {"rank": rank, "alpha": 2 * rank, "dropout": 0.0}
-    return {"model": {"image": {"lora": side}, "text": {"lora": dict(side)}}}
+    text = dict(side, target_modules=text_targets) if text_targets else dict(side)
+    return {"model": {"image": {"lora": side}, "text": {"lora": text}}}
 
 
 def method_configs(data: dict[str, Path], args: argparse.Namespace) -> dict[str, tuple[dict, float]]:
@@ -141,7 +145,11 @@ def method_configs(data: dict[str, Path], args: argparse.Namespace) -> dict[str,
     classification = data["digits"] / "classification"
     flyp = {"data": {"captions_from_labels": True},
             "eval": {"classnames": str(classification / "classnames.txt"), "templates": str(classification / "templates.json")}}
+    # the digits' words never occur in the shapes captions, so their token embeddings are untrained: the
+    # _emb variants also adapt the text tower's token embedding (peft LoRA on the nn.Embedding)
+    emb = ["q_proj", "v_proj", "token_embedding"]
     return {"full": ({}, args.lr), "lora_r4": (lora(4), args.lora_lr), "lora_r16": (lora(16), args.lora_lr),
+            "lora_r4_emb": (lora(4, emb), args.lora_lr), "lora_r16_emb": (lora(16, emb), args.lora_lr),
             "lit": ({"model": {"image": {"lock": True}}}, args.lr), "flyp": (flyp, args.lr)}
 
 
