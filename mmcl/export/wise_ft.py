@@ -191,9 +191,10 @@ def wise_ft(zero_shot: str, fine_tuned: str, alphas: Sequence[float], out_dir: s
             if eval_args is not None:
                 rows.append({"alpha": alpha, **evaluate(model, theta0, eval_args, alpha)})
         if eval_args is not None:
-            summary["datasets"] = {"target": eval_args.data[0], "held_out": list(eval_args.data[1:])}
+            names = dataset_names(eval_args.data)
+            summary["datasets"] = {"target": names[0], "held_out": names[1:]}
             summary["sweep"] = rows
-            plot_sweep(rows, staging / PLOT, target=_name(eval_args.data[0]))
+            plot_sweep(rows, staging / PLOT, target=names[0])
             summary["plot"] = PLOT
         (staging / INFO).write_text(json.dumps(summary, indent=2) + "\n")
     summary["out"] = str(out)
@@ -206,9 +207,20 @@ def _label(path: str) -> str:
     return f"{path.parent.name}/{path.name}" if path.name == "model" else path.name
 
 
-def _name(data: str) -> str:
-    path = Path(data.split("::")[0])
-    return (path if path.is_dir() else path.parent).name or str(path)
+def dataset_names(datas: Sequence[str]) -> list[str]:
+    """One distinct short name per --data, without machine paths: its folder (a shard's parent), with
+    as many parent folders as it takes to tell two apart (…/digits/classification vs …/shapes/classification)."""
+    from mmcl.redact import redact
+
+    folders = []
+    for data in datas:
+        path = Path(redact(data.split("::")[0]))
+        folders.append((path if path.is_dir() else path.parent).parts or (str(path),))
+    for depth in range(1, max(len(parts) for parts in folders) + 1):
+        names = ["/".join(parts[-depth:]) for parts in folders]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{name}#{index}" for index, name in enumerate(names)]  # the same data given twice
 
 
 def evaluate(model, loaded: Loaded, args: argparse.Namespace, alpha: float) -> dict[str, Any]:
@@ -218,9 +230,9 @@ def evaluate(model, loaded: Loaded, args: argparse.Namespace, alpha: float) -> d
     device = setup_distributed(args.device)
     evaluated = eval_model(model, loaded.config, loaded.tokenizer, alpha_name(alpha), device)
     per_dataset = {}
-    for data in args.data:
+    for data, name in zip(args.data, dataset_names(args.data)):
         metrics, _ = zeroshot_metrics(args, evaluated, device, data)
-        per_dataset[_name(data)] = float(metrics["acc1"])
+        per_dataset[name] = float(metrics["acc1"])
     accuracies = list(per_dataset.values())
     model.cpu()
     return {"target": accuracies[0], "held_out": sum(accuracies[1:]) / len(accuracies[1:]), "per_dataset": per_dataset}

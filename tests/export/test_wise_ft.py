@@ -131,7 +131,7 @@ def test_wise_ft_eval_prints_the_sweep_and_writes_its_json_and_plot(pair, tmp_pa
     info = json.loads((out / "mmcl_wise_ft.json").read_text())
     sweep = info["sweep"]
     assert [row["alpha"] for row in sweep] == [0.0, 0.5, 1.0] and info["plot"] == "wise_ft.png"
-    assert info["datasets"] == {"target": str(target), "held_out": [str(held_out)]}
+    assert info["datasets"] == {"target": "target", "held_out": ["held_out"]}  # names, no machine paths
     for row in sweep:
         assert row["target"] == row["per_dataset"]["target"] and row["held_out"] == row["per_dataset"]["held_out"]
         assert row["target"] in {0.0, 1 / 6, 2 / 6, 0.5, 4 / 6, 5 / 6, 1.0}  # 6 target images
@@ -153,3 +153,15 @@ def _templates(tmp_path: Path) -> Path:
     path = tmp_path / "templates.txt"
     path.write_text("a photo of the {c}\nhandwritten {c}\n")
     return path
+
+
+def test_sweep_datasets_get_distinct_names_without_machine_paths(tmp_path):
+    from mmcl.export.wise_ft import dataset_names
+
+    for domain in ("digits", "shapes"):
+        (tmp_path / domain / "classification").mkdir(parents=True)
+    shards = [str(tmp_path / domain / "classification" / "00000.tar") for domain in ("digits", "shapes")]
+    assert dataset_names(shards) == ["digits/classification", "shapes/classification"]
+    assert dataset_names([str(tmp_path / "digits"), str(tmp_path / "shapes")]) == ["digits", "shapes"]
+    assert dataset_names([shards[0], shards[0]]) == [f"{name}#{i}" for i, name in enumerate(["/".join(Path(shards[0]).parent.parts)] * 2)]
+    assert dataset_names(["https://user:SECRET@host/d/{00000..00009}.tar"]) == ["d"]
