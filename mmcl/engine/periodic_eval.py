@@ -25,6 +25,12 @@ if TYPE_CHECKING:
     from mmcl.config import RunConfig
 
 
+def byte_limits(cfg: RunConfig) -> dict[str, int]:
+    """The run's limits on what the shard reader decodes, applied to the evaluation shards too."""
+    return {"max_pixels": cfg.data.max_pixels, "max_image_bytes": cfg.data.max_image_bytes,
+            "max_text_bytes": cfg.data.max_text_bytes}
+
+
 def evaluate(engine, cfg: RunConfig, tokenizer) -> dict[str, Any]:
     """Zero-shot classification, retrieval and kNN / linear probe (those configured) of the current weights."""
     if cfg.eval.zeroshot_shards is None and cfg.eval.retrieval_shards is None and cfg.eval.knn_train_shards is None:
@@ -53,7 +59,7 @@ def evaluate(engine, cfg: RunConfig, tokenizer) -> dict[str, Any]:
             encode_text = text_encoder(model, tokenizer, cfg.model.text.context_length, device)
             if cfg.eval.zeroshot_shards is not None:
                 loader = build_eval_loader(cfg.eval.zeroshot_shards, transform, batch_size=cfg.eval.batch_size,
-                                           max_pixels=cfg.data.max_pixels)
+                                           **byte_limits(cfg))
                 classnames = entries(cfg.eval.classnames, "classnames") or loader.classnames
                 templates = entries(cfg.eval.templates, "templates") or loader.templates
                 metrics = zeroshot_classification(encode_image, encode_text, loader, classnames, templates or ["{}"],
@@ -61,7 +67,7 @@ def evaluate(engine, cfg: RunConfig, tokenizer) -> dict[str, Any]:
                 results.update({f"zeroshot/{k}": v for k, v in metrics.items() if isinstance(v, float)})
             if cfg.eval.retrieval_shards is not None:
                 loader = build_eval_loader(cfg.eval.retrieval_shards, transform, batch_size=cfg.eval.batch_size,
-                                           max_pixels=cfg.data.max_pixels)
+                                           **byte_limits(cfg))
                 encoded = encode_retrieval_data(loader, encode_image, encode_text, device=device)
                 metrics = retrieval_metrics(encoded["image_features"], encoded["text_features"], encoded["text_to_image"])
                 results.update({f"retrieval/{k}": v for k, v in metrics.items() if isinstance(v, float)})
@@ -79,7 +85,7 @@ def _knn_and_probe(cfg: RunConfig, encode_image, transform, device) -> dict[str,
 
     splits = {}
     for split, shards in (("train", cfg.eval.knn_train_shards), ("test", cfg.eval.knn_test_shards)):
-        loader = build_eval_loader(shards, transform, batch_size=cfg.eval.batch_size, max_pixels=cfg.data.max_pixels)
+        loader = build_eval_loader(shards, transform, batch_size=cfg.eval.batch_size, **byte_limits(cfg))
         splits[split] = extract_features(loader, encode_image, keep=("label",), device=device, desc=f"kNN {split} images")
         if "label" not in splits[split]:
             raise ValueError(f"eval.knn_{split}_shards ({shards}) has no class labels (.cls); kNN needs them.")

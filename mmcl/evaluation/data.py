@@ -98,11 +98,17 @@ def _parse_sample(files: dict[str, Any], transform: ImageTransform, max_pixels: 
     return out
 
 
-def _limit(extension: str) -> int | None:
-    """What the shard reader reads of a member: images and text up to the default limits, nothing else."""
-    if extension in IMAGE_EXTENSIONS:
-        return DEFAULT_MAX_IMAGE_BYTES
-    return DEFAULT_MAX_TEXT_BYTES if extension in ("txt", "cls") else None
+def member_limits(max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                  max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> Callable[[str], int | None]:
+    """What the shard reader reads of a member: images and text up to these limits (the run's
+    data.max_image_bytes / data.max_text_bytes, or the defaults), nothing else."""
+
+    def limit(extension: str) -> int | None:
+        if extension in IMAGE_EXTENSIONS:
+            return max_image_bytes
+        return max_text_bytes if extension in ("txt", "cls") else None
+
+    return limit
 
 
 class ShardDataset(IterableDataset):
@@ -112,17 +118,20 @@ class ShardDataset(IterableDataset):
     s % slots); otherwise every slot reads every shard and keeps samples p % slots == slot.
     """
 
-    def __init__(self, urls: list[str], transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, urls: list[str], transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES):
         self.urls, self.transform, self.max_pixels = urls, transform, max_pixels
+        self.max_image_bytes, self.max_text_bytes = max_image_bytes, max_text_bytes
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = _slot()
+        limit = member_limits(self.max_image_bytes, self.max_text_bytes)
         by_shard = len(self.urls) >= slots
         counter = 0
         for shard, url in enumerate(self.urls):
             if by_shard and shard % slots != slot:
                 continue
-            for position, files in enumerate(_tar_samples(url)):
+            for position, files in enumerate(_tar_samples(url, limit)):
                 if _BAD in files:  # a damaged shard: counted once, by its owner or by slot 0
                     if by_shard or slot == 0:
                         yield files
@@ -140,7 +149,7 @@ class ShardDataset(IterableDataset):
                 yield sample
 
 
-def _tar_samples(url: str) -> Iterator[dict[str, bytes]]:
+def _tar_samples(url: str, limit: Callable[[str], int | None]) -> Iterator[dict[str, bytes]]:
     """The samples of one shard, {extension: bytes}, in tar order (the training pipeline's tar
     reader); a damaged shard ends with one `{_BAD: reason}` marker instead of an exception."""
     from mmcl.data.shards import open_shard
@@ -148,7 +157,7 @@ def _tar_samples(url: str) -> Iterator[dict[str, bytes]]:
 
     try:
         with open_shard(url) as stream:
-            for raw in iter_tar_samples(stream, url, keep=lambda index: True, member_limit=_limit):
+            for raw in iter_tar_samples(stream, url, keep=lambda index: True, member_limit=limit):
                 yield {ext.lower(): data for ext, data in raw.items() if not ext.startswith("__")}
     except (BrokenTar, OSError) as error:
         yield {_BAD: getattr(error, "reason", "unreadable_shard")}
@@ -228,9 +237,13 @@ def build_eval_loader(
     num_workers: int = 0,
     split: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
 ) -> EvalLoader:
     """An EvalLoader for `source`: shards (pattern, glob or dir of .tar), a `datasets`
-    directory saved with `save_to_disk`, or an ImageNet-style folder (root/<class>/<image>)."""
+    directory saved with `save_to_disk`, or an ImageNet-style folder (root/<class>/<image>).
+    Shard members above `max_image_bytes` / `max_text_bytes` are skipped unread (the sample is
+    counted as bad), as the training loader does."""
     path = Path(source)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
         dataset, classnames = _hf_dataset(path, split, transform)
@@ -252,7 +265,7 @@ def build_eval_loader(
     urls = expand_shards(source)
     first = Path(urls[0]).parent if "://" not in urls[0] else None
     classnames, templates = _beside(first) if first is not None else (None, None)
-    return EvalLoader(ShardDataset(urls, transform, max_pixels), batch_size, num_workers, classnames, templates)
+    return EvalLoader(ShardDataset(urls, transform, max_pixels, max_image_bytes, max_text_bytes), batch_size, num_workers, classnames, templates)
 
 
 def _hf_dataset(path: Path, split: str | None, transform: ImageTransform) -> tuple[Dataset, list[str] | None]:

@@ -29,6 +29,21 @@ def test_undecodable_samples_are_skipped_and_counted(tmp_path):
     assert loader.skipped == {"corrupt_image": 1, "missing_image": 1}
 
 
+def test_members_above_the_runs_byte_limits_are_skipped_unread_and_counted(tmp_path):
+    samples = classification_samples(4)
+    samples[1]["png"] = png_bytes(COLOURS[1], size=64)  # a larger image than the others
+    samples[2]["txt"] = b"x" * 100  # a caption above the text limit
+    write_shards(tmp_path, samples, per_shard=4)
+    image_limit = len(samples[1]["png"]) - 1
+    assert all(len(s["png"]) <= image_limit for i, s in enumerate(samples) if i != 1)
+    loader = build_eval_loader(str(tmp_path), TRANSFORM, batch_size=4, max_image_bytes=image_limit, max_text_bytes=50)
+    _, labels, _ = _collect(loader)
+    assert labels.tolist() == [0, 3]
+    assert loader.skipped == {"image_too_large": 1, "caption_too_large": 1}
+    default = build_eval_loader(str(tmp_path), TRANSFORM, batch_size=4)
+    assert _collect(default)[1].tolist() == [0, 1, 2, 3] and default.skipped == {}
+
+
 def test_image_folder_and_saved_datasets_dir_read_the_same_images(tmp_path):
     datasets = pytest.importorskip("datasets")
     names, colours = ["blue", "green", "red"], [COLOURS[2], COLOURS[1], COLOURS[0]]  # folders sort by name
