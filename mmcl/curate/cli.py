@@ -14,6 +14,11 @@ SUBCOMMANDS = {
               "Score every sample of the shards with a model: cosine similarity of its image and first caption, "
               "and both unit embeddings (float16), one Parquet file per shard under OUT/parts/. Runs under "
               "deepspeed / torchrun with the shards split over ranks; rerun the same command to resume."),
+    "reinforce": ("mmcl.curate.reinforce_store", "store K augmentations per sample with each teacher's embeddings",
+                  "Write a reinforced store (MobileCLIP): per sample K crop boxes and flips drawn from (seed, key), "
+                  "each teacher's image embedding of every crop and its text embedding, one Parquet file per shard "
+                  "under OUT/parts/. Train on it with distill.store: OUT (no teacher forward). Runs under "
+                  "deepspeed / torchrun; rerun the same command to resume."),
 }
 
 

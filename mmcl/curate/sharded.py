@@ -155,7 +155,7 @@ def plan_out(job: ShardJob, overwrite: bool) -> Plan:
     if overwrite:
         return Plan(resume=False, replace=True)
     differ = [k for k in keys if prior.get(k) != mine.get(k)]
-    raise CurateError(f"--out '{job.out}' holds {job.what} of another model or shard list (its {', '.join(differ)} "
+    raise CurateError(f"--out '{job.out}' holds {job.what} of another model, shard list or settings (its {', '.join(differ)} "
                       f"differ{'s' if len(differ) == 1 else ''}); pass another folder, or --overwrite to replace them.")
 
 

@@ -84,6 +84,8 @@ class SampleSpec:
         without a label is skipped (missing_label).
     first_caption: caption a JSON list by its first entry instead of a seeded choice (scoring).
     indices: carry each sample's position in its shard (`__index__`) into the batch as `indices`.
+    keyed_transform: `image_transform(image, key)`: its random choices follow the sample's key, not
+        the stream position (augmentations stored per sample, `mmcl curate reinforce`).
     """
 
     image_transform: Callable[[Tensor], Tensor] | None
@@ -97,6 +99,7 @@ class SampleSpec:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     first_caption: bool = False
     indices: bool = False
+    keyed_transform: bool = False
 
     def member_limit(self, extension: str) -> int | None:
         """Bytes the tar reader may read of a member with this extension; None: not needed, not read."""
@@ -221,7 +224,12 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
                    _reduction_fn(_transforms(spec)))
     with seeded_rngs(seed, restore_rng):
         try:
-            main = spec.image_transform(image) if spec.image_transform is not None else None
+            if spec.image_transform is None:
+                main = None
+            elif spec.keyed_transform:
+                main = spec.image_transform(image, str(raw["__key__"]))
+            else:
+                main = spec.image_transform(image)
             views = [t(image) for t in spec.view_transforms] if spec.view_transforms else None
         except Exception as error:
             _log_first_transform_error(error)

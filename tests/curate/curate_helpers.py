@@ -67,7 +67,7 @@ def save_tokenizer(out: Path) -> None:
     BertTokenizer(str(out / "vocab.txt")).save_pretrained(out)
 
 
-def clip_folder(out: Path, seed: int = 3, image_size: int = 16, dim: int = 12) -> Path:
+def clip_folder(out: Path, seed: int = 3, image_size: int = 16, dim: int = 12, mean=MEAN, std=STD) -> Path:
     """A tiny random-init transformers CLIPModel with its image processor and tokenizer."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -81,6 +81,6 @@ def clip_folder(out: Path, seed: int = 3, image_size: int = 16, dim: int = 12) -
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                       image_mean=list(MEAN), image_std=list(STD)).save_pretrained(out)
+                       image_mean=list(mean), image_std=list(std)).save_pretrained(out)
     save_tokenizer(out)
     return out

@@ -149,7 +149,7 @@ def test_a_folder_of_another_model_is_refused_and_replaced_only_with_overwrite(s
     shutil.copytree(out, copy)
     before = {p.name: p.read_bytes() for p in (copy / "parts").iterdir()}
     argv = ["curate", "score", "--model", str(other), "--shards", pattern, "--out", str(copy), "--workers", "0"]
-    assert "another model or shard list" in error_of(capsys, argv)
+    assert "another model, shard list or settings (its model_sha256 differs)" in error_of(capsys, argv)
     assert {p.name: p.read_bytes() for p in (copy / "parts").iterdir()} == before
     assert main([*argv, "--overwrite"]) == 0
     assert json.loads((copy / "mmcl_curate.json").read_text())["model"] == str(other)
