@@ -47,7 +47,7 @@ class CurateError(ValueError):
     """A mistake the user can fix (bad --out, no shards, another job's folder); one sentence."""
 
 
-def say(message: str, rank: int = 0) -> None:
+def say(message: str) -> None:
     """A progress line on stdout (credentials redacted)."""
     from mmcl.redact import redact
 
