@@ -82,6 +82,10 @@ class SampleSpec:
         are not read (the sample is skipped as caption_, metadata_ or image_too_large).
     class_prompts: captions from the `.cls` labels (FLYP) instead of `caption_key`; a sample
         without a label is skipped (missing_label).
+    first_caption: caption a JSON list by its first entry instead of a seeded choice (scoring).
+    indices: carry each sample's position in its shard (`__index__`) into the batch as `indices`.
+    keyed_transform: `image_transform(image, key)`: its random choices follow the sample's key, not
+        the stream position (augmentations stored per sample, `mmcl curate reinforce`).
     """
 
     image_transform: Callable[[Tensor], Tensor] | None
@@ -93,6 +97,9 @@ class SampleSpec:
     class_prompts: ClassPrompts | None = None
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    first_caption: bool = False
+    indices: bool = False
+    keyed_transform: bool = False
 
     def member_limit(self, extension: str) -> int | None:
         """Bytes the tar reader may read of a member with this extension; None: not needed, not read."""
@@ -112,6 +119,7 @@ class Sample:
     captions: list[str] | None
     label: int | None
     teacher_image: Tensor | None = None
+    index: int | None = None  # position in its shard (SampleSpec.indices)
 
 
 @contextmanager
@@ -202,7 +210,7 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
         if spec.caption_key not in raw:
             raise BadSample("missing_caption")
         found = _stage("bad_caption", caption_list, member_bytes(raw[spec.caption_key], spec.caption_key, spec.caption_key))
-        caption = random.Random(seed).choice(found)
+        caption = found[0] if spec.first_caption else random.Random(seed).choice(found)
         captions = found if spec.all_captions else None
     label = None
     if "cls" in raw:
@@ -216,7 +224,12 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
                    _reduction_fn(_transforms(spec)))
     with seeded_rngs(seed, restore_rng):
         try:
-            main = spec.image_transform(image) if spec.image_transform is not None else None
+            if spec.image_transform is None:
+                main = None
+            elif spec.keyed_transform:
+                main = spec.image_transform(image, str(raw["__key__"]))
+            else:
+                main = spec.image_transform(image)
             views = [t(image) for t in spec.view_transforms] if spec.view_transforms else None
         except Exception as error:
             _log_first_transform_error(error)
@@ -229,7 +242,8 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
             except Exception as error:
                 _log_first_transform_error(error)
                 raise BadSample("transform_error", f"{type(error).__name__}: {error}") from error
-    return Sample(str(raw["__key__"]), main, views, caption, captions, label, teacher)
+    index = int(raw["__index__"]) if spec.indices else None
+    return Sample(str(raw["__key__"]), main, views, caption, captions, label, teacher, index)
 
 
 def _stage(reason: str, step: Callable[..., Any], *args: Any) -> Any:
@@ -301,12 +315,15 @@ def collate(
     pixel_values [B,3,S,S] float (when an image transform is set), views: list of [B,3,S,S]
     float (when view transforms are set), input_ids / attention_mask [B,L] long (when captions
     are read), labels [B] long (when any sample has `.cls`; -1 where missing), keys: list[str],
+    indices: list[int] (each sample's position in its shard, with SampleSpec.indices),
     captions: list[list[str]] (evaluation with all captions). With a distillation teacher:
     teacher_pixel_values [B,3,S_t,S_t] float (normalised with teacher_mean/std) and
     teacher_input_ids / teacher_attention_mask [B,L_t] long (the teacher's tokenizer).
     """
     in_worker = get_worker_info() is not None
     batch: dict[str, Any] = {"keys": [s.key for s in samples]}
+    if samples[0].index is not None:
+        batch["indices"] = [s.index for s in samples]
     if samples[0].image is not None:
         batch["pixel_values"] = _images([s.image for s in samples], mean, std, in_worker)
     if samples[0].views is not None:
