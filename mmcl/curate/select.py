@@ -82,8 +82,7 @@ def priority_order(keys: list[str], scores: np.ndarray) -> np.ndarray:
     import pyarrow.compute as pc
 
     table = pa.table({"score": pa.array(np.asarray(scores, np.float32)), "key": pa.array(keys, pa.string())})
-    return pc.sort_indices(table, sort_keys=[("score", "descending"), ("key", "ascending")],
-                           null_placement="at_end").to_numpy().astype(np.int64)
+    return pc.sort_indices(table, sort_keys=[("score", "descending"), ("key", "ascending")]).to_numpy().astype(np.int64)
 
 
 def score_filter(keys: list[str], scores: np.ndarray, keep_fraction: float | None, min_score: float | None
@@ -141,11 +140,12 @@ def select(scores: dict[str, Any], args: argparse.Namespace, entries: list[str] 
 
 def format_table(results: list[RuleResult], selected: int, expected: float) -> str:
     """The printed summary: one line per rule (input, removed, % of its input, output)."""
-    lines = [f"{'rule':<8} {'arguments':<44} {'input':>10} {'removed':>10} {'%':>7} {'output':>10}"]
+    lines = [f"{'rule':<8} {'arguments':<50} {'input':>10} {'removed':>10} {'%':>7} {'output':>10}"]
     for r in results:
-        arguments = " ".join(f"{k}={v}" for k, v in r.arguments.items())
+        arguments = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in r.arguments.items() if v is not False)
         share = 100.0 * r.removed / r.input if r.input else 0.0
-        line = f"{r.rule:<8} {arguments:<44} {r.input:>10} {r.removed:>10} {share:>6.1f}% {r.input - r.removed:>10}"
+        line = f"{r.rule:<8} {arguments:<50} {r.input:>10} {r.removed:>10} {share:>6.1f}% {r.input - r.removed:>10}"
         if r.expected_per_epoch is not None:
             line += f"  (expected per epoch {r.expected_per_epoch:.1f}; {r.extra['unmatched']} unmatched)"
         lines.append(line)
