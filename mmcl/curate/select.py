@@ -188,6 +188,10 @@ def main(args: argparse.Namespace) -> int:
     scores = read_scores(args.scores, columns)
     if not scores["key"]:
         raise SelectionError(f"scores folder {args.scores} holds no scored sample; check that its shards have good samples.")
+    repeated = len(scores["key"]) - len(set(scores["key"]))
+    if repeated:  # the loader and `mmcl curate write` know a sample by its key alone
+        print(f"mmcl: warning: {repeated} keys occur more than once in the scores (the same key in several shards); "
+              "the loader treats each key as one sample.", flush=True)
     rows, probability, results = select(scores, args, entries)
     expected = float(probability.sum())
     print(format_table(results, len(rows), expected), flush=True)
@@ -197,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
     from mmcl.redact import redact
 
     info = {"scores": redact(str(args.scores)), "rules": [r.to_dict() for r in results], "input": len(scores["key"]),
-            "selected": int(len(rows)), "expected_per_epoch": expected}
+            "selected": int(len(rows)), "expected_per_epoch": expected, "repeated_keys": repeated}
     out = write_selection(args.out, {"key": [scores["key"][r] for r in rows], "probability": probability,
                                      "shard": [scores["shard"][r] for r in rows], "index": scores["index"][rows]},
                           info, overwrite=args.overwrite)

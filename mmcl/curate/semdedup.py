@@ -29,9 +29,12 @@ NITER = 10
 
 def normalise(embeddings: np.ndarray) -> np.ndarray:
     """[n, D] -> float32 [n, D] with unit rows (zero rows stay zero)."""
-    x = np.asarray(embeddings, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    x = np.array(embeddings, dtype=np.float32)  # a copy, normalised in place, in row blocks: one [n, D] buffer
+    for start in range(0, len(x), 65536):
+        rows = x[start:start + 65536]
+        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))[:, None]
+        np.divide(rows, norms, out=rows, where=norms > 0)
+    return x
 
 
 def default_clusters(n: int) -> int:

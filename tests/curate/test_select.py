@@ -237,3 +237,12 @@ def test_out_replaces_only_an_earlier_selection(scored, tmp_path, capsys):
     assert code == 2 and "not a selection written by `mmcl curate select`" in err
     assert pq.read_table(foreign).column("key").to_pylist() == ["x"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.parquet", "scores", "sel.parquet"]  # no temporary left
+
+
+def test_keys_repeated_across_shards_are_reported(tmp_path, kit, capsys):
+    scores = kit.write_scores(tmp_path / "scores", [[{"key": "a", "score": 0.3}, {"key": "b", "score": 0.4}],
+                                                    [{"key": "a", "score": 0.5}]])
+    out = tmp_path / "sel.parquet"
+    code, stdout, _ = run(capsys, "--scores", str(scores), "--min-score", "0", "--out", str(out))
+    assert code == 0 and "1 keys occur more than once" in stdout
+    assert info(out)["repeated_keys"] == 1
