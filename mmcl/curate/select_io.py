@@ -59,7 +59,11 @@ def read_scores(scores_dir: str | os.PathLike, columns: list[str]) -> dict[str, 
             raise SelectionError(f"scores part {part} has no column {', '.join(missing)}; it was not written by "
                                  "`mmcl curate score` (or by an older version): score the shards again.")
         tables.append(pq.read_table(part, columns=columns))
-    table = pa.concat_tables(tables).combine_chunks()
+    try:
+        table = pa.concat_tables(tables).combine_chunks()
+    except pa.ArrowInvalid as error:
+        raise SelectionError(f"the parts of scores folder {scores_dir} differ in their columns ({error}); score all its "
+                             "shards with one model and one version of mmcl.") from None
     out: dict[str, Any] = {}
     for name in columns:
         column = table.column(name)
