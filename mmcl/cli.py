@@ -7,6 +7,7 @@
     mmcl wise-ft --zero-shot DIR --fine-tuned DIR --alpha A [--alpha B ...] --out DIR [--eval --data T --data H ...]
     mmcl curate score --model M --shards PATTERN --out DIR [--batch-size N] [--workers N] [--overwrite]
                                    (data curation, mmcl/curate/; runs under deepspeed / torchrun too)
+    mmcl curate select --scores DIR [rules] --out FILE    /    mmcl curate write --selection FILE --shards PATTERN --out DIR
 
 User errors print one line (`mmcl: error: ...`) and exit with status 2; a bad --out is one of them,
 said before any work (mmcl/export/staging.py: --overwrite replaces only an earlier mmcl output). `push` does not import

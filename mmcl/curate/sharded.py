@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,8 +42,7 @@ VERSION = 1
 _TMP = ".tmp"  # suffix of a part being written (removed when a job starts on the folder)
 
 
-class CurateError(ValueError):
-    """A mistake the user can fix (bad --out, no shards, another job's folder); one sentence."""
+from mmcl.curate.errors import CurateError  # noqa: F401  (the jobs raise it)
 
 
 def say(message: str) -> None:
@@ -430,9 +428,3 @@ def _rows(path: Path) -> int:
     return pq.read_metadata(path).num_rows
 
 
-def exit_error(error: Exception) -> int:
-    """Print a user error as one line and return the exit status 2."""
-    from mmcl.redact import redact
-
-    print(f"mmcl: error: {redact(str(error))}", file=sys.stderr, flush=True)
-    return 2
