@@ -13,9 +13,10 @@ In epoch `e` of a run with seed `s`, the sample with key `k` and probability `p`
 thus change from epoch to epoch and are the same on a rerun; samples with p = 1 are always drawn.
 
 Memory (per process that reads the file: each rank and, copy-on-write, its workers), per row:
-8 bytes (the key's 64-bit FNV-1a hash) for p = 1, 16 bytes (hash + probability) for p < 1; with
-shard + index columns another 4 bytes (the index) plus, for p < 1, the key itself (its UTF-8
-bytes + 4) to draw it per epoch. Ten million rows, a fifth of them balanced, take ~140 MB. Two
+8 bytes (the key's 64-bit FNV-1a hash), plus 8 (its probability) for p < 1; with shard + index
+columns another 4 bytes (the index), plus for p < 1 another 16 (row and probability) and the key
+itself (its UTF-8 bytes + 4) to draw it per epoch. Ten million rows of 12-character keys, two
+million of them balanced, take about 200 MB (the file's columns are read once, transiently). Two
 different keys share a hash with probability ~n / 2**64 per unselected sample read (an
 unselected sample would then be delivered): negligible at any real scale.
 """
@@ -149,12 +150,13 @@ class Placement:
     shards: dict[str, int]  # redacted shard URL -> its group number
     starts: np.ndarray  # [groups + 1] int64: group g's rows are rows starts[g]:starts[g+1]
     indices: np.ndarray  # [rows] int32: each row's index in its shard
-    probabilities: np.ndarray  # [rows] float64
+    group_expected: np.ndarray  # [groups] float64: each group's sum of probabilities
     partial_rows: np.ndarray  # [balanced rows] int64: the rows with p < 1
+    partial_p: np.ndarray  # [balanced rows] float64: their probabilities
     partial_keys: object  # pyarrow string array: their keys (drawn per epoch)
 
     def expected(self, groups: list[int]) -> float:
-        return float(sum(self.probabilities[self.starts[g]:self.starts[g + 1]].sum() for g in groups))
+        return float(self.group_expected[groups].sum()) if groups else 0.0
 
 
 @dataclass
@@ -224,8 +226,7 @@ class Selection:
         keep = np.ones(len(place.indices), dtype=bool)
         if len(place.partial_rows):
             keys = place.partial_keys.to_pylist()
-            probabilities = place.probabilities[place.partial_rows].tolist()
-            keep[place.partial_rows] = [drawn(seed, epoch, k, p) for k, p in zip(keys, probabilities)]
+            keep[place.partial_rows] = [drawn(seed, epoch, k, p) for k, p in zip(keys, place.partial_p.tolist())]
         out = []
         for g in groups:
             if g is None:
@@ -276,8 +277,11 @@ def read_selection(path: str) -> Selection:
         groups = len(encoded.dictionary)
         starts = np.searchsorted(codes, np.arange(groups + 1)).astype(np.int64)
         partial_rows = np.nonzero(row_p < 1.0)[0].astype(np.int64)
+        group_expected = np.add.reduceat(row_p, starts[:-1]) if len(row_p) else np.zeros(groups)
+        group_expected[starts[:-1] == starts[1:]] = 0.0  # reduceat gives an empty group its next value
         placement = Placement({str(name): g for g, name in enumerate(encoded.dictionary.to_pylist())}, starts,
-                              indices, row_p, partial_rows, keys.take(pa.array(rows[partial_rows])))
+                              indices, group_expected, partial_rows, row_p[partial_rows],
+                              keys.take(pa.array(rows[partial_rows])))
     return Selection(path=path, rows=len(probabilities), whole=hashes[whole], partial=hashes[~whole],
                      partial_p=sorted_p[~whole], total=float(probabilities.sum()), placement=placement)
 
