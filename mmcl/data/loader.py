@@ -268,8 +268,22 @@ class ShardLoader:
             "finished_repeated": self._finished_repeated,
             "finished_unselected": self._finished_unselected,
             "epoch_steps": self.steps_per_epoch,
+            **({"selection": self._selection_fingerprint()} if self.cfg.selection is not None else {}),
             **({"plan": self._plan.to_dict()} if self._plan is not None else {}),
         }
+
+    def _selection_fingerprint(self) -> dict[str, Any]:
+        selection = self.cfg.selection
+        return {"rows": selection.rows, "expected": selection.total}
+
+    def _check_selection(self, state: dict[str, Any]) -> None:
+        """Warn when the checkpoint was trained on another selection (or none): the rest of its epoch
+        is then not the remaining samples of one selection."""
+        now = self._selection_fingerprint() if self.cfg.selection is not None else None
+        if state.get("selection") != now:
+            log.warning("data.selection differs from the checkpoint's (saved %s, now %s): the rest of epoch %d "
+                        "follows the new selection, so some samples may repeat or be missed in it",
+                        state.get("selection"), now, int(state["epoch"]))
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Continue exactly where `state` was saved.
@@ -281,6 +295,7 @@ class ShardLoader:
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')} is not {STATE_VERSION}")
+        self._check_selection(state)
         self._finished_skips = {k: int(v) for k, v in state["finished_skips"].items()}
         self._finished_repeated = int(state.get("finished_repeated", 0))
         self._finished_unselected = int(state.get("finished_unselected", 0))
@@ -320,6 +335,8 @@ class ShardLoader:
                 raise ValueError(f"cannot continue the data stream: {key} was {first.get(key)} and is now {now}.")
         if len(states) != int(first["world_size"]):
             raise ValueError(f"the checkpoint holds {len(states)} ranks' data states for a world size of {first['world_size']}")
+        if self.cfg.rank == 0:
+            self._check_selection(first)
         self.epoch = int(first["epoch"])
         self._reset_position()
         self._finished_skips, self._finished_repeated, self._finished_unselected = {}, 0, 0

@@ -16,7 +16,8 @@ Memory (per process that reads the file: each rank and, copy-on-write, its worke
 8 bytes (the key's 64-bit FNV-1a hash), plus 8 (its probability) for p < 1; with shard + index
 columns another 4 bytes (the index), plus for p < 1 another 16 (row and probability) and the key
 itself (its UTF-8 bytes + 4) to draw it per epoch. Ten million rows of 12-character keys, two
-million of them balanced, take about 200 MB (the file's columns are read once, transiently). Two
+million of them balanced, take about 200 MB; reading the file peaks at about 180 bytes per row
+for a moment. Each epoch's draw costs one hash per balanced row (~2 s per million). Two
 different keys share a hash with probability ~n / 2**64 per unselected sample read (an
 unselected sample would then be delivered): negligible at any real scale.
 """
@@ -171,6 +172,7 @@ class Selection:
     total: float  # expected samples per epoch: the sum of the probabilities
     placement: Placement | None
     _members: dict = field(default_factory=dict, repr=False)  # (seed, epoch, urls) -> members, last one
+    _url_groups: dict = field(default_factory=dict, repr=False)  # url -> group (redacting is slow: once per URL)
 
     def probability(self, key: str) -> float:
         """The key's per-epoch probability; 0.0 for a key not in the selection."""
@@ -193,7 +195,10 @@ class Selection:
         cannot place these shards (no shard/index columns, or none of its shards is among `urls`)."""
         if self.placement is None:
             return None
-        groups = [self.placement.shards.get(redact(url)) for url in urls]
+        for url in urls:
+            if url not in self._url_groups:
+                self._url_groups[url] = self.placement.shards.get(redact(url))
+        groups = [self._url_groups[url] for url in urls]
         return groups if any(g is not None for g in groups) else None
 
     def expected(self, urls: list[str]) -> float:
@@ -247,7 +252,8 @@ def read_selection(path: str) -> Selection:
     check_selection_file(path)
     names = pq.ParquetFile(path).schema_arrow.names
     placed = "shard" in names and "index" in names
-    table = pq.read_table(path, columns=["key", "probability"] + (["shard", "index"] if placed else []))
+    table = pq.read_table(path, columns=["key", "probability"] + (["shard", "index"] if placed else []),
+                          read_dictionary=["shard"] if placed else None)  # one string per shard, not per row
     if table.column("key").null_count:
         raise SelectionError(f"{_describe(path)} has rows without a key; every row needs its sample's key.")
     keys = table.column("key").combine_chunks()
@@ -269,16 +275,18 @@ def read_selection(path: str) -> Selection:
         index = table.column("index")
         if shard.null_count or index.null_count:
             raise SelectionError(f"{_describe(path)} has rows without a shard or index; fill them or drop both columns.")
-        encoded = pc.dictionary_encode(shard.combine_chunks())
-        codes = encoded.indices.to_numpy().astype(np.int64)
+        if pa.types.is_dictionary(shard.type):
+            encoded = pa.chunked_array(shard.chunks, shard.type).unify_dictionaries().combine_chunks()
+        else:
+            encoded = pc.dictionary_encode(shard.combine_chunks())
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         indices = index.to_numpy().astype(np.int32)
         rows = np.lexsort((indices, codes))
         codes, indices, row_p = codes[rows], indices[rows], probabilities[rows]
         groups = len(encoded.dictionary)
         starts = np.searchsorted(codes, np.arange(groups + 1)).astype(np.int64)
         partial_rows = np.nonzero(row_p < 1.0)[0].astype(np.int64)
-        group_expected = np.add.reduceat(row_p, starts[:-1]) if len(row_p) else np.zeros(groups)
-        group_expected[starts[:-1] == starts[1:]] = 0.0  # reduceat gives an empty group its next value
+        group_expected = np.bincount(codes, weights=row_p, minlength=groups).astype(np.float64)
         placement = Placement({str(name): g for g, name in enumerate(encoded.dictionary.to_pylist())}, starts,
                               indices, group_expected, partial_rows, row_p[partial_rows],
                               keys.take(pa.array(rows[partial_rows])))

@@ -320,3 +320,20 @@ def test_a_valid_selection_passes_the_config_check(tmp_path):
     path = write_selection(tmp_path / "s.parquet", [("a", 1.0, "x.tar", 0), ("b", 0.5, "x.tar", 1)])
     assert checked(tmp_path, path).data.selection == path
     assert np.isclose(read_selection(path).total, 1.5)
+
+
+def test_resuming_with_another_selection_warns(tmp_path, kit, tokenizer, selected, caplog):
+    pattern, _, _, rows, selection = selected
+    first = loaders(kit, tokenizer, pattern, selection, world=1, batch=8, workers=1)[0]
+    take(first, 2)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["selection"] == {"rows": 80, "expected": 64.0}
+    same = loaders(kit, tokenizer, pattern, selection, world=1, batch=8, workers=1)[0]
+    with caplog.at_level("WARNING", logger="mmcl.data.loader"):
+        same.load_state_dict(state)
+    assert "differs from the checkpoint" not in caplog.text
+    other = write_selection(tmp_path / "other.parquet", rows[:-8])
+    changed = loaders(kit, tokenizer, pattern, other, world=1, batch=8, workers=1)[0]
+    with caplog.at_level("WARNING", logger="mmcl.data.loader"):
+        changed.load_state_dict(state)
+    assert "data.selection differs from the checkpoint's (saved {'rows': 80, 'expected': 64.0}, now {'rows': 72" in caplog.text

@@ -122,11 +122,17 @@ def test_each_epoch_trains_exactly_the_drawn_selected_keys_once_across_world_siz
     assert all(len(keys) == GLOBAL_BATCH for keys in steps.values())
     selected = set(runs["probability"])
     assert len(selected) == 128 and len(runs["keys"]) == 192
+    print(f"selection: {len(runs['keys'])} samples in {SHARDS} shards, {len(selected)} selected "
+          f"({len(selected) - len(runs['balanced'])} at p = 1, {len(runs['balanced'])} at p = 0.5)")
     for epoch in range(EPOCHS):
         trained = Counter(k for step, keys in steps.items() if epoch_of(step) == epoch for k in keys)
         assert set(trained) <= selected
         assert trained == Counter(runs["draws"][epoch]), epoch  # exactly the epoch's draw, each once
         assert len(trained) == EPOCH_STEPS * GLOBAL_BATCH
+        on_two = sum(1 for step, keys in runs["before"].items() if epoch_of(step) == epoch for _ in keys)
+        print(f"epoch {epoch}: {len(trained)} distinct keys trained, {sum(trained.values())} samples "
+              f"({on_two} on 2 ranks before the stop at step {runs['stopped_at']}, the rest on 1 rank), "
+              f"{len(set(trained) & runs['balanced'])} of the 32 balanced, all {len(trained)} in the epoch's draw")
 
 
 def test_balanced_entries_differ_between_epochs_and_repeat_on_a_rerun(selection_runs, tmp_path):
