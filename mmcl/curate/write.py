@@ -28,20 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from mmcl.data.selection import drawn  # the loader's rule for data.selection
+
 from .select_io import SelectionError
 
 MARKER = "mmcl_curate.json"
 SHARD_NAME = "{shard:05d}.tar"
 _MTIME = 0  # fixed member headers (time, owner, mode), as data_tools' writer: same input, same bytes
-
-
-def drawn(seed: int, epoch: int, key: str, probability: float) -> bool:
-    """Whether a sample of `probability` is used in `epoch` of a run with `seed` (the loader's rule)."""
-    if probability >= 1.0:
-        return True
-    from mmcl.data.shards import derive_seed
-
-    return derive_seed(int(seed), "selection", int(epoch), str(key)) / 2**64 < probability
 
 
 def read_selection(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
