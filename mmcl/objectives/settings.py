@@ -314,7 +314,8 @@ def _distill_needs(cfg: RunConfig) -> frozenset[str]:
 
 DISTILL = ObjectiveSpec("distill", "mmcl.objectives.distill:DistillObjective", frozenset({"pixel_values", "text", "teacher"}),
                         DistillConfig, "distill", cacheable=True, image_text=True, check=_check_distill,
-                        state="frozen teacher (only its SHA-256 is saved)", needs_by_config=_distill_needs)
+                        state="frozen teacher (only its SHA-256 is saved), or a reinforced store (its fingerprint)",
+                        needs_by_config=_distill_needs)
 
 # ----------------------------------------------------------------------------- the registry
 
