@@ -305,6 +305,9 @@ def _check_distill(cfg: RunConfig, source: str) -> None:
     elif cfg.distill.teacher is None and cfg.distill.store is None:
         raise ConfigError(f"{source}: objective 'distill' needs 'distill.teacher' (openclip:<architecture>, hf-hub:<id> "
                           "or a transformers / mmcl model directory) or 'distill.store' (a reinforced store).")
+    elif cfg.distill.store is not None and cfg.data.captions_from_labels:
+        raise ConfigError(f"{source}: 'distill.store' holds the teachers' features of each sample's own first caption, "
+                          "not of class prompts; remove 'data.captions_from_labels' or distil from distill.teacher.")
 
 
 def _distill_needs(cfg: RunConfig) -> frozenset[str]:

@@ -75,14 +75,17 @@ def store(tmp_path_factory, digits, teacher_dir):
 
 
 def run_config(digits, objectives=None, **distill):
-    raw = {"model": {"image": {"config": VIT, "pooling": "cls"},
+    return from_dict(run_config_dict(digits, objectives, **distill))
+
+
+def run_config_dict(digits, objectives=None, **distill) -> dict:
+    return {"model": {"image": {"config": VIT, "pooling": "cls"},
                      "text": {"config": BERT, "tokenizer": str(digits / "tokenizer"), "context_length": 16},
                      "embed_dim": 16},
            "objectives": objectives or {"clip": 1.0, "distill": 1.0}, "distill": distill, "seed": RUN_SEED,
            "data": {"train_shards": str(digits / "train" / SHARDS), "image_size": 16, "num_workers": 0,
                     "shuffle_buffer": 8, "train_crop_scale": list(SCALE)},
            "train": {"micro_batch_size": 8}}
-    return from_dict(raw)
 
 
 def store_loader(digits, store, num_workers: int = 0):
@@ -270,5 +273,8 @@ def test_the_config_refuses_a_store_beside_a_teacher_and_folders_that_are_not_st
         run_config(digits, store=str(tmp_path / "future"))
     with pytest.raises(ConfigError, match="'distill.store' is set but 'objectives' has no 'distill'"):
         run_config(digits, {"clip": 1.0}, store=str(store))
+    with pytest.raises(ConfigError, match="not of class prompts"):
+        from_dict({**run_config_dict(digits, store=str(store)), "eval": {"classnames": ["zero"]},
+                   "data": {**run_config_dict(digits)["data"], "captions_from_labels": True}})
     cfg = run_config(digits, store=str(store))
     assert ReinforcedStore.open(cfg.distill.store, 0, 16).augmentations == K
