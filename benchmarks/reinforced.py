@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--augmentations", type=int, default=4, help="stored crops per sample (K)")
     parser.add_argument("--train-images", type=int, default=4800)
     parser.add_argument("--held-out", type=int, default=960)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the students' seed (init, data order); also the teacher's and the store's when --work has none")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the three runs side by side")
     args = parser.parse_args()
     print(cpu_description(), flush=True)
@@ -78,7 +79,7 @@ def main() -> None:
     for number in range(1, args.rounds + 1):
         jobs = []
         for name in RUNS:
-            out = args.work / f"round{number}_{name.replace(' ', '_').replace(',', '').replace('+', 'plus')}"
+            out = args.work / f"seed{args.seed}_round{number}_{name.replace(' ', '_').replace(',', '').replace('+', 'plus')}"
             shutil.rmtree(out, ignore_errors=True)
             config = run_config(data, out, 64, 2, 1, args.student_steps, args.seed)
             config["objectives"], distill = settings[name]
@@ -94,7 +95,7 @@ def main() -> None:
         name, number = key.split(" | ")
         base = results[f"{RUNS[0]} | {number}"]["samples_per_s"]
         print(f"| {name} | {number} | {r['acc1']:.1%} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f}x |")
-    (args.work / "results.json").write_text(json.dumps({"teacher": teacher, "runs": results}, indent=2))
+    (args.work / f"results_seed{args.seed}.json").write_text(json.dumps({"teacher": teacher, "runs": results}, indent=2))
 
 
 if __name__ == "__main__":
