@@ -278,3 +278,33 @@ def test_the_config_refuses_a_store_beside_a_teacher_and_folders_that_are_not_st
                    "data": {**run_config_dict(digits)["data"], "captions_from_labels": True}})
     cfg = run_config(digits, store=str(store))
     assert ReinforcedStore.open(cfg.distill.store, 0, 16).augmentations == K
+
+
+def test_an_epoch_continued_on_another_world_size_replays_the_same_stored_crops_each_sample_once(digits, store):
+    images = decoded_images(digits)
+    cfg = run_config(digits, store=str(store))
+    tokenizer = build_tokenizer(cfg.model.text)
+    store_data = ReinforcedStore.open(store, RUN_SEED, 16)
+
+    def loaders(world: int):
+        return [build_train_loader(cfg.data, tokenizer, 16, batch_size=4, seed=RUN_SEED, rank=r, world_size=world,
+                                   store=store_data) for r in range(world)]
+
+    def check(batch) -> list[str]:
+        for key, pixels in zip(batch["keys"], batch["pixel_values"]):
+            assert torch.equal(pixels, expected_pixels(images[key], key, 0)), key
+        return list(batch["keys"])
+
+    before = []
+    first = loaders(2)
+    for loader in first:
+        batches = iter(loader)
+        for _ in range(3):  # 3 steps of 2 x 4: 24 of the 48 samples
+            before += check(next(batches))
+        batches.close()
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in first]
+    after = []
+    for loader in loaders(3):
+        assert loader.load_elastic_state(states)["remaining_batches"] == 2
+        after += [key for batch in loader for key in check(batch)]
+    assert sorted(before + after) == sorted(images)  # each sample once, with the crop its epoch chose
