@@ -51,7 +51,7 @@ unequal shares when the selection is uneven over the shards.
 
 Skips (`samples.SKIP_REASONS`): missing_image, missing_caption, empty_caption,
 bad_caption_encoding, bad_caption, caption_too_large, bad_label, missing_label, metadata_too_large,
-corrupt_image, image_too_large, transform_error (per sample) and unreadable_shard,
+corrupt_image, image_too_large, transform_error, not_in_store (per sample) and unreadable_shard,
 truncated_shard (per shard event). Nothing is raised for bad data; an epoch without a single
 usable sample raises `NoDataError` naming the counts.
 """
@@ -436,6 +436,7 @@ def build_train_loader(
     pin_memory: bool = False,
     teacher: Any | None = None,
     class_prompts: ClassPrompts | None = None,
+    store: Any | None = None,
 ) -> ShardLoader:
     """The training loader for `data_cfg` (a `mmcl.config.DataConfig`).
 
@@ -453,6 +454,9 @@ def build_train_loader(
         teacher_attention_mask from the same decoded image and caption.
     class_prompts: captions made from the `.cls` labels (FLYP, `data.captions_from_labels`)
         instead of the `caption_key` files; needs a tokenizer.
+    store: a `reinforced.ReinforcedStore` (`distill.store`): `pixel_values` is each sample's stored
+        crop of the epoch (not a fresh random crop), and batches hold the teachers' stored features
+        (teacher_image_features_<t>, teacher_text_features_<t>); samples not in it are skipped.
     """
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
@@ -462,11 +466,11 @@ def build_train_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sources = expand_shards(data_cfg.train_shards)
     urls = [u for s in sources for u in s]
-    if image_transform is None and pixel_values:
+    if image_transform is None and pixel_values and store is None:
         image_transform = clip_train_transform(data_cfg.image_size, data_cfg.train_crop_scale)
-    if not pixel_values:
-        image_transform = None
-    if image_transform is None and not view_transforms:
+    if not pixel_values or store is not None:
+        image_transform = None  # with a store, the stored crop is the student's view
+    if image_transform is None and not view_transforms and store is None:
         raise ValueError("the loader needs an image transform or view transforms")
     selection = read_selection(data_cfg.selection) if getattr(data_cfg, "selection", None) else None
     placed = selection is not None and selection.groups(urls) is not None
@@ -499,6 +503,7 @@ def build_train_loader(
             max_text_bytes=int(data_cfg.max_text_bytes),
             max_image_bytes=int(data_cfg.max_image_bytes),
             class_prompts=class_prompts if tokenizer is not None else None,
+            store=store,
         ),
         tokenize=CaptionTokenizer(tokenizer, context_length) if tokenizer is not None else None,
         mean=_mean_std(data_cfg.image_mean, image_mean, CLIP_MEAN),

@@ -8,6 +8,7 @@ from mmcl.config import RunConfig
 from mmcl.data.class_prompts import ClassPrompts
 from mmcl.data.loader import ShardLoader, TeacherData, build_train_loader
 from mmcl.data.selection import SelectionError, check_selection_file
+from mmcl.data.reinforced import ReinforcedStore, StoreError
 from mmcl.data.shards import expand_shards, is_local, lookup_shard_sizes, refuse_pipes
 from mmcl.data.transforms import ssl_view_pair
 from mmcl.engine.runtime import TrainingError, say
@@ -67,7 +68,8 @@ def check_epoch_size(cfg: RunConfig, world_size: int) -> None:
 def build(cfg: RunConfig, tokenizer, rank: int, world_size: int, teacher=None) -> ShardLoader:
     """The training loader, yielding what the objectives need: the CLIP view (`pixel_values`) and
     captions for clip/siglip, two SSL views (`views`) for simclr/byol, and with `teacher` (a
-    distillation teacher's `TeacherInputs`) its own view and tokens of each sample."""
+    distillation teacher's `TeacherInputs`) its own view and tokens of each sample; with
+    `distill.store`, each sample's stored crop of the epoch and the teachers' stored features."""
     needs = needs_of(cfg.objectives, cfg)
     context_length = cfg.model.text.context_length if cfg.model.text is not None else 77
     teacher_data = None
@@ -76,11 +78,18 @@ def build(cfg: RunConfig, tokenizer, rank: int, world_size: int, teacher=None) -
             raise TrainingError("the distill objective needs its teacher's inputs to build the data stream.")
         teacher_data = TeacherData(teacher_transform(cfg, teacher), teacher.tokenizer, teacher.context_length,
                                    teacher.mean, teacher.std)
+    store = None
+    if "store" in needs:
+        try:
+            store = ReinforcedStore.open(cfg.distill.store, cfg.seed, cfg.data.image_size)
+        except StoreError as error:
+            raise TrainingError(str(error)) from None
     loader = build_train_loader(cfg.data, tokenizer if "text" in needs else None, context_length,
                                 batch_size=cfg.train.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
                                 view_transforms=ssl_views(cfg) if "views" in needs else None,
                                 pixel_values="pixel_values" in needs, teacher=teacher_data,
-                                class_prompts=class_prompts(cfg) if cfg.data.captions_from_labels else None)
+                                class_prompts=class_prompts(cfg) if cfg.data.captions_from_labels else None,
+                                store=store)
     selection = loader.cfg.selection
     if selection is not None:
         per_epoch = ("the resampled stream filtered by it" if cfg.data.resampled else
