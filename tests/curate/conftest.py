@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate_helpers import clip_folder
+from curate_helpers import clip_folder, write_shard
 
 
 def write_scores(root: Path, parts: list[list[dict]], dim: int | None = None) -> Path:
@@ -47,17 +47,6 @@ def image_bytes(seed: int, size=(24, 20)) -> bytes:
     out = io.BytesIO()
     Image.fromarray(array, "RGB").save(out, "JPEG")
     return out.getvalue()
-
-
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    """`[(key, {ext: bytes})]` as a tar in img2dataset layout (`{key}.{ext}`)."""
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def tar_members(path: Path) -> dict[str, bytes]:

@@ -25,6 +25,7 @@ def caption(seed: int) -> str:
 
 
 def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """`[(key, {ext: bytes})]` as a tar in img2dataset layout (`{key}.{ext}`)."""
     with tarfile.open(path, "w") as tar:
         for key, files in samples:
             for ext, data in files.items():
