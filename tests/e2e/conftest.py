@@ -11,6 +11,21 @@ def digits(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def in_process_checks(tmp_path_factory) -> dict:
+    """name -> results of tests/e2e/in_process_checks.py: the single-step engine checks of several
+    test files (accumulation, patch dropout, distillation, BYOL's EMA), all in one 2-rank launch."""
+    import json
+
+    from launch import BIN, REPO, free_port, run
+
+    out = tmp_path_factory.mktemp("in_process_checks") / "results.json"
+    result = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                  str(REPO / "tests" / "e2e" / "in_process_checks.py"), str(out)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def remove_leftover_shared_memory():
     """Runs killed on purpose (kill -9) cannot remove their DeepSpeed /dev/shm buffers; do it after the session."""
