@@ -215,7 +215,6 @@ def _save_heads(folder: Path, model) -> None:
 
 def _info(model, config, hf, reports, source: Source | None) -> dict[str, Any]:
     import mmcl
-    from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
 
     dual = model.text_tower is not None
     info: dict[str, Any] = {
