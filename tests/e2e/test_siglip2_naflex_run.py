@@ -97,3 +97,12 @@ def test_plain_transformers_predictions_on_the_export_equal_mmcls(trained):
     assert torch.equal(theirs.logits_per_image.argmax(-1), expected.argmax(-1))
     assert torch.sigmoid(expected).argmax(-1).tolist() == torch.sigmoid(theirs.logits_per_image).argmax(-1).tolist()
     torch.testing.assert_close(F.normalize(theirs.image_embeds, dim=-1), ours["image_features"], atol=1e-5, rtol=0)
+
+
+def test_mmcl_zeroshot_refuses_a_naflex_model_in_one_sentence(trained, capsys):
+    from mmcl.evaluation.cli import zeroshot_main
+
+    status = zeroshot_main(["--model", str(trained / "run" / "model"), "--data", str(trained / "00000.tar")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err and "Traceback" not in err
+    assert "is a SigLIP 2 NaFlex model, which mmcl's evaluation commands do not read yet" in err
