@@ -151,7 +151,8 @@ def consumer_stream(cfg: StreamConfig, epoch: int, consumer: int, num_consumers:
     buffer = cfg.shuffle_buffer if cfg.shuffle else 0
     if cfg.resampled:
         shard_rng = random.Random(derive_seed(cfg.seed, "resample", epoch, *tag))
-        return shuffled(resampled_source(cfg.sources, cfg.weights, shard_rng, context), buffer, buffer_rng)
+        return shuffled(stored(cfg, resampled_source(cfg.sources, cfg.weights, shard_rng, context), epoch, context),
+                        buffer, buffer_rng)
     urls, sizes = cfg.urls, cfg.sizes
     order = list(range(len(urls)))
     if cfg.shuffle:
@@ -165,7 +166,7 @@ def consumer_stream(cfg: StreamConfig, epoch: int, consumer: int, num_consumers:
         pieces = assign_pieces(ordered, ordered_sizes, consumer, num_consumers)
     else:
         pieces = remaining_pieces(ordered, ordered_sizes, consumed, consumer, num_consumers, weights)
-    own = shuffled(pieces_source(pieces, context), buffer, buffer_rng)
+    own = shuffled(stored(cfg, pieces_source(pieces, context), epoch, context), buffer, buffer_rng)
     if not fill:
         return own
     return itertools.chain(own, fill_source(ordered, consumer * len(ordered) // num_consumers, context))
@@ -175,6 +176,15 @@ def segment_weights(cfg: StreamConfig) -> list[int] | None:
     """Segment 0's split weights: every consumer's batch quota (rank-major), None without quotas.
     Only a split by delivered samples (a placed selection) uses them; the raw split is equal."""
     return list(cfg.quotas) * cfg.world_size if cfg.quotas is not None else None
+
+
+def stored(cfg: StreamConfig, items: Iterator[Any], epoch: int, context: StreamContext) -> Iterator[Any]:
+    """`items` with their reinforced-store rows attached in stream order (`distill.store`), before
+    the shuffle buffer mixes shards; unchanged without a store."""
+    store = cfg.sample.store
+    if store is None:
+        return items
+    return store.attach(items, epoch, lambda: context.fast_forward)
 
 
 def consumed_samples(cfg: StreamConfig, epoch: int, history: list[Segment]) -> dict[str, set[int]]:

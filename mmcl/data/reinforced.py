@@ -18,8 +18,11 @@ reduction, `max_reduction`); it is resized to `image_size` as `RandomResizedCrop
 
 A data worker finds a sample's row by its shard (the training URL, redacted, in the manifest's
 list; else its file name when that is unique there) and its index in the shard, and checks the
-key; a shard's part is read when the stream first needs it and kept among the last
-`PARTS_KEPT` parts used. A sample without a row (its shard not in the store, its part not
+key. The lookup happens as the samples come out of the tar reader, before the shuffle buffer
+(`attach`): the consumer's shards then need their parts one after the other, each read once. (After
+the buffer, samples of many earlier shards linger and mix, and a small cache of parts thrashed:
+one part read per batch.) The few samples that reach the buffer without one — those read while
+a resumed stream was fast-forwarded — are looked up on use among the last `PARTS_KEPT` parts. A sample without a row (its shard not in the store, its part not
 written, a part that cannot be read, or another key at its index) is skipped and counted as
 `not_in_store`.
 """
@@ -32,6 +35,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -162,9 +166,32 @@ class ReinforcedStore:
         """k for `key` in `epoch`: derive_seed(seed, "augmentation", epoch, key) % K."""
         return derive_seed(self.seed, "augmentation", int(epoch), str(key)) % self.augmentations
 
+    def attach(self, items: Iterator[Any], epoch: int, fast_forward: Callable[[], bool]) -> Iterator[Any]:
+        """`items` (raw samples in stream order) with `__reinforcement__`: this epoch's stored
+        augmentation, or the BadSample of a sample the store lacks (raised when it is decoded).
+        Nothing is looked up for unselected samples, markers, or while `fast_forward()` (resume)."""
+        for item in items:
+            if isinstance(item, dict) and not item.get("__unwanted__") and not fast_forward():
+                try:
+                    item["__reinforcement__"] = self.lookup(item, epoch)
+                except BadSample as missing:
+                    item["__reinforcement__"] = missing
+            yield item
+
+    def reinforcement(self, raw: dict[str, Any], epoch: int) -> Reinforcement:
+        """The sample's stored augmentation: attached in stream order, else looked up now; raises
+        BadSample("not_in_store") when the store has no row for it."""
+        found = raw.get("__reinforcement__")
+        if found is None:
+            return self.lookup(raw, epoch)
+        if isinstance(found, BadSample):
+            raise found
+        return found
+
     def lookup(self, raw: dict[str, Any], epoch: int) -> Reinforcement:
         """This epoch's stored augmentation of a raw sample (`__url__`, `__index__`, `__key__`);
-        raises BadSample("not_in_store") when the store has no row for it."""
+        raises BadSample("not_in_store") when the store has no row for it. The features are
+        copies, so a sample waiting in the shuffle buffer does not keep its part's arrays alive."""
         key = str(raw["__key__"])
         part = self._part(self._shard(raw["__url__"]))
         row = part.rows.get(int(raw["__index__"])) if part is not None else None
@@ -173,7 +200,8 @@ class ReinforcedStore:
         k = self.augmentation(epoch, key)
         box = tuple(float(v) for v in part.boxes[row, k])
         return Reinforcement(k, box, bool(part.flips[row, k]),  # type: ignore[arg-type]
-                             tuple(images[row, k] for images in part.images), tuple(texts[row] for texts in part.texts))
+                             tuple(images[row, k].copy() for images in part.images),
+                             tuple(texts[row].copy() for texts in part.texts))
 
     def replay(self, image: Tensor, found: Reinforcement) -> Tensor:
         """The student's view: `found`'s crop of the decoded image at `image_size`."""

@@ -230,7 +230,7 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
         if label is None:
             raise BadSample("missing_label")
         caption = spec.class_prompts.caption(label, str(raw["__key__"]), epoch)
-    reinforcement = spec.store.lookup(raw, epoch) if spec.store is not None else None  # before decoding: cheap
+    reinforcement = spec.store.reinforcement(raw, epoch) if spec.store is not None else None  # before decoding: cheap
     image_bytes = member_bytes(raw[image_ext], image_ext, spec.caption_key)
     image = _stage("corrupt_image", decode_image_tensor, image_bytes, spec.max_pixels,
                    _reduction_fn(_transforms(spec)))

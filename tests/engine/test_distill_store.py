@@ -130,6 +130,22 @@ def test_the_student_sees_the_stored_crop_of_the_epoch_and_the_batch_carries_the
     assert seen == 48 and loader.skip_counts() == {}
 
 
+def test_each_part_is_read_once_per_epoch_while_the_shuffle_buffer_mixes_the_shards(digits, store, monkeypatch):
+    import mmcl.data.reinforced as reinforced
+
+    monkeypatch.setattr(reinforced, "PARTS_KEPT", 1)  # a cache of one part: looked up after the buffer, it would thrash
+    images = decoded_images(digits)
+    cfg = run_config(digits, store=str(store))
+    cfg.data.shuffle_buffer = 48  # both shards' samples mixed in the buffer
+    loader = training_data.build(cfg, build_tokenizer(cfg.model.text), 0, 1)
+    seen = {key: pixels for batch in loader for key, pixels in zip(batch["keys"], batch["pixel_values"])}
+    assert loader.cfg.sample.store.parts_read == 2  # the two shards' parts, each read once, in stream order
+    shards = [key in {s["__key__"] for s in tar_samples(str(digits / "train" / "00000.tar"))} for key in list(seen)[:24]]
+    assert 0 < sum(shards) < 24  # the batches did mix the shards
+    assert sorted(seen) == sorted(images)
+    assert all(torch.equal(seen[key], expected_pixels(images[key], key, 0)) for key in images)
+
+
 def test_the_stored_crop_rotates_over_epochs_the_same_way_on_every_run_and_in_workers(digits, store):
     images = decoded_images(digits)
 
