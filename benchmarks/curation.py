@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from curation_corpus import build_corpus  # noqa: E402
+from curation_corpus import build_corpus
 
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
@@ -89,7 +89,7 @@ def command(args: list[str], log: Path) -> tuple[float, str]:
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     result = subprocess.run(args, cwd=REPO, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, check=False)
     wall = time.time() - started
     log.write_text(" ".join(args) + "\n\n" + result.stdout)
     if result.returncode != 0:
@@ -111,7 +111,7 @@ class Bench:
     def cached(self, name: str, spec: dict, run) -> dict | None:
         """The step's result: from <work>/results/<name>.json when it ran with the same spec, else run it."""
         path = self.results_dir / f"{name}.json"
-        key = fingerprint(spec)
+        key = fingerprint({"spec": spec, "corpus": self.corpus["options"]})
         if path.is_file():
             previous = json.loads(path.read_text())
             if previous.get("fingerprint") == key:
@@ -126,7 +126,9 @@ class Bench:
             return None
         result.update(fingerprint=key, load_before=load, load_after=load_average())
         path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"  {name}: {json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))})}", flush=True)
+        brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()
+                 if not isinstance(v, (dict, list)) and k not in ("printed", "file", "dir", "model", "fingerprint")}
+        print(f"  {name}: {json.dumps(brief)}", flush=True)
         return result
 
     # ----------------------------------------------------------------- training
@@ -149,7 +151,7 @@ class Bench:
             config["distill"] = distill
         return config
 
-    def train(self, name: str, config: dict) -> dict | None:
+    def train(self, name: str, config: dict, evaluate: bool = True) -> dict | None:
         def run() -> dict:
             out = Path(config["output_dir"])
             if out.exists():  # a stale or half-finished run of this benchmark: start it afresh
@@ -160,16 +162,23 @@ class Bench:
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             wall, _ = command([str(BIN / "mmcl-train"), "--config", str(path)], self.work / "logs" / f"train_{name}.log")
             records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            speeds = [r["samples_per_s"] for r in records if "samples_per_s" in r][1:]
+            windows = [r for r in records if "samples_per_s" in r]
+            speeds = [r["samples_per_s"] for r in windows][1:]  # the first window holds the start-up
+            waits = [r["time/data_wait_fraction"] for r in windows[1:] if "time/data_wait_fraction" in r]
             metrics = json.loads((out / "metrics.json").read_text())
+            first, last = windows[0] if windows else {}, windows[-1] if windows else {}
+            span = (last.get("time", 0) - first.get("time", 0)) if len(windows) > 1 else 0
             return {"model": str(out / "model"), "steps": metrics.get("steps"), "samples_seen": metrics.get("samples_seen"),
                     "samples_per_s": statistics.median(speeds) if speeds else None,
+                    # samples over the loop time after the first window: one figure for the whole run
+                    "loop_samples_per_s": (last["samples"] - first["samples"]) / span if span > 0 else None,
+                    "data_wait": statistics.mean(waits) if waits else None,
                     "loop_s": records[-1].get("time") if records else None, "wall_s": round(wall, 1),
                     "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None)}
 
         trained = self.cached(f"train_{name}", config, run)
-        if trained is None:
-            return None
+        if trained is None or not evaluate:
+            return trained
         evaluated = self.zeroshot(name, trained["model"], trained["fingerprint"])
         return {**trained, **(evaluated or {})}
 
@@ -213,8 +222,8 @@ class Bench:
 
     @staticmethod
     def read_parts(folder: Path):
-        import pyarrow.parquet as pq
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         return pa.concat_tables([pq.read_table(p) for p in sorted((folder / "parts").glob("*.parquet"))])
 
@@ -267,6 +276,29 @@ class Bench:
             "mismatched_share": ratio(float(truth.loc[mismatched, "p"].sum()), expected),
         }
 
+    def neighbours(self, scores: dict) -> dict:
+        """How far the scorer's image embeddings tell a near-duplicate from another image of its class:
+        the cosine of each copy to its original, and of each original to its nearest other original."""
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        table = self.read_parts(Path(scores["dir"]))
+        keys = table.column("key").to_pylist()
+        flat = table.column("image_embedding").combine_chunks()
+        embeddings = np.asarray(flat.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(keys), -1)
+        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+        row = {k: i for i, k in enumerate(keys)}
+        truth = pq.read_table(self.corpus["truth"]).to_pandas()
+        copies = truth[truth["duplicate"]]
+        pairs = np.einsum("ij,ij->i", embeddings[[row[k] for k in copies["key"]]],
+                          embeddings[[row[k] for k in copies["duplicate_of"]]])
+        originals = embeddings[[row[k] for k in truth.loc[~truth["duplicate"], "key"]]]
+        similarity = originals @ originals.T
+        np.fill_diagonal(similarity, -1.0)
+        nearest = similarity.max(axis=1)
+        return {"copy_to_original": np.quantile(pairs, [0.1, 0.5, 0.9]).round(4).tolist(),
+                "original_to_nearest_original": np.quantile(nearest, [0.1, 0.5, 0.9]).round(4).tolist()}
+
     def reinforce(self, teacher: dict, augmentations: int) -> dict | None:
         out = self.work / "store"
 
@@ -275,6 +307,7 @@ class Bench:
             shutil.rmtree(out, ignore_errors=True)
             wall, _ = command([str(BIN / "mmcl"), "curate", "reinforce", "--teacher", teacher["model"], "--shards",
                                self.corpus["web"], "--augmentations", str(augmentations), "--out", str(out),
+                               "--crop-scale", "0.8", "1.0",  # the online runs' data.train_crop_scale
                                "--batch-size", "256", "--workers", "1"], self.work / "logs" / "reinforce.log")
             table = self.read_parts(out)
             return {"dir": str(out), "rows": table.num_rows, "wall_s": round(wall, 1)}
@@ -300,9 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student-steps", type=int, default=250, help="training steps of the reinforced-data students")
     parser.add_argument("--originals", type=int, default=3900, help="distinct web images in the corpus (default 3900)")
     parser.add_argument("--keep-fraction", type=float, default=0.7, help="CLIP-score filter: top fraction kept (default 0.7)")
-    parser.add_argument("--dedup-threshold", type=float, default=0.97, help="SemDeDup cosine threshold (default 0.97)")
+    parser.add_argument("--dedup-threshold", type=float, default=0.998,
+                        help="SemDeDup cosine threshold (default 0.998: removes about the corpus's share of copies)")
     parser.add_argument("--balance-threshold", type=float, default=50, help="MetaCLIP t: matches kept per entry and epoch")
     parser.add_argument("--augmentations", type=int, default=4, help="stored augmentations per sample (default 4)")
+    parser.add_argument("--throughput-rounds", type=int, default=2,
+                        help="times the three student runs are repeated, back to back, for their throughput (default 2)")
     parser.add_argument("--skip-training", action="store_true", help="only the scores, selections and their ground-truth checks")
     args = parser.parse_args(argv)
     cpu = platform.processor() or platform.machine()
@@ -338,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     sweep = {f"filter_clean_keep{f:g}": ("clean", ["--keep-fraction", f"{f:g}"]) for f in (0.6, 0.65, 0.75, 0.8)}
     sweep.update({f"filter_all_keep{f:g}": ("all", ["--keep-fraction", f"{f:g}"]) for f in (0.6, 0.8)})
-    sweep.update({f"dedup_{t:g}": ("clean", ["--dedup-threshold", f"{t:g}"]) for t in (0.9, 0.95, 0.99, 0.995)})
+    sweep.update({f"dedup_{t:g}": ("clean", ["--dedup-threshold", f"{t:g}"]) for t in (0.99, 0.995, 0.999)})
     for name, (scorer, rules) in {**plan, **sweep}.items():
         if scores.get(scorer):
             selections[name] = bench.select(name, scores[scorer], rules)
@@ -350,41 +386,56 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name] = bench.train(name, bench.config(name, MAIN_TOWERS, args.steps,
                                                             selection=Path(selections[name]["file"])))
 
+    # 3b. the filtered model as a scorer (judged only, not trained on): does a better scorer filter better?
+    if train and runs.get("filter_clean"):
+        scores["filtered"] = bench.score("filtered", runs["filter_clean"]["model"], runs["filter_clean"]["fingerprint"])
+        if scores["filtered"]:
+            selections["filter_filtered"] = bench.select("filter_filtered", scores["filtered"], keep)
+            for f in (0.65, 0.72, 0.75, 0.8):
+                selections[f"filter_filtered_keep{f:g}"] = bench.select(f"filter_filtered_keep{f:g}", scores["filtered"],
+                                                                        ["--keep-fraction", f"{f:g}"])
+
     # 4. reinforced data: teacher = the clean-scorer filtered model; three student runs back to back
-    students: dict[str, dict | None] = {}
+    students: dict[tuple[str, int], dict | None] = {}
     teacher = runs.get("filter_clean")
     if train and teacher:
         store = bench.reinforce(teacher, args.augmentations)
-        students["clip"] = bench.train("student_clip", bench.config("student_clip", STUDENT_TOWERS, args.student_steps))
-        students["distill, online teacher"] = bench.train(
-            "student_distill_online", bench.config("student_distill_online", STUDENT_TOWERS, args.student_steps,
-                                                   distill={"teacher": teacher["model"]}))
+        variants = [("clip", "student_clip", None), ("distill, online teacher", "student_distill_online",
+                                                      {"teacher": teacher["model"]})]
         if store:
-            students["distill, store"] = bench.train(
-                "student_distill_store", bench.config("student_distill_store", STUDENT_TOWERS, args.student_steps,
-                                                      distill={"store": store["dir"]}))
+            variants.append(("distill, store", "student_distill_store", {"store": store["dir"]}))
+        # Round 1 is evaluated; later rounds repeat the runs (same seed: the same training) for the throughput only.
+        for number in range(1, args.throughput_rounds + 1):
+            for label, name, distill in variants:
+                name = name if number == 1 else f"{name}_round{number}"
+                students[(label, number)] = bench.train(name, bench.config(name, STUDENT_TOWERS, args.student_steps,
+                                                                           distill=distill), evaluate=number == 1)
 
     # ----------------------------------------------------------------- tables
     lines = [f"CPU: {cpu}, {os.cpu_count()} cores; this invocation {time.time() - started:.0f} s", ""]
-    lines += ["Selections against the ground truth (web corpus: "
+    lines += [("Selections against the ground truth (web corpus: "
               f"{c['counts']['web']:,} samples, {c['counts']['web_mismatched']:,} mismatched, "
-              f"{c['counts']['web_duplicates']:,} near-duplicate copies):", "",
-              "| selection | rules | kept | per-epoch draw | removed | mismatched removed | filter precision | filter recall "
-              "| redundant dups removed | dedup precision | dedup recall | clean unique removed | tail share of draw | mismatched share of draw |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              f"{c['counts']['web_duplicates']:,} near-duplicate copies):"), "",
+              ("| selection | scorer | rules | kept | per-epoch draw | removed | of which mismatched | of which redundant copies "
+              "| other | filter precision | filter recall | dedup precision | dedup recall | tail share of draw "
+              "| mismatched share of draw |"),
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     truth_tail = sum(c["counts"]["web_per_class"][k] for k in c["tail_classes"]) / c["counts"]["web"]
-    lines.append(f"| (none: all data) | - | {c['counts']['web']:,} | {c['counts']['web']:,} | 0 | 0 | - | - | 0 | - | - | 0 "
+    lines.append(f"| (none: all data) | - | - | {c['counts']['web']:,} | {c['counts']['web']:,} | 0 | 0 | 0 | 0 | - | - | - | - "
                  f"| {truth_tail:.1%} | {c['counts']['web_mismatched'] / c['counts']['web']:.1%} |")
     for name, s in selections.items():
         if s is None:
+            lines.append(f"| {name} | missing | | | | | | | | | | | | | |")
             continue
         rules = s["rules"].replace(c["metadata"], "metadata.txt")
-        lines.append(f"| {name} | `{rules}` | {s['selected']:,} | {s['expected_per_epoch']:,.0f} | {s['removed']:,} | "
-                     f"{s['removed_mismatched']:,} | {fmt(s['filter_precision'])} | {fmt(s['filter_recall'])} | "
-                     f"{s['removed_redundant_duplicates']:,} | {fmt(s['dedup_precision'])} | {fmt(s['dedup_recall'])} | "
-                     f"{s['removed_clean_unique']:,} | {fmt(s['tail_share'])} | {fmt(s['mismatched_share'])} |")
-    lines += ["", f"Zero-shot top-1 on {c['counts']['classification']} balanced held-out images "
-              f"({len(c['classnames'])} classes; tail = {len(c['tail_classes'])} classes), {args.steps} steps x 64, seed 0:", "",
+        scorer = "clean" if name in ("dedup", "balanced", "all_three") or name.startswith(("filter_clean", "dedup_")) else \
+            "filtered" if name.startswith("filter_filtered") else "all"
+        lines.append(f"| {name} | {scorer} | `{rules}` | {s['selected']:,} | {s['expected_per_epoch']:,.0f} | {s['removed']:,} | "
+                     f"{s['removed_mismatched']:,} | {s['removed_redundant_duplicates']:,} | {s['removed_clean_unique']:,} | "
+                     f"{fmt(s['filter_precision'])} | {fmt(s['filter_recall'])} | {fmt(s['dedup_precision'])} | "
+                     f"{fmt(s['dedup_recall'])} | {fmt(s['tail_share'])} | {fmt(s['mismatched_share'])} |")
+    lines += ["", (f"Zero-shot top-1 on {c['counts']['classification']} balanced held-out images "
+              f"({len(c['classnames'])} classes; tail = {len(c['tail_classes'])} classes), {args.steps} steps x 64, seed 0:"), "",
               "| training data | zero-shot top-1 | tail classes | head classes | final loss | samples/s | wall s |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     labels = {"clean": "small clean part only (the clean scorer)", "all": "all web data",
@@ -398,19 +449,30 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {label} | {fmt(r['acc1'])} | {fmt(r['tail_acc1'])} | {fmt(r['head_acc1'])} | "
                      f"{r['final_loss']:.3f} | {fmt(r['samples_per_s'], 'f')} | {r['wall_s']:.0f} |")
     if students:
-        base = (students.get("clip") or {}).get("samples_per_s")
-        lines += ["", f"Reinforced data: student (64 wide; image 2 layers on 8-px patches, text 1 layer), {args.student_steps} "
-                  f"steps x 64 on all web data, one run after another; teacher = the clean-scorer filtered model "
-                  f"({fmt((teacher or {}).get('acc1'))}); store: {args.augmentations} augmentations per sample:", "",
-                  "| student run | zero-shot top-1 | tail classes | samples/s (median of logged windows) | vs clip alone | "
-                  "training loop s | load avg before/after |", "|---|---:|---:|---:|---:|---:|---|"]
-        for name, r in students.items():
-            if r is None or "acc1" not in r:
-                lines.append(f"| {name} | missing | | | | | |")
+        lines += ["", (f"Reinforced data: student (64 wide; image 2 layers on 8-px patches, text 1 layer), {args.student_steps} "
+                  f"steps x 64 on all web data, `clip: 1` (+ `distill: 1`); the runs of a round one after another; teacher = "
+                  f"the clean-scorer filtered model ({fmt((teacher or {}).get('acc1'))}); store: {args.augmentations} "
+                  "augmentations per sample, crop scale 0.8-1 as the online runs:"), "",
+                  ("| student run | round | zero-shot top-1 | tail classes | samples/s (median of windows) | vs clip | "
+                  "samples/s (loop) | vs clip | data wait | load avg before/after |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for (label, number), r in students.items():
+            if r is None:
+                lines.append(f"| {label} | {number} | missing | | | | | | | |")
                 continue
-            ratio = f"{r['samples_per_s'] / base:.2f}x" if base and r["samples_per_s"] else "-"
-            lines.append(f"| {name} | {fmt(r['acc1'])} | {fmt(r['tail_acc1'])} | {fmt(r['samples_per_s'], 'f')} | {ratio} | "
-                         f"{fmt(r['loop_s'], 'f')} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
+            base = students.get(("clip", number)) or {}
+
+            def ratio(key: str, r: dict = r, base: dict = base) -> str:
+                return f"{r[key] / base[key]:.2f}x" if base.get(key) and r.get(key) else "-"
+
+            lines.append(f"| {label} | {number} | {fmt(r.get('acc1'))} | {fmt(r.get('tail_acc1'))} | "
+                         f"{fmt(r['samples_per_s'], 'f')} | {ratio('samples_per_s')} | {fmt(r.get('loop_samples_per_s'), 'f')} | "
+                         f"{ratio('loop_samples_per_s')} | {fmt(r.get('data_wait'))} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
+    if scores.get("clean"):
+        near = bench.neighbours(scores["clean"])
+        lines += ["", ("SemDeDup's view (the clean scorer's image embeddings; 10th / 50th / 90th percentile): cosine of each "
+                  f"near-duplicate copy to its original {near['copy_to_original']}; of each original to its nearest other "
+                  f"original {near['original_to_nearest_original']}.")]
     timing = [f"{n}: {s['rows']:,} samples in {s['wall_s']:.0f} s ({s['samples_per_s']:.0f} samples/s, 1 rank, process start included)"
               for n, s in scores.items() if s]
     if timing:

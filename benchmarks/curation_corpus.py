@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from shapes_dataset import CLASSNAMES, COLOURS, SHAPES, TEMPLATES, shape_png  # noqa: E402
+from shapes_dataset import CLASSNAMES, COLOURS, SHAPES, TEMPLATES, shape_png
 
 # The head: one colour in every shape, so telling the head classes apart needs the shape (a head
 # that differed in colour alone let the model learn colour and never shape).
@@ -138,13 +138,14 @@ def build_corpus(out_dir: str | Path, originals: int = 3900, head_factor: int = 
     """Write the corpus to `out_dir` (or find it complete with the same options); returns info.json's content."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from data_tools.train_tokenizer import train_tokenizer
 
     out = Path(out_dir)
-    options = dict(originals=originals, head_factor=head_factor, duplicates=duplicates, mismatched=mismatched,
-                   clean_per_class=clean_per_class, eval_per_class=eval_per_class, image_size=image_size,
-                   samples_per_shard=samples_per_shard, seed=seed, head_classes=HEAD_CLASSES,
-                   format_version=FORMAT_VERSION)
+    options = {"originals": originals, "head_factor": head_factor, "duplicates": duplicates, "mismatched": mismatched,
+               "clean_per_class": clean_per_class, "eval_per_class": eval_per_class, "image_size": image_size,
+               "samples_per_shard": samples_per_shard, "seed": seed, "head_classes": HEAD_CLASSES,
+               "format_version": FORMAT_VERSION}
     info_file = out / "info.json"
     if info_file.is_file():
         info = json.loads(info_file.read_text())
