@@ -5,6 +5,9 @@
     mmcl export --run RUN --out DIR --format openclip [--hub-repo-id ORG/NAME]   (OpenCLIP's hub layout)
     mmcl convert openclip --model NAME|hf-hub:ORG/NAME|local-dir:PATH [--weights FILE] [--config JSON] --out DIR
     mmcl wise-ft --zero-shot DIR --fine-tuned DIR --alpha A [--alpha B ...] --out DIR [--eval --data T --data H ...]
+    mmcl curate score --model M --shards PATTERN --out DIR [--batch-size N] [--workers N] [--overwrite]
+                                   (data curation, mmcl/curate/; runs under deepspeed / torchrun too)
+    mmcl curate select --scores DIR [rules] --out FILE    /    mmcl curate write --selection FILE --shards PATTERN --out DIR
 
 User errors print one line (`mmcl: error: ...`) and exit with status 2; a bad --out is one of them,
 said before any work (mmcl/export/staging.py: --overwrite replaces only an earlier mmcl output). `push` does not import
@@ -25,8 +28,9 @@ def add_out_options(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmcl", description="mmcl model tools: export to transformers, push to the Hub.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push,convert,wise-ft}")
+    parser = argparse.ArgumentParser(prog="mmcl", description="mmcl model tools: export to transformers, push to the Hub, curate data.")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's launcher
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push,convert,wise-ft,curate}")
 
     export = commands.add_parser("export", help="write a transformers folder (weights, processor, card) from a run",
                                  description="Export a run directory, one of its checkpoints/step_* folders or its "
@@ -68,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--allow-inexact", action="store_true",
                       help="push an export that plain transformers does not reproduce on some side (refused by default)")
     _add_wise_ft(commands)
+    from mmcl.curate.cli import add_curate_commands
+
+    add_curate_commands(commands)
     return parser
 
 
@@ -98,6 +105,8 @@ def _add_wise_ft(commands) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "curate":
+        return _curate(args)
     from mmcl.export.errors import ExportError, PushError
 
     try:
@@ -145,6 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmcl: error: {redact(str(error))}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from mmcl.curate.cli import run_curate
+    from mmcl.curate.sharded import launched
+
+    if launched():  # a rank of deepspeed / torchrun: leave as `run_command` does after a process group
+        from mmcl.distributed import run_command
+
+        run_command(lambda: run_curate(args))
+    return run_curate(args)
 
 
 def _wise_ft(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ class Segment:
     """One layout's part of an epoch: its consumer count, split weights and how far each consumer got."""
 
     consumers: int
-    weights: list[int] | None  # per consumer, the split weights of that segment (None: segment 0's equal split)
+    weights: list[int] | None  # per consumer, the split weights of that segment (None: equal; segment 0 records its quotas)
     cursors: list[int] = field(default_factory=list)  # raw stream items each consumer took
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,9 +38,20 @@ missing shards) tops up with repeated samples of the epoch (`repeated_samples()`
 `exhaust=True` (coverage, evaluation) every sample is yielded exactly once and each worker's
 last batch may be partial; ranks may then see different numbers of batches.
 
+Selection (`data.selection`, selection.py): only the file's samples drawn in the epoch are
+delivered; the others are dropped by key before decoding and counted apart from bad data
+(`unselected_samples()`). In epoch mode the epoch length comes from the file: `total` is the
+expected number of samples drawn per epoch (the sum of the probabilities of the rows in these
+shards), the same for every epoch and rank, so the run's length and schedule are known at start.
+An epoch's actual draw differs from it by about sqrt(sum p(1-p)) samples (none without balanced
+rows): a short epoch tops up with repeats like any short worker, a long one leaves its excess
+unseen, as leftovers. With shard + index columns the epoch's samples are split by delivered
+samples (equal shares); without them by raw samples (sizes.json or whole shards), which gives
+unequal shares when the selection is uneven over the shards.
+
 Skips (`samples.SKIP_REASONS`): missing_image, missing_caption, empty_caption,
 bad_caption_encoding, bad_caption, caption_too_large, bad_label, missing_label, metadata_too_large,
-corrupt_image, image_too_large, transform_error (per sample) and unreadable_shard,
+corrupt_image, image_too_large, transform_error, not_in_store (per sample) and unreadable_shard,
 truncated_shard (per shard event). Nothing is raised for bad data; an epoch without a single
 usable sample raises `NoDataError` naming the counts.
 """
@@ -61,6 +72,7 @@ from .decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_TEX
 from .elastic import EpochPlan, Segment
 from .pipeline import StreamConfig, WorkerState, worker_batches
 from .samples import SampleSpec
+from .selection import Selection, read_selection
 from ..redact import redact
 from .shards import expand_shards, read_shard_sizes, split_evenly
 from .tokenize import CaptionTokenizer
@@ -123,6 +135,7 @@ class ShardLoader:
         self.epoch = 0
         self._finished_skips: dict[str, int] = {}
         self._finished_repeated = 0
+        self._finished_unselected = 0
         self._reset_position()
 
     # ------------------------------------------------------------------ iteration
@@ -155,7 +168,8 @@ class ShardLoader:
         try:
             for item in source:
                 meta = item.pop("_meta")
-                self._workers[meta["worker"]] = WorkerState(meta["cursor"], meta["batches"], meta["skips"], meta["repeated"])
+                self._workers[meta["worker"]] = WorkerState(meta["cursor"], meta["batches"], meta["skips"], meta["repeated"],
+                                                            meta["unselected"])
                 self._next_worker = (meta["worker"] + 1) % self.cfg.workers_per_rank
                 if not meta["data"]:
                     continue
@@ -172,7 +186,8 @@ class ShardLoader:
         if self._batches_in_epoch == 0 and self.train:
             raise NoDataError(
                 f"the training data gave no usable sample in epoch {epoch} on rank {self.cfg.rank} "
-                f"(skipped so far: {self.skip_counts() or 'nothing'}); check data.train_shards and the shards' contents."
+                f"(skipped so far: {self.skip_counts() or 'nothing'}{self._unselected_note()}); check data.train_shards "
+                "and the shards' contents."
             )
         if self.steps_per_epoch is not None and self._batches_in_epoch < self.steps_per_epoch:
             log.warning("rank %d: epoch %d ended after %d of %d batches: too little usable data",
@@ -184,6 +199,7 @@ class ShardLoader:
             for reason, n in worker.skips.items():
                 self._finished_skips[reason] = self._finished_skips.get(reason, 0) + n
             self._finished_repeated += worker.repeated
+            self._finished_unselected += worker.unselected
         if self.train:
             self.epoch += 1
         self._reset_position()
@@ -215,6 +231,23 @@ class ShardLoader:
         """Samples delivered a second time within an epoch to keep steps equal across ranks."""
         return self._finished_repeated + sum(w.repeated for w in self._workers)
 
+    def unselected_samples(self, all_ranks: bool = False) -> int:
+        """Raw samples read but not delivered because `data.selection` does not select them or did
+        not draw them in their epoch (not bad data): this rank's, or with `all_ranks` the sum over
+        the process group (a collective: every rank calls it)."""
+        total = self._finished_unselected + sum(w.unselected for w in self._workers)
+        if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            count = torch.tensor([total], dtype=torch.float64)
+            torch.distributed.all_reduce(count)
+            total = int(count.item())
+        return total
+
+    def _unselected_note(self) -> str:
+        if self.cfg.selection is None:
+            return ""
+        return (f"; {self.unselected_samples()} samples read were not in data.selection "
+                f"'{redact(self.cfg.selection.path)}' or not drawn this epoch")
+
     # ------------------------------------------------------------------ state
 
     def _identity(self) -> dict[str, Any]:
@@ -233,9 +266,24 @@ class ShardLoader:
             "workers": [w.to_dict() for w in self._workers],
             "finished_skips": dict(self._finished_skips),
             "finished_repeated": self._finished_repeated,
+            "finished_unselected": self._finished_unselected,
             "epoch_steps": self.steps_per_epoch,
+            **({"selection": self._selection_fingerprint()} if self.cfg.selection is not None else {}),
             **({"plan": self._plan.to_dict()} if self._plan is not None else {}),
         }
+
+    def _selection_fingerprint(self) -> dict[str, Any]:
+        selection = self.cfg.selection
+        return {"rows": selection.rows, "expected": selection.total}
+
+    def _check_selection(self, state: dict[str, Any]) -> None:
+        """Warn when the checkpoint was trained on another selection (or none): the rest of its epoch
+        is then not the remaining samples of one selection."""
+        now = self._selection_fingerprint() if self.cfg.selection is not None else None
+        if state.get("selection") != now:
+            log.warning("data.selection differs from the checkpoint's (saved %s, now %s): the rest of epoch %d "
+                        "follows the new selection, so some samples may repeat or be missed in it",
+                        state.get("selection"), now, int(state["epoch"]))
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Continue exactly where `state` was saved.
@@ -247,8 +295,10 @@ class ShardLoader:
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')} is not {STATE_VERSION}")
+        self._check_selection(state)
         self._finished_skips = {k: int(v) for k, v in state["finished_skips"].items()}
         self._finished_repeated = int(state.get("finished_repeated", 0))
+        self._finished_unselected = int(state.get("finished_unselected", 0))
         mismatched = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
         if mismatched:
             details = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in mismatched.items())
@@ -285,9 +335,11 @@ class ShardLoader:
                 raise ValueError(f"cannot continue the data stream: {key} was {first.get(key)} and is now {now}.")
         if len(states) != int(first["world_size"]):
             raise ValueError(f"the checkpoint holds {len(states)} ranks' data states for a world size of {first['world_size']}")
+        if self.cfg.rank == 0:
+            self._check_selection(first)
         self.epoch = int(first["epoch"])
         self._reset_position()
-        self._finished_skips, self._finished_repeated = {}, 0
+        self._finished_skips, self._finished_repeated, self._finished_unselected = {}, 0, 0
         if self.cfg.rank == 0:  # one owner, so the counts are not multiplied by the new world size
             for state in states:
                 for counts in [state["finished_skips"], *(w["skips"] for w in state["workers"])]:
@@ -295,13 +347,18 @@ class ShardLoader:
                         self._finished_skips[reason] = self._finished_skips.get(reason, 0) + int(n)
                 self._finished_repeated += int(state.get("finished_repeated", 0))
                 self._finished_repeated += sum(int(w.get("repeated", 0)) for w in state["workers"])
+                self._finished_unselected += int(state.get("finished_unselected", 0))
+                self._finished_unselected += sum(int(w.get("unselected", 0)) for w in state["workers"])
         cursors = [int(w["cursor"]) for state in states for w in state["workers"]]
         if not any(cursors):  # saved at an epoch boundary: the epoch starts normally on the new layout
             return {"epoch": self.epoch, "remaining_batches": self.steps_per_epoch, "segment": 0}
         old_plan = EpochPlan.from_dict(first["plan"]) if first.get("plan") is not None else None
-        history = (old_plan.history if old_plan is not None else []) + [
-            Segment(len(cursors), old_plan.weights if old_plan is not None else None, cursors)]
         old_steps = first.get("epoch_steps")
+        first_weights = None  # segment 0's: the saved layout's quotas (see pipeline.segment_weights)
+        if old_plan is None and old_steps is not None:
+            first_weights = split_evenly(int(old_steps), int(first["num_workers"])) * len(states)
+        history = (old_plan.history if old_plan is not None else []) + [
+            Segment(len(cursors), old_plan.weights if old_plan is not None else first_weights, cursors)]
         if old_steps is None and self.steps_per_epoch is not None:  # a state saved before "epoch_steps" existed
             old_steps = self.steps_per_epoch * self.cfg.batch_size * self.cfg.world_size // (
                 int(first["batch_size"]) * len(states))
@@ -326,9 +383,10 @@ def _mean_std(explicit: Sequence[float] | None, fallback: Sequence[float] | None
 
 
 def _epoch_plan(data_cfg: Any, sizes: list[int] | None, batch_size: int, world_size: int,
-                exhaust: bool) -> tuple[int | None, list[int] | None]:
+                exhaust: bool, selected: float | None = None) -> tuple[int | None, list[int] | None]:
     """(steps per epoch per rank, their split over the workers), or (None, None) when one rank runs
-    to the end of data of unknown size (or `exhaust`: every sample once, partial batches)."""
+    to the end of data of unknown size (or `exhaust`: every sample once, partial batches).
+    selected: the samples a selection delivers per epoch (expected), which sets epoch mode's size."""
     if data_cfg.resampled:
         if data_cfg.samples_per_epoch is None:
             raise ValueError("data.samples_per_epoch is required with data.resampled: true.")
@@ -336,7 +394,10 @@ def _epoch_plan(data_cfg: Any, sizes: list[int] | None, batch_size: int, world_s
     else:
         if data_cfg.train_weights is not None:
             log.warning("data.train_weights only applies with data.resampled: true; epoch mode reads every shard once")
-        total = sum(sizes) if sizes is not None else data_cfg.samples_per_epoch
+        if selected is not None:
+            total = int(selected)
+        else:
+            total = sum(sizes) if sizes is not None else data_cfg.samples_per_epoch
     if not (data_cfg.resampled or not exhaust):
         return None, None
     if total is None and world_size > 1:
@@ -375,6 +436,7 @@ def build_train_loader(
     pin_memory: bool = False,
     teacher: Any | None = None,
     class_prompts: ClassPrompts | None = None,
+    store: Any | None = None,
 ) -> ShardLoader:
     """The training loader for `data_cfg` (a `mmcl.config.DataConfig`).
 
@@ -392,6 +454,9 @@ def build_train_loader(
         teacher_attention_mask from the same decoded image and caption.
     class_prompts: captions made from the `.cls` labels (FLYP, `data.captions_from_labels`)
         instead of the `caption_key` files; needs a tokenizer.
+    store: a `reinforced.ReinforcedStore` (`distill.store`): `pixel_values` is each sample's stored
+        crop of the epoch (not a fresh random crop), and batches hold the teachers' stored features
+        (teacher_image_features_<t>, teacher_text_features_<t>); samples not in it are skipped.
     """
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
@@ -401,14 +466,19 @@ def build_train_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sources = expand_shards(data_cfg.train_shards)
     urls = [u for s in sources for u in s]
-    if image_transform is None and pixel_values:
+    if image_transform is None and pixel_values and store is None:
         image_transform = clip_train_transform(data_cfg.image_size, data_cfg.train_crop_scale)
-    if not pixel_values:
-        image_transform = None
-    if image_transform is None and not view_transforms:
+    if not pixel_values or store is not None:
+        image_transform = None  # with a store, the stored crop is the student's view
+    if image_transform is None and not view_transforms and store is None:
         raise ValueError("the loader needs an image transform or view transforms")
-    sizes = None if data_cfg.resampled else read_shard_sizes(urls)
-    steps, quotas = _epoch_plan(data_cfg, sizes, batch_size, world_size, exhaust)
+    selection = read_selection(data_cfg.selection) if getattr(data_cfg, "selection", None) else None
+    placed = selection is not None and selection.groups(urls) is not None
+    sizes = None if data_cfg.resampled or placed else read_shard_sizes(urls)
+    selected = selection.expected(urls) if selection is not None and not data_cfg.resampled else None
+    steps, quotas = _epoch_plan(data_cfg, sizes, batch_size, world_size, exhaust, selected)
+    if selection is not None and rank == 0:
+        _describe_selection(selection, urls, placed, selected, steps)
     drop_last = not exhaust  # training batches are full (all ranks gather the same shapes)
     cfg = StreamConfig(
         sources=sources,
@@ -433,6 +503,7 @@ def build_train_loader(
             max_text_bytes=int(data_cfg.max_text_bytes),
             max_image_bytes=int(data_cfg.max_image_bytes),
             class_prompts=class_prompts if tokenizer is not None else None,
+            store=store,
         ),
         tokenize=CaptionTokenizer(tokenizer, context_length) if tokenizer is not None else None,
         mean=_mean_std(data_cfg.image_mean, image_mean, CLIP_MEAN),
@@ -441,8 +512,29 @@ def build_train_loader(
                           if teacher is not None and tokenizer is not None else None),
         teacher_mean=_mean_std(teacher.mean, None, CLIP_MEAN) if teacher is not None else None,
         teacher_std=_mean_std(teacher.std, None, CLIP_STD) if teacher is not None else None,
+        selection=selection,
     )
     return ShardLoader(cfg, steps, train=True, pin_memory=pin_memory)
+
+
+def _describe_selection(selection: Selection, urls: list[str], placed: bool, selected: float | None,
+                        steps: int | None) -> None:
+    """Log what the selection gives (rank 0): rows, expected samples per epoch, how work is split."""
+    where = redact(selection.path)
+    balanced = len(selection.partial)
+    per_epoch = f"{selected:.1f} expected per epoch" if selected is not None else "filtering the resampled stream"
+    log.info("data.selection %s: %d selected samples (%d balanced, p < 1), %s%s", where, selection.rows, balanced,
+             per_epoch, f", {steps} steps per epoch" if steps is not None else "")
+    outside = selection.outside(urls)
+    if outside:
+        log.warning("data.selection %s: %d of its %d rows name shards that are not in data.train_shards; they are "
+                    "not counted in the epoch", where, outside, selection.rows)
+    if not placed and selection.placement is not None:
+        log.warning("data.selection %s names none of the shards of data.train_shards (moved or renamed?): the "
+                    "samples are matched by key and the work is split by raw samples", where)
+    elif selection.placement is None:
+        log.info("data.selection %s has no shard/index columns: the work is split by raw samples, so ranks get "
+                 "unequal shares of the selection where it is uneven over the shards", where)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ A consumer is one DataLoader worker of one rank (`consumer = rank * W + worker`,
     resampled mode:  shards drawn with replacement (seeded by seed, e, consumer) -> shuffle buffer
 
     -> position p = number of raw samples taken so far
+    [-> with a selection (`data.selection`, selection.py): samples not selected, or not drawn in
+       this epoch, are dropped here by their key, before any decoding, and counted `unselected`]
     -> decode + transform, with every random choice seeded by (seed, e, consumer, p)
     -> batches of `batch_size` good samples, each carrying `_meta` (worker, cursor = p after the
        batch, batches so far, cumulative skip counts) for the loader's state.
@@ -30,6 +32,11 @@ Elastic resume (elastic.py): an epoch continued on another layout is a later *se
 consumer reads its share of the samples no consumer of an earlier segment took, and its seeds
 carry the segment number.
 
+Selection: when the selection file places its rows (shard + index columns), the epoch's pieces
+are cut by *delivered* samples instead of raw ones (`selection.member_pieces`), so consumers get
+equal shares of what they deliver; without placement the raw split applies and the filter alone
+selects.
+
 Fill: with a quota (equal steps per rank), a consumer whose own samples run short — the
 quota is rounded up, or samples were bad, or a shard is missing — continues with the epoch's
 shards read whole from a consumer-specific offset. Those repeated samples are counted in
@@ -48,6 +55,7 @@ from torch.utils.data import get_worker_info
 from .decode import BadSample
 from .elastic import EpochPlan, Segment, consumer_tag, remaining_pieces
 from .samples import Sample, SampleSpec, collate, decode_sample
+from .selection import Selection, member_pieces
 from .shards import assign_pieces, derive_seed
 from .stream import (
     CYCLE_END,
@@ -87,6 +95,7 @@ class StreamConfig:
     teacher_tokenize: CaptionTokenizer | None = None
     teacher_mean: tuple[float, float, float] | None = None
     teacher_std: tuple[float, float, float] | None = None
+    selection: Selection | None = None  # data.selection: only its samples drawn in the epoch are delivered
 
     @property
     def workers_per_rank(self) -> int:
@@ -105,13 +114,15 @@ class WorkerState:
     batches: int = 0  # batches produced this epoch
     skips: dict[str, int] = field(default_factory=dict)  # cumulative this epoch
     repeated: int = 0  # fill samples delivered this epoch
+    unselected: int = 0  # raw samples dropped this epoch: not in the selection, or not drawn in the epoch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerState:
-        return cls(int(data["cursor"]), int(data["batches"]), dict(data["skips"]), int(data.get("repeated", 0)))
+        return cls(int(data["cursor"]), int(data["batches"]), dict(data["skips"]), int(data.get("repeated", 0)),
+                   int(data.get("unselected", 0)))
 
 
 def raw_stream(cfg: StreamConfig, epoch: int, worker: int, context: StreamContext,
@@ -124,7 +135,8 @@ def raw_stream(cfg: StreamConfig, epoch: int, worker: int, context: StreamContex
     consumer = cfg.rank * cfg.workers_per_rank + worker
     num_consumers = cfg.world_size * cfg.workers_per_rank
     if plan is None:
-        return consumer_stream(cfg, epoch, consumer, num_consumers, 0, None, {}, context, cfg.quotas is not None)
+        return consumer_stream(cfg, epoch, consumer, num_consumers, 0, segment_weights(cfg), {}, context,
+                               cfg.quotas is not None)
     consumed = {} if cfg.resampled else consumed_samples(cfg, epoch, plan.history)
     return consumer_stream(cfg, epoch, consumer, num_consumers, plan.segment, plan.weights, consumed, context,
                            plan.quotas is not None)
@@ -146,7 +158,10 @@ def consumer_stream(cfg: StreamConfig, epoch: int, consumer: int, num_consumers:
         random.Random(derive_seed(cfg.seed, "shard-order", epoch)).shuffle(order)
     ordered = [urls[i] for i in order]
     ordered_sizes = [sizes[i] for i in order] if sizes is not None else None
-    if segment == 0:
+    members = cfg.selection.members(cfg.seed, epoch, ordered) if cfg.selection is not None else None
+    if members is not None:
+        pieces = member_pieces(ordered, members, consumer, num_consumers, weights, consumed)
+    elif segment == 0:
         pieces = assign_pieces(ordered, ordered_sizes, consumer, num_consumers)
     else:
         pieces = remaining_pieces(ordered, ordered_sizes, consumed, consumer, num_consumers, weights)
@@ -154,6 +169,12 @@ def consumer_stream(cfg: StreamConfig, epoch: int, consumer: int, num_consumers:
     if not fill:
         return own
     return itertools.chain(own, fill_source(ordered, consumer * len(ordered) // num_consumers, context))
+
+
+def segment_weights(cfg: StreamConfig) -> list[int] | None:
+    """Segment 0's split weights: every consumer's batch quota (rank-major), None without quotas.
+    Only a split by delivered samples (a placed selection) uses them; the raw split is equal."""
+    return list(cfg.quotas) * cfg.world_size if cfg.quotas is not None else None
 
 
 def consumed_samples(cfg: StreamConfig, epoch: int, history: list[Segment]) -> dict[str, set[int]]:
@@ -199,7 +220,9 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
     quota = quotas[worker] if quotas is not None else None
     if quota is not None and start.batches >= quota:
         return
-    context = StreamContext(start.skips, cfg.sample.member_limit)
+    selection = cfg.selection
+    wanted = (lambda key: selection.delivers(cfg.seed, epoch, key)) if selection is not None else None
+    context = StreamContext(start.skips, cfg.sample.member_limit, wanted)
     context.fast_forward = True
     items = iter(raw_stream(cfg, epoch, worker, context, plan))
     position = 0
@@ -211,15 +234,15 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
             position += 1
     context.fast_forward = False
     restore_rng = get_worker_info() is None  # main process: leave the trainer's RNG state alone
-    batches, repeated = start.batches, start.repeated
+    batches, repeated, unselected = start.batches, start.repeated, start.unselected
     pending: list[Sample] = []
-    reported = (context.snapshot(), repeated)
+    reported = (context.snapshot(), repeated, unselected)
     good_this_cycle = True  # optimistic after a fast-forward: the guards only need to trip eventually
     last_good_draw, patience = None, resample_patience(len(cfg.urls))
 
     def meta(has_data: bool) -> dict[str, Any]:
         return {"worker": worker, "epoch": epoch, "cursor": position, "batches": batches,
-                "skips": context.snapshot(), "repeated": repeated, "data": has_data}
+                "skips": context.snapshot(), "repeated": repeated, "unselected": unselected, "data": has_data}
 
     for item in items:
         if item is CYCLE_END:
@@ -232,6 +255,11 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
         fill, draw = item.get("__fill__", False), item.get("__draw__")
         if last_good_draw is None:
             last_good_draw = draw
+        if item.get("__unwanted__"):  # not selected or not drawn: judged by its key, its bytes left unread
+            unselected += int(not fill)
+            if draw is not None and draw - last_good_draw >= patience:
+                break
+            continue
         try:
             sample = decode_sample(materialize(item), cfg.sample, seed, restore_rng, epoch)
         except BadSample as error:
@@ -247,7 +275,7 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
             batches += 1
             batch = collate(pending, cfg.tokenize, cfg.mean, cfg.std, cfg.teacher_tokenize, cfg.teacher_mean, cfg.teacher_std)
             batch["_meta"] = meta(True)
-            reported = (context.snapshot(), repeated)
+            reported = (context.snapshot(), repeated, unselected)
             pending = []
             yield batch
             if quota is not None and batches >= quota:
@@ -257,5 +285,5 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
         batch = collate(pending, cfg.tokenize, cfg.mean, cfg.std, cfg.teacher_tokenize, cfg.teacher_mean, cfg.teacher_std)
         batch["_meta"] = meta(True)
         yield batch
-    elif (context.snapshot(), repeated) != reported:
+    elif (context.snapshot(), repeated, unselected) != reported:
         yield {"_meta": meta(False)}

@@ -64,6 +64,7 @@ SKIP_REASONS = (
     "unreadable_shard",
     "truncated_shard",
     "missing_label",
+    "not_in_store",
 )
 
 
@@ -82,6 +83,14 @@ class SampleSpec:
         are not read (the sample is skipped as caption_, metadata_ or image_too_large).
     class_prompts: captions from the `.cls` labels (FLYP) instead of `caption_key`; a sample
         without a label is skipped (missing_label).
+    first_caption: caption a JSON list by its first entry instead of a seeded choice (scoring).
+    indices: carry each sample's position in its shard (`__index__`) into the batch as `indices`.
+    keyed_transform: `image_transform(image, key)`: its random choices follow the sample's key, not
+        the stream position (augmentations stored per sample, `mmcl curate reinforce`).
+    store: a reinforced store (`reinforced.ReinforcedStore`, `distill.store`): the image becomes
+        this epoch's stored crop (replayed, instead of `image_transform`), the caption the first
+        one (the one the teachers embedded), and the sample carries the teachers' stored features;
+        a sample without a row is skipped (not_in_store).
     """
 
     image_transform: Callable[[Tensor], Tensor] | None
@@ -93,6 +102,10 @@ class SampleSpec:
     class_prompts: ClassPrompts | None = None
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    first_caption: bool = False
+    indices: bool = False
+    keyed_transform: bool = False
+    store: Any = None
 
     def member_limit(self, extension: str) -> int | None:
         """Bytes the tar reader may read of a member with this extension; None: not needed, not read."""
@@ -112,6 +125,8 @@ class Sample:
     captions: list[str] | None
     label: int | None
     teacher_image: Tensor | None = None
+    index: int | None = None  # position in its shard (SampleSpec.indices)
+    reinforcement: Any = None  # reinforced.Reinforcement: the stored crop and teachers' features (distill.store)
 
 
 @contextmanager
@@ -133,7 +148,8 @@ def seeded_rngs(seed: int, restore: bool):
 def _transforms(spec: SampleSpec) -> list[Callable]:
     found = [spec.image_transform] if spec.image_transform is not None else []
     teacher = [spec.teacher_transform] if spec.teacher_transform is not None else []
-    return found + list(spec.view_transforms or []) + teacher
+    store = [spec.store] if spec.store is not None else []  # it says how far the decoder may shrink too
+    return found + list(spec.view_transforms or []) + teacher + store
 
 
 def decode_image_tensor(
@@ -202,7 +218,8 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
         if spec.caption_key not in raw:
             raise BadSample("missing_caption")
         found = _stage("bad_caption", caption_list, member_bytes(raw[spec.caption_key], spec.caption_key, spec.caption_key))
-        caption = random.Random(seed).choice(found)
+        # the first caption when scoring, and with a store (the one the teachers' text features are of)
+        caption = found[0] if spec.first_caption or spec.store is not None else random.Random(seed).choice(found)
         captions = found if spec.all_captions else None
     label = None
     if "cls" in raw:
@@ -211,12 +228,20 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
         if label is None:
             raise BadSample("missing_label")
         caption = spec.class_prompts.caption(label, str(raw["__key__"]), epoch)
+    reinforcement = spec.store.lookup(raw, epoch) if spec.store is not None else None  # before decoding: cheap
     image_bytes = member_bytes(raw[image_ext], image_ext, spec.caption_key)
     image = _stage("corrupt_image", decode_image_tensor, image_bytes, spec.max_pixels,
                    _reduction_fn(_transforms(spec)))
     with seeded_rngs(seed, restore_rng):
         try:
-            main = spec.image_transform(image) if spec.image_transform is not None else None
+            if reinforcement is not None:
+                main = spec.store.replay(image, reinforcement)
+            elif spec.image_transform is None:
+                main = None
+            elif spec.keyed_transform:
+                main = spec.image_transform(image, str(raw["__key__"]))
+            else:
+                main = spec.image_transform(image)
             views = [t(image) for t in spec.view_transforms] if spec.view_transforms else None
         except Exception as error:
             _log_first_transform_error(error)
@@ -229,7 +254,8 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec, seed: int, restore_rng:
             except Exception as error:
                 _log_first_transform_error(error)
                 raise BadSample("transform_error", f"{type(error).__name__}: {error}") from error
-    return Sample(str(raw["__key__"]), main, views, caption, captions, label, teacher)
+    index = int(raw["__index__"]) if spec.indices else None
+    return Sample(str(raw["__key__"]), main, views, caption, captions, label, teacher, index, reinforcement)
 
 
 def _stage(reason: str, step: Callable[..., Any], *args: Any) -> Any:
@@ -301,12 +327,17 @@ def collate(
     pixel_values [B,3,S,S] float (when an image transform is set), views: list of [B,3,S,S]
     float (when view transforms are set), input_ids / attention_mask [B,L] long (when captions
     are read), labels [B] long (when any sample has `.cls`; -1 where missing), keys: list[str],
+    indices: list[int] (each sample's position in its shard, with SampleSpec.indices),
     captions: list[list[str]] (evaluation with all captions). With a distillation teacher:
     teacher_pixel_values [B,3,S_t,S_t] float (normalised with teacher_mean/std) and
-    teacher_input_ids / teacher_attention_mask [B,L_t] long (the teacher's tokenizer).
+    teacher_input_ids / teacher_attention_mask [B,L_t] long (the teacher's tokenizer). With a
+    reinforced store: teacher_image_features_<t> / teacher_text_features_<t> [B, D_t] float32
+    per teacher t (its stored float16 features of each sample's crop and first caption).
     """
     in_worker = get_worker_info() is not None
     batch: dict[str, Any] = {"keys": [s.key for s in samples]}
+    if samples[0].index is not None:
+        batch["indices"] = [s.index for s in samples]
     if samples[0].image is not None:
         batch["pixel_values"] = _images([s.image for s in samples], mean, std, in_worker)
     if samples[0].views is not None:
@@ -320,6 +351,11 @@ def collate(
                                                 teacher_std or std, in_worker)
     if teacher_tokenize is not None and samples[0].caption is not None:
         batch["teacher_input_ids"], batch["teacher_attention_mask"] = teacher_tokenize([s.caption for s in samples])
+    if samples[0].reinforcement is not None:
+        for t in range(len(samples[0].reinforcement.image_features)):
+            for kind in ("image", "text"):
+                rows = np.stack([getattr(s.reinforcement, f"{kind}_features")[t] for s in samples])
+                batch[f"teacher_{kind}_features_{t}"] = torch.from_numpy(rows).float()
     if any(s.label is not None for s in samples):
         batch["labels"] = torch.tensor([-1 if s.label is None else s.label for s in samples], dtype=torch.long)
     if samples[0].captions is not None:

@@ -32,6 +32,11 @@ class DataConfig:
     # eval.classnames and eval.templates (one template drawn per sample and epoch), instead of
     # its .txt; same-class pairs of the global batch are then no negatives in the clip loss.
     captions_from_labels: bool = False
+    # A curated subset to train on, without rewriting the shards: a Parquet file with one row per
+    # selected sample, columns `key` and `probability` (per-epoch sampling probability in (0, 1]),
+    # optionally `shard` + `index` (as `mmcl curate select` writes it). Each epoch delivers the
+    # selected samples drawn from (seed, epoch, key); epoch mode takes its length from the file.
+    selection: str | None = None
 
     def validate(self, key: str, source: str) -> None:
         if self.resampled and self.samples_per_epoch is None and self.train_shards is not None:

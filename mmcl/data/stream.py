@@ -46,12 +46,16 @@ class StreamContext:
     them) and members of seekable shards are not read: samples carry `LazyMember`s instead,
     loaded by `materialize` only if the sample is used after the fast-forward.
     `member_limit`: what the consumer reads of each member (see `iter_tar_samples`).
+    `wanted`: key -> whether the consumer may use the sample (a selection's draw); the members of
+    an unwanted sample are left unread and the sample comes out marked `__unwanted__`.
     """
 
-    def __init__(self, skips: dict[str, int] | None = None, member_limit: MemberLimit | None = None):
+    def __init__(self, skips: dict[str, int] | None = None, member_limit: MemberLimit | None = None,
+                 wanted: Callable[[str], bool] | None = None):
         self.counts: dict[str, int] = dict(skips or {})
         self.fast_forward = False
         self.member_limit = member_limit
+        self.wanted = wanted
 
     def add(self, reason: str, n: int = 1) -> None:
         if not self.fast_forward:
@@ -146,7 +150,7 @@ def _split_name(name: str) -> tuple[str | None, str | None]:
 
 def iter_tar_samples(
     stream, url: str, keep: Callable[[int], bool], stop: int | None = None, lazy: Callable[[], bool] | None = None,
-    member_limit: MemberLimit | None = None,
+    member_limit: MemberLimit | None = None, wanted: Callable[[str], bool] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Group the files of a tar byte stream into samples; yield the kept ones.
 
@@ -156,10 +160,12 @@ def iter_tar_samples(
     `member_limit(extension)` (None: read everything) bounds what is read of a kept member: a
     member above it becomes `Oversized(size, limit)`, one it rates None becomes `Unread(size)`,
     both skipped without reading. While `lazy()` is true and the stream is seekable, the other
-    kept members become `LazyMember`s.
+    kept members become `LazyMember`s. A kept sample whose key `wanted` rejects keeps its place
+    in the numbering but none of its members are read: it is yielded marked `"__unwanted__": True`,
+    its members' values None.
     Raises `BrokenTar` for a truncated or corrupt archive (the sample in progress is dropped).
     """
-    index, current, kept, any_member = -1, None, False, False
+    index, current, kept, unwanted, any_member = -1, None, False, False, False
     try:
         seekable = bool(stream.seekable())
     except (AttributeError, OSError, ValueError):
@@ -230,9 +236,14 @@ def iter_tar_samples(
                 return
             kept = keep(index)
             current = {"__key__": prefix, "__url__": url, "__index__": index}
+            unwanted = kept and wanted is not None and not wanted(prefix)
+            if unwanted:
+                current["__unwanted__"] = True
         limit = member_limit(suffix) if kept and member_limit is not None else -1
         try:
-            if kept and limit is None:
+            if unwanted:
+                data, ok = None, _skip(stream, padded)
+            elif kept and limit is None:
                 data, ok = Unread(size), _skip(stream, padded)
             elif kept and limit >= 0 and size > limit:
                 data, ok = Oversized(size, limit), _skip(stream, padded)
@@ -247,7 +258,7 @@ def iter_tar_samples(
             raise broken(f"{type(error).__name__}: {error}") from error
         if not ok:
             raise broken(f"truncated member {name}")
-        current[suffix] = data
+        current[suffix] = data  # None for an unwanted sample: it never reaches decoding
         any_member = True
     if current is not None and kept:
         yield current
@@ -263,7 +274,7 @@ def read_piece(piece: ShardPiece, context: StreamContext, count_events: bool = T
         return
     try:
         yield from iter_tar_samples(stream, piece.url, piece.keeps, piece.stop, lambda: context.fast_forward,
-                                    context.member_limit)
+                                    context.member_limit, context.wanted)
     except BrokenTar as error:
         if count_events and piece.keeps(error.index):
             context.add(error.reason)

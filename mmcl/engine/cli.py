@@ -47,12 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmcl.engine.runtime import TrainingError, exit_with_error
     from mmcl.objectives.teacher import TeacherLoadError
     from mmcl.objectives.teacher_cache import StaleCacheError
+    from mmcl.data.reinforced import StoreError
     from mmcl.engine.trainer import train
     from mmcl.export.errors import ExportError, PushError
     from mmcl.models import TokenizerLoadError, TowerLoadError
 
     user_errors = (ConfigError, NoDataError, NoShardsError, DeepSpeedConfigError, ResumeError, TrainingError, TokenizerLoadError, TowerLoadError,
-                   ExportError, PushError, TeacherLoadError, StaleCacheError)
+                   ExportError, PushError, TeacherLoadError, StaleCacheError, StoreError)
     try:
         cfg = load_config(args.config, args.overrides)  # every config mistake surfaces here, on every rank
         train(cfg, read_deepspeed_json(args.deepspeed_config), args.deepspeed_config or "DeepSpeed config")

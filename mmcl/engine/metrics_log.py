@@ -90,6 +90,8 @@ class TrainingLog:
         if patch_dropout:  # tokens per image the image tower's layers saw in the last training forward
             values["image_tokens"] = patch_dropout[0].tokens_out
         values.update({f"skipped/{k}": v for k, v in run.loader.skip_counts(all_ranks=True).items()})
+        if run.loader.cfg.selection is not None:  # not bad data: samples the selection does not deliver
+            values["unselected"] = run.loader.unselected_samples(all_ranks=True)
         values.update(reduce_window(self.timer.window(elapsed)))
         self.metrics.write(run.step, values, run.samples_seen)
         say(_log_line(run.step, run.total_steps, values, run.task.weights))

@@ -92,19 +92,20 @@ def check_output_dir(output_dir: Path) -> None:
 
 
 def move_batch(batch: dict, engine) -> dict:
-    """Tensors (also inside lists, e.g. the SSL `views`) to the engine's device; images to its compute dtype."""
+    """Tensors (also inside lists, e.g. the SSL `views`) to the engine's device; images to its compute dtype
+    (stored teacher features, `teacher_*_features_<t>`, stay float32: they are targets, not tower inputs)."""
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
 
-    def move(value):
+    def move(value, cast: bool = True):
         if torch.is_tensor(value):
             value = value.to(engine.device, non_blocking=True)
-            if dtype is not None and value.is_floating_point():
+            if cast and dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
         elif isinstance(value, list) and value and all(torch.is_tensor(item) for item in value):
             value = [move(item) for item in value]
         return value
 
-    return {key: move(value) for key, value in batch.items()}
+    return {key: move(value, not (key.startswith("teacher_") and "_features_" in key)) for key, value in batch.items()}
 
 
 def exit_with_error(error: BaseException) -> None:

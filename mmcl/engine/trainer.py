@@ -119,6 +119,8 @@ def finish(run: Run, log: TrainingLog) -> dict[str, Any]:
     final_metrics.update({"steps": run.step, "samples_seen": run.samples_seen, "nonfinite_steps": log.nonfinite_total,
                           "skipped": training_data.skip_counts(run.loader), "hardware": _hardware(run.engine, run.world_size),
                           "wall_time_s": round(time.time() - run.started, 1)})
+    if run.loader.cfg.selection is not None:
+        final_metrics["unselected"] = run.loader.unselected_samples(all_ranks=True)
     if run.resumed_at is not None:
         final_metrics["resumed_at_step"] = run.resumed_at  # wall_time_s counts from that (re)start
     _export(run)

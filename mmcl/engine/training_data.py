@@ -7,15 +7,18 @@ from typing import Any, Iterator
 from mmcl.config import RunConfig
 from mmcl.data.class_prompts import ClassPrompts
 from mmcl.data.loader import ShardLoader, TeacherData, build_train_loader
+from mmcl.data.selection import SelectionError, check_selection_file
+from mmcl.data.reinforced import ReinforcedStore, StoreError
 from mmcl.data.shards import expand_shards, is_local, lookup_shard_sizes, refuse_pipes
 from mmcl.data.transforms import ssl_view_pair
-from mmcl.engine.runtime import TrainingError
+from mmcl.engine.runtime import TrainingError, say
 from mmcl.objectives import needs_of
 from mmcl.objectives.distill import teacher_transform
 
 
 def check_shards(cfg: RunConfig) -> None:
-    """Every local shard the pattern names must exist (checked on every rank, before any work).
+    """Every local shard the pattern names must exist, and data.selection must be a usable selection
+    file (checked on every rank, before any work).
 
     The pipeline itself tolerates a shard that disappears mid-run (it is skipped and counted);
     at start-up a missing one is almost always a typo in the range, so it is an error here.
@@ -32,6 +35,11 @@ def check_shards(cfg: RunConfig) -> None:
                 f"{len(missing)} of the {len(urls)} shards named by data.train_shards do not exist "
                 f"(first: {missing[0]}); fix the {{start..end}} range."
             )
+    if cfg.data.selection is not None:
+        try:
+            check_selection_file(cfg.data.selection)  # the footer: cheap, and every rank stops alike
+        except SelectionError as error:
+            raise TrainingError(str(error)) from None
     check_epoch_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # the process group does not exist yet
 
 
@@ -42,6 +50,8 @@ def check_epoch_size(cfg: RunConfig, world_size: int) -> None:
     rank reads the same files, so all stop here with the same sentence, or none does."""
     data = cfg.data
     if data.resampled or data.samples_per_epoch is not None or (cfg.train.steps is not None and world_size == 1):
+        return
+    if data.selection is not None:  # the selection file gives the epoch's size
         return
     urls = [url for source in expand_shards(data.train_shards) for url in source]
     lookup = lookup_shard_sizes(urls)
@@ -58,7 +68,8 @@ def check_epoch_size(cfg: RunConfig, world_size: int) -> None:
 def build(cfg: RunConfig, tokenizer, rank: int, world_size: int, teacher=None) -> ShardLoader:
     """The training loader, yielding what the objectives need: the CLIP view (`pixel_values`) and
     captions for clip/siglip, two SSL views (`views`) for simclr/byol, and with `teacher` (a
-    distillation teacher's `TeacherInputs`) its own view and tokens of each sample."""
+    distillation teacher's `TeacherInputs`) its own view and tokens of each sample; with
+    `distill.store`, each sample's stored crop of the epoch and the teachers' stored features."""
     needs = needs_of(cfg.objectives, cfg)
     context_length = cfg.model.text.context_length if cfg.model.text is not None else 77
     teacher_data = None
@@ -67,11 +78,26 @@ def build(cfg: RunConfig, tokenizer, rank: int, world_size: int, teacher=None) -
             raise TrainingError("the distill objective needs its teacher's inputs to build the data stream.")
         teacher_data = TeacherData(teacher_transform(cfg, teacher), teacher.tokenizer, teacher.context_length,
                                    teacher.mean, teacher.std)
-    return build_train_loader(cfg.data, tokenizer if "text" in needs else None, context_length,
-                              batch_size=cfg.train.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
-                              view_transforms=ssl_views(cfg) if "views" in needs else None,
-                              pixel_values="pixel_values" in needs, teacher=teacher_data,
-                              class_prompts=class_prompts(cfg) if cfg.data.captions_from_labels else None)
+    store = None
+    if "store" in needs:
+        try:
+            store = ReinforcedStore.open(cfg.distill.store, cfg.seed, cfg.data.image_size)
+        except StoreError as error:
+            raise TrainingError(str(error)) from None
+    loader = build_train_loader(cfg.data, tokenizer if "text" in needs else None, context_length,
+                                batch_size=cfg.train.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
+                                view_transforms=ssl_views(cfg) if "views" in needs else None,
+                                pixel_values="pixel_values" in needs, teacher=teacher_data,
+                                class_prompts=class_prompts(cfg) if cfg.data.captions_from_labels else None,
+                                store=store)
+    selection = loader.cfg.selection
+    if selection is not None:
+        per_epoch = ("the resampled stream filtered by it" if cfg.data.resampled else
+                     f"{loader.steps_per_epoch} steps per epoch from its expected draw" if loader.steps_per_epoch else
+                     "epochs run to the end of the data")
+        say(f"data.selection {selection.path}: {selection.rows} selected samples ({len(selection.partial)} balanced, "
+            f"drawn per epoch); {per_epoch}")
+    return loader
 
 
 def class_prompts(cfg: RunConfig) -> ClassPrompts:

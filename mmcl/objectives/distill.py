@@ -12,12 +12,21 @@ checkpoint). `extra_state` holds only its weights' SHA-256, so resume refuses ot
 With `distill.cache_dir` the features come from `TeacherFeatureCache` where it has them; after
 each optimizer step the ranks share their new entries (`after_step`), and `encoded_images`
 (logged) counts the images the teacher encoded in the step.
+
+With `distill.store` (a reinforced store, `mmcl.data.reinforced`) no teacher exists: the batch
+carries each teacher's stored features of the crop the student sees (`teacher_image_features_<t>`,
+`teacher_text_features_<t>`), `batch_outputs` passes them on (re-normalised in float32) with
+each teacher's stored logit scale, so they travel through feature-cache accumulation and the
+loss's all-gather exactly as the online teacher's do, and the loss is MobileCLIP's ensemble:
+`DistillLoss` averaged over the teachers. `extra_state` then holds the store's fingerprint
+(`reinforced.store_fingerprint`: teachers, augmentations, their seed and scale).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmcl.losses import DistillLoss
@@ -57,18 +66,24 @@ class DistillObjective(Objective):
 
     name = "distill"
 
-    def __init__(self, teacher: Teacher, cache: TeacherFeatureCache | None = None):
+    def __init__(self, teacher: Teacher | None, cache: TeacherFeatureCache | None = None, store: dict | None = None):
         super().__init__()
         self.loss = DistillLoss()
         # Plain attributes, not submodules: hidden from DeepSpeed.
         object.__setattr__(self, "teacher", teacher)
         object.__setattr__(self, "cache", cache)
+        self.store = store  # a reinforced store's manifest (distill.store), instead of a teacher
+        self.store_scales = [float(t["logit_scale"]) for t in store["teachers"]] if store is not None else []
         self.encoded_images = 0  # images this rank's teacher encoded since the last optimizer step
 
     @classmethod
     def build(cls, model: DualEncoder, cfg: RunConfig | None = None, chunk_size: int | None = None) -> Objective:
+        if cfg is not None and cfg.distill.store is not None:
+            from mmcl.data.reinforced import read_manifest
+
+            return cls(None, store=read_manifest(cfg.distill.store))
         if cfg is None or cfg.distill.teacher is None:
-            raise TeacherLoadError("the distill objective needs distill.teacher.")
+            raise TeacherLoadError("the distill objective needs distill.teacher or distill.store.")
         teacher = load_teacher(cfg.distill)
         cache = None
         if cfg.distill.cache_dir is not None:
@@ -81,7 +96,10 @@ class DistillObjective(Objective):
     # ------------------------------------------------------------------ the teacher's pass
 
     def batch_outputs(self, batch: dict) -> dict[str, Tensor]:
-        """The teacher's normalised features of the batch [B, D_t] (float32, no gradient) and its scale."""
+        """The teacher's normalised features of the batch [B, D_t] (float32, no gradient) and its scale;
+        with a store, each teacher t's stored ones and scale (keys suffixed `_<t>`)."""
+        if self.store is not None:
+            return self._stored_outputs(batch)
         pixels = batch["teacher_pixel_values"]
         if self.teacher.device != pixels.device:
             self.teacher.to(pixels.device)
@@ -100,6 +118,16 @@ class DistillObjective(Objective):
         scale = torch.tensor(self.teacher.logit_scale, dtype=torch.float32, device=pixels.device)
         return {"teacher_image_features": image, "teacher_text_features": text, "teacher_logit_scale": scale}
 
+    def _stored_outputs(self, batch: dict) -> dict[str, Tensor]:
+        device = batch["pixel_values"].device
+        outputs = {}
+        for t, scale in enumerate(self.store_scales):
+            for kind in ("image", "text"):
+                stored = batch[f"teacher_{kind}_features_{t}"].to(device=device, dtype=torch.float32)
+                outputs[f"teacher_{kind}_features_{t}"] = F.normalize(stored, dim=-1)  # unit rows again after float16
+            outputs[f"teacher_logit_scale_{t}"] = torch.tensor(scale, dtype=torch.float32, device=device)
+        return outputs
+
     def _cached(self, lookup, add, keys: list[str], encode) -> Tensor:
         """Rows from the cache where it has them; the rest encoded (in one call) and added."""
         found = lookup(keys)
@@ -115,11 +143,19 @@ class DistillObjective(Objective):
     # ------------------------------------------------------------------ the loss
 
     def forward(self, outputs: dict[str, Tensor], batch: dict | None = None) -> dict[str, Tensor]:
+        if self.store is not None:  # MobileCLIP's ensemble: the term (and its metrics) averaged over the teachers
+            terms = [self.loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
+                               outputs[f"teacher_image_features_{t}"], outputs[f"teacher_text_features_{t}"],
+                               outputs[f"teacher_logit_scale_{t}"], outputs.get("logit_bias"))
+                     for t in range(len(self.store_scales))]
+            return {name: torch.stack([term[name] for term in terms]).mean() for name in terms[0]}
         return self.loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
                          outputs["teacher_image_features"], outputs["teacher_text_features"],
                          outputs["teacher_logit_scale"], outputs.get("logit_bias"))
 
     def after_step(self, step: int, total_steps: int, gather: Gather = no_gather) -> dict[str, float]:
+        if self.store is not None:
+            return {"encoded_images": 0.0}  # the stored features replace every teacher forward
         if self.cache is None:
             return {}
         self.cache.share()  # every rank, every step: no rank re-encodes what another one did
@@ -130,11 +166,24 @@ class DistillObjective(Objective):
         return {"cache_hit_rate": self.cache.hits / looked_up, "encoded_images": float(encoded)}
 
     def extra_state(self) -> dict[str, Tensor]:
+        if self.store is not None:
+            return {"store_sha256": _hex_tensor(self._store_sha256())}
         if self.cache is not None:
             self.cache.flush()  # the checkpoint's cache entries are on disk with it
         return {"teacher_sha256": torch.tensor(list(bytes.fromhex(self.teacher.sha256)), dtype=torch.uint8)}
 
+    def _store_sha256(self) -> str:
+        from mmcl.data.reinforced import store_fingerprint
+
+        return store_fingerprint(self.store)
+
     def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        if self.store is not None:
+            saved = state.get("store_sha256")
+            if saved is None or bytes(saved.tolist()).hex() != self._store_sha256():
+                raise TeacherLoadError("distill.store holds other teachers' features than the run was trained with "
+                                       "(its fingerprint differs); resume with the same distill.store or distill.teacher.")
+            return
         saved = state.get("teacher_sha256")
         if saved is None:
             raise ValueError("the checkpoint has no distill teacher fingerprint; it was not trained with distill.")
@@ -143,3 +192,7 @@ class DistillObjective(Objective):
             raise TeacherLoadError(
                 f"distill.teacher '{self.teacher.name}' is not the teacher this run was trained with (weights SHA-256 "
                 f"{self.teacher.sha256[:12]}..., the checkpoint's {saved_hex[:12]}...); resume with the same teacher.")
+
+
+def _hex_tensor(digest: str) -> Tensor:
+    return torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)

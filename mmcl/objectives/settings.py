@@ -10,6 +10,7 @@ the data pipeline's needs read the same declarations.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ class ObjectiveSpec:
 
     name: str  # its key in `objectives:`
     builder: str  # "module:Class" of its nn.Module (a subclass of mmcl.objectives.base.Objective)
-    needs: frozenset[str]  # what it reads from a batch: "pixel_values", "text", "views", "teacher"
+    needs: frozenset[str]  # what it reads from a batch: "pixel_values", "text", "views", "teacher", "store"
     settings: type | None = None  # its dataclass of config keys
     settings_key: str | None = None  # where those keys live in a run config: "ssl.simclr", "loss.clip_queue", "distill"
     cacheable: bool = False  # the loss can be evaluated on cached (detached) features (feature-cache accumulation)
@@ -244,8 +245,18 @@ class DistillConfig:
     # run encodes each sample once. The teacher then sees a deterministic centre crop. Refused
     # when it was written for other teacher weights or another transform.
     cache_dir: str | None = None
+    # A reinforced store (`mmcl curate reinforce --out DIR`): the teachers' features of K stored
+    # crops per sample. Each epoch the student sees one stored crop (replayed exactly) and the
+    # loss uses the stored features: no teacher is loaded or run. Excludes teacher and cache_dir.
+    store: str | None = field(default=None, metadata=PATH)
 
     def validate(self, key: str, source: str) -> None:
+        if self.store is not None:
+            if self.teacher is not None or self.cache_dir is not None:
+                raise ConfigError(f"{source}: '{key}.store' replaces the teacher: remove '{key}.teacher' and '{key}.cache_dir' "
+                                  "(the stored features are the teachers').")
+            check_store_folder(self.store, f"{key}.store", source)
+            return
         teacher = self.teacher
         if teacher is None:
             return
@@ -264,18 +275,50 @@ class DistillConfig:
             raise ConfigError(f"{source}: '{key}.weights' / '{key}.openclip_config' only apply to openclip:<architecture> teachers.")
 
 
+STORE_COMMAND, STORE_VERSION = "reinforce", 1  # what a reinforced store's mmcl_curate.json says
+
+
+def check_store_folder(store: str, key: str, source: str) -> dict:
+    """A reinforced store's manifest (`DIR/mmcl_curate.json`), or ConfigError naming what is wrong."""
+    folder = Path(store).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{source}: '{key}' points to '{store}', which is not a directory; write a store with "
+                          "mmcl curate reinforce --out DIR and point to DIR.")
+    try:
+        manifest = json.loads((folder / "mmcl_curate.json").read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("command") != STORE_COMMAND:
+        raise ConfigError(f"{source}: '{key}' ('{store}') is not a reinforced store (no mmcl_curate.json written by "
+                          "mmcl curate reinforce); write one with mmcl curate reinforce --out DIR.")
+    if manifest.get("version") != STORE_VERSION:
+        raise ConfigError(f"{source}: '{key}' ('{store}') is a reinforced store of version {manifest.get('version')}, "
+                          f"which this mmcl does not read (it reads version {STORE_VERSION}); write it again with this mmcl.")
+    return manifest
+
+
 def _check_distill(cfg: RunConfig, source: str) -> None:
     if "distill" not in cfg.objectives:
-        if cfg.distill.teacher is not None:
-            raise ConfigError(f"{source}: 'distill.teacher' is set but 'objectives' has no 'distill'; add distill: 1.0 to it.")
-    elif cfg.distill.teacher is None:
+        for name in ("teacher", "store"):
+            if getattr(cfg.distill, name) is not None:
+                raise ConfigError(f"{source}: 'distill.{name}' is set but 'objectives' has no 'distill'; add distill: 1.0 to it.")
+    elif cfg.distill.teacher is None and cfg.distill.store is None:
         raise ConfigError(f"{source}: objective 'distill' needs 'distill.teacher' (openclip:<architecture>, hf-hub:<id> "
-                          "or a transformers / mmcl model directory).")
+                          "or a transformers / mmcl model directory) or 'distill.store' (a reinforced store).")
+    elif cfg.distill.store is not None and cfg.data.captions_from_labels:
+        raise ConfigError(f"{source}: 'distill.store' holds the teachers' features of each sample's own first caption, "
+                          "not of class prompts; remove 'data.captions_from_labels' or distil from distill.teacher.")
+
+
+def _distill_needs(cfg: RunConfig) -> frozenset[str]:
+    # With a store the batch carries the stored features ("store") instead of the teacher's inputs.
+    return frozenset({"pixel_values", "text", "store" if cfg.distill.store is not None else "teacher"})
 
 
 DISTILL = ObjectiveSpec("distill", "mmcl.objectives.distill:DistillObjective", frozenset({"pixel_values", "text", "teacher"}),
                         DistillConfig, "distill", cacheable=True, image_text=True, check=_check_distill,
-                        state="frozen teacher (only its SHA-256 is saved)")
+                        state="frozen teacher (only its SHA-256 is saved), or a reinforced store (its fingerprint)",
+                        needs_by_config=_distill_needs)
 
 # ----------------------------------------------------------------------------- the registry
 

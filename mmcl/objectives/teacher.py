@@ -111,48 +111,65 @@ def _tensor(output: Any) -> Tensor:
 
 def load_teacher(cfg: DistillConfig) -> Teacher:
     """The teacher named by `cfg.teacher` (see the module docstring), frozen, float32 or bf16, on the CPU."""
-    spec = cfg.teacher
-    if spec is None:
+    if cfg.teacher is None:
         raise TeacherLoadError("the distill objective needs distill.teacher.")
-    try:
-        if spec.startswith("openclip:"):
-            teacher = _openclip_teacher(spec[len("openclip:"):], cfg.weights, cfg.openclip_config)
-        elif spec.startswith("hf-hub:"):
-            teacher = _openclip_teacher(spec, None, None)
-        else:
-            teacher = _directory_teacher(Path(spec).expanduser())
-    except TeacherLoadError:
-        raise
-    except pickle.UnpicklingError:  # a legacy (non-zip) pickle that torch's weights-only load refuses
-        raise TeacherLoadError(f"distill.teacher '{spec}': its weights hold pickled objects, not only tensors, so they are "
-                               "not loaded (unpickling them could run code); pass a .safetensors file or a state dict "
-                               "of tensors.") from None
-    except Exception as error:  # a loader failure deep inside open_clip / transformers: name the key
-        raise TeacherLoadError(f"distill.teacher '{spec}' could not be loaded ({type(error).__name__}: "
-                               f"{str(error).splitlines()[0] if str(error) else ''}).") from error
+    teacher = load_image_text_model(cfg.teacher, cfg.weights, cfg.openclip_config)
     if cfg.precision == "bf16":
         teacher.to(dtype=torch.bfloat16)
     return teacher
 
 
+@dataclass(frozen=True)
+class OptionNames:
+    """How the user named the model, its weights and its OpenCLIP config (for error messages)."""
+
+    model: str = "distill.teacher"
+    weights: str = "distill.weights"
+    openclip_config: str = "distill.openclip_config"
+
+
+def load_image_text_model(spec: str, weights: str | None = None, openclip_config: str | None = None,
+                          names: OptionNames = OptionNames()) -> Teacher:
+    """Any image-text model `spec` names (the kinds of the module docstring), frozen, float32, on the CPU.
+
+    Not tied to a config: `mmcl curate` loads the models it scores with through here; `names` are
+    the option names its error messages use (TeacherLoadError, one sentence).
+    """
+    try:
+        if spec.startswith("openclip:"):
+            return _openclip_teacher(spec[len("openclip:"):], weights, openclip_config, names)
+        if spec.startswith("hf-hub:"):
+            return _openclip_teacher(spec, None, None, names)
+        return _directory_teacher(Path(spec).expanduser(), names)
+    except TeacherLoadError:
+        raise
+    except pickle.UnpicklingError:  # a legacy (non-zip) pickle that torch's weights-only load refuses
+        raise TeacherLoadError(f"{names.model} '{spec}': its weights hold pickled objects, not only tensors, so they are "
+                               "not loaded (unpickling them could run code); pass a .safetensors file or a state dict "
+                               "of tensors.") from None
+    except Exception as error:  # a loader failure deep inside open_clip / transformers: name the key
+        raise TeacherLoadError(f"{names.model} '{spec}' could not be loaded ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0] if str(error) else ''}).") from error
+
+
 # ----------------------------------------------------------------------------- OpenCLIP
 
 
-def _openclip_teacher(model_name: str, weights: str | None, config_file: str | None) -> Teacher:
+def _openclip_teacher(model_name: str, weights: str | None, config_file: str | None, names: OptionNames) -> Teacher:
     import open_clip
 
     if config_file is not None:
         open_clip.add_model_config(config_file)
     hub = model_name.startswith("hf-hub:")
     if not hub and model_name not in open_clip.list_models():
-        raise TeacherLoadError(f"open_clip has no architecture '{model_name}' (distill.teacher); pick one of "
-                               "open_clip.list_models() or register yours with distill.openclip_config.")
+        raise TeacherLoadError(f"open_clip has no architecture '{model_name}' ({names.model}); pick one of "
+                               f"open_clip.list_models() or register yours with {names.openclip_config}.")
     if weights is not None:
         from mmcl.safe_unpickle import weights_file_problem
 
         problem = weights_file_problem(Path(weights))
         if problem is not None:
-            raise TeacherLoadError(f"distill.weights '{weights}' {problem}; pass a .safetensors file or a .pt/.bin "
+            raise TeacherLoadError(f"{names.weights} '{weights}' {problem}; pass a .safetensors file or a .pt/.bin "
                                    "holding only the state dict's tensors.")
     model = open_clip.create_model(model_name, pretrained=weights, require_pretrained=not hub)
     preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
@@ -169,27 +186,27 @@ def _openclip_teacher(model_name: str, weights: str | None, config_file: str | N
 # ----------------------------------------------------------------------------- directories
 
 
-def _directory_teacher(path: Path) -> Teacher:
+def _directory_teacher(path: Path, names: OptionNames) -> Teacher:
     if not path.is_dir():
-        raise TeacherLoadError(f"distill.teacher '{path}' is not a directory.")
+        raise TeacherLoadError(f"{names.model} '{path}' is not a directory.")
     kind = kind_of(path)
     if kind == "export":
-        return _mmcl_export_teacher(path)
+        return _mmcl_export_teacher(path, names)
     if kind == "model_dir":
-        return _mmcl_dir_teacher(path)
+        return _mmcl_dir_teacher(path, names)
     if kind == "transformers":
-        return _transformers_teacher(path)
-    raise TeacherLoadError(f"distill.teacher '{path}' is neither a transformers model directory (config.json), an mmcl "
+        return _transformers_teacher(path, names)
+    raise TeacherLoadError(f"{names.model} '{path}' is neither a transformers model directory (config.json), an mmcl "
                            "model directory (config.yaml + model.safetensors) nor an mmcl export.")
 
 
-def _mmcl_dir_teacher(path: Path) -> Teacher:
+def _mmcl_dir_teacher(path: Path, names: OptionNames) -> Teacher:
     from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
     from mmcl.model_dir import load_mmcl_model_dir
 
     model, config, tokenizer = load_mmcl_model_dir(path)
     if tokenizer is None:
-        raise TeacherLoadError(f"distill.teacher '{path}' has no text tower; a teacher needs both towers.")
+        raise TeacherLoadError(f"{names.model} '{path}' has no text tower; both towers are needed.")
     data = config.data
     inputs = TeacherInputs(data.image_size, tuple(data.image_mean or CLIP_MEAN), tuple(data.image_std or CLIP_STD),
                            tokenizer, config.model.text.context_length)
@@ -206,12 +223,12 @@ class _Holder(nn.Module):
         self.heads = nn.ModuleDict(heads)
 
 
-def _mmcl_export_teacher(path: Path) -> Teacher:
+def _mmcl_export_teacher(path: Path, names: OptionNames) -> Teacher:
     from mmcl.export.hf_loader import load_exported
 
     exported = load_exported(path)
     if exported.text_tower is None:
-        raise TeacherLoadError(f"distill.teacher '{path}' has no text tower; a teacher needs both towers.")
+        raise TeacherLoadError(f"{names.model} '{path}' has no text tower; both towers are needed.")
     spec = exported.info["image_transform"]
     inputs = TeacherInputs(int(spec["image_size"]), tuple(spec["mean"]), tuple(spec["std"]), exported.tokenizer,
                            int(exported.info["text_inputs"]["context_length"]))
@@ -239,16 +256,16 @@ def _side(size: Any) -> int | None:
     return None
 
 
-def _transformers_teacher(path: Path) -> Teacher:
+def _transformers_teacher(path: Path, names: OptionNames) -> Teacher:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
     config = AutoConfig.from_pretrained(str(path))
     if config.model_type == "siglip2":  # its image tower takes patch sequences + spatial shapes, not [B, 3, S, S]
-        raise TeacherLoadError(f"distill.teacher '{path}' is a SigLIP 2 model, whose image tower takes patchified "
+        raise TeacherLoadError(f"{names.model} '{path}' is a SigLIP 2 model, whose image tower takes patchified "
                                "variable-resolution inputs the teacher pipeline does not make; use a CLIP, SigLIP or "
                                "VisionTextDualEncoder model.")
     if config.model_type not in ("clip", "siglip", "vision-text-dual-encoder"):
-        raise TeacherLoadError(f"distill.teacher '{path}' is a transformers '{config.model_type}' model; a teacher "
+        raise TeacherLoadError(f"{names.model} '{path}' is a transformers '{config.model_type}' model; it "
                                "must be a CLIP, SigLIP or VisionTextDualEncoder model.")
     model = AutoModel.from_pretrained(str(path))
     processor = AutoImageProcessor.from_pretrained(str(path))
