@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "Missing (the step failed; see <work>/logs):"] + [f"- {k}: {v}" for k, v in bench.missing.items()]
     report = "\n".join(lines)
     print("\n" + report)
-    (args.work / "results.json").write_text(json.dumps({"runs": runs, "selections": selections, "students": students,
+    (args.work / "results.json").write_text(json.dumps({"runs": runs, "selections": selections, "students": {f"{label}, round {n}": r for (label, n), r in students.items()},
                                                           "missing": bench.missing, "corpus": c["counts"]}, indent=2) + "\n")
     (args.work / "report.md").write_text(report + "\n")
     return 0
