@@ -29,6 +29,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --no-build-isolation "deepspeed>=0.15,<0.20"
 	$(PIP) install -e ".[dev]"
 	$(PY) -c "import mmcl, open_clip, deepspeed, webdataset, datasets, sentencepiece"
+# DeepSpeed's CPU comm op (~2 min on 2 cores) is built here, once, not by the first launch of `make test`.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 # Everything, as CI runs it (.ci/run): unit tests, end-to-end deepspeed launches, the strict docs build.

@@ -213,8 +213,43 @@ def _check_run(config: RunConfig, source: str) -> None:
     for objective in OBJECTIVES.values():
         objective.check(config, source)
     _check_captions_from_labels(config, source)
+    _check_naflex(config, source)
     if not uses_text(config):
         _check_image_only(config, source)
+
+
+NAFLEX_TOWERS = ("siglip2_vision_model", "siglip2")  # inline image tower model types that take NaFlex patches
+NAFLEX_OBJECTIVES = ("clip", "siglip", "distill")  # the objectives that read NaFlex pixel_values (no square views, no momentum copies)
+
+
+def _check_naflex(config: RunConfig, source: str) -> None:
+    """`data.naflex` feeds patch sequences: an inline image tower must take them, and pairs of square
+    SSL views cannot ride along. (A tower by name_or_path is checked when it is built.)"""
+    naflex = config.data.naflex
+    tower = config.model.image.config
+    if naflex is None:
+        if tower is not None and tower.get("model_type") in NAFLEX_TOWERS:
+            raise ConfigError(f"{source}: 'model.image' is a SigLIP 2 tower, which takes NaFlex patch sequences; set "
+                              "'data.naflex' (e.g. {patch_size: 16, max_num_patches: 256}).")
+        return
+    if tower is not None and tower.get("model_type") not in NAFLEX_TOWERS:
+        raise ConfigError(f"{source}: 'data.naflex' makes patch sequences for SigLIP 2 image towers, but 'model.image' "
+                          f"is a '{tower.get('model_type')}' tower; remove data.naflex or use siglip2_vision_model.")
+    if tower is not None and tower.get("patch_size", 16) != naflex.patch_size:
+        raise ConfigError(f"{source}: 'data.naflex.patch_size' is {naflex.patch_size} but the image tower's patch_size is "
+                          f"{tower.get('patch_size', 16)}; make them equal.")
+    others = sorted(set(config.objectives) - set(NAFLEX_OBJECTIVES))
+    if others:
+        raise ConfigError(f"{source}: 'data.naflex' trains with {', '.join(NAFLEX_OBJECTIVES)} so far, not "
+                          f"{', '.join(others)}; remove those objectives or data.naflex.")
+    evaluated = [key for key in ("zeroshot_shards", "retrieval_shards", "knn_train_shards", "knn_test_shards")
+                 if getattr(config.eval, key, None)]
+    if evaluated:
+        raise ConfigError(f"{source}: 'eval.{evaluated[0]}' evaluates on square crops, which a NaFlex model "
+                          "('data.naflex') does not take yet; unset it and evaluate the export with transformers.")
+    if "store" in OBJECTIVES["distill"].needs_for(config) and "distill" in config.objectives:
+        raise ConfigError(f"{source}: 'distill.store' replays square stored crops, which 'data.naflex' cannot use; "
+                          "distil from a live teacher (distill.teacher) instead.")
 
 
 def _check_captions_from_labels(config: RunConfig, source: str) -> None:

@@ -1,7 +1,7 @@
 """A DualEncoder from its ModelConfig, started from `model.init_from` when that is set.
 
 `build_model(cfg)` is `mmcl.models.build_model` for a config without `init_from`. With one, it
-reads the source once (`read_source`: a SiglipModel or VisionTextDualEncoderModel folder, an
+reads the source once (`read_source`: a SiglipModel, Siglip2Model or VisionTextDualEncoderModel folder, an
 mmcl export or an mmcl model directory; a CLIPModel's towers load by `name_or_path` instead),
 builds the towers from the source's own configs and copies its tower weights, heads and logit
 scale (and bias) in (`mmcl.models.init_from`). It sits above `mmcl.models` because it reads mmcl
@@ -70,7 +70,8 @@ def read_source(init_from: str) -> InitSource | None:
 
             from mmcl.models.towers import _DTYPE_KWARG
 
-            cls = transformers.SiglipModel if kind == "siglip" else transformers.VisionTextDualEncoderModel
+            cls = {"siglip": transformers.SiglipModel, "siglip2": transformers.Siglip2Model}.get(
+                kind, transformers.VisionTextDualEncoderModel)
             loaded = cls.from_pretrained(init_from, **{_DTYPE_KWARG: torch.float32})
             towers = {"image": loaded.vision_model, "text": loaded.text_model}
             configs = {"image": loaded.config.vision_config, "text": loaded.config.text_config}

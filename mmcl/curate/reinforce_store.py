@@ -241,6 +241,10 @@ def main(args: argparse.Namespace) -> int:
     specs, urls = check_arguments(args)
     device = sharded.device_for_rank()
     teachers = [load_model(spec, weights, config, option="--teacher").to(device) for spec, weights, config in specs]
+    for spec, teacher in zip(specs, teachers):
+        if teacher.inputs().naflex is not None:  # stored crops are squares; a NaFlex teacher sees patch sequences
+            raise CurateError(f"--teacher '{spec[0]}' is a SigLIP 2 (NaFlex) model, whose variable-resolution inputs "
+                              "a reinforced store does not hold yet; use a CLIP, SigLIP or mmcl teacher.")
     job = reinforce_job(teachers, [s for s, _, _ in specs], urls, args.out, args.augmentations, args.seed,
                         args.crop_scale, args.batch_size)
     plan = sharded.plan_out(job, args.overwrite)

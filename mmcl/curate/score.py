@@ -102,6 +102,10 @@ def load_model(spec: str, weights: str | None = None, openclip_config: str | Non
 def eval_transform(model: Any) -> dict[str, Any]:
     """The manifest's record of the image transform the model gets."""
     inputs = model.inputs()
+    if inputs.naflex is not None:  # a SigLIP 2 model: its own NaFlex patches of the whole image
+        return {"resize": "aspect ratio kept, patch grid fits max_num_patches, bilinear, antialiased", "crop": "none",
+                "patch_size": inputs.naflex[0], "max_num_patches": inputs.naflex[1],
+                "mean": list(inputs.mean), "std": list(inputs.std)}
     return {"resize": "shorter side, bicubic, antialiased", "crop": "centre", "image_size": inputs.image_size,
             "mean": list(inputs.mean), "std": list(inputs.std)}
 
@@ -114,6 +118,7 @@ def score_job(model: Any, spec: str, urls: list[str], out: str | Path, batch_siz
     from mmcl.data.samples import SampleSpec
     from mmcl.data.tokenize import CaptionTokenizer
     from mmcl.data.transforms import ResizeCenterCropU8
+    from mmcl.objectives.teacher import naflex_transform
     from mmcl.redact import redact
 
     inputs = model.inputs()
@@ -122,7 +127,8 @@ def score_job(model: Any, spec: str, urls: list[str], out: str | Path, batch_siz
 
     def rows(batch: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad():
-            image = model.encode_image(batch["pixel_values"]).float()
+            naflex = {key: batch[key] for key in ("pixel_attention_mask", "spatial_shapes") if key in batch}
+            image = model.encode_image(batch["pixel_values"], **naflex).float()
             text = model.encode_text(batch["input_ids"], batch["attention_mask"]).float()
         score = (image * text).sum(-1)
         return {"key": batch["keys"], "shard": [shards[batch["_shard"]]] * len(batch["keys"]),
@@ -135,7 +141,8 @@ def score_job(model: Any, spec: str, urls: list[str], out: str | Path, batch_siz
                 "transform": eval_transform(model)}
     return ShardJob(
         command="score", out=Path(out), urls=urls, manifest=manifest, schema=schema(dim),
-        sample=SampleSpec(image_transform=ResizeCenterCropU8(inputs.image_size), caption_key="txt", all_captions=True,
+        sample=SampleSpec(image_transform=naflex_transform(inputs) or ResizeCenterCropU8(inputs.image_size),
+                          caption_key="txt", all_captions=True,
                           first_caption=True, indices=True),
         rows=rows, batch_size=batch_size, tokenize=CaptionTokenizer(inputs.tokenizer, inputs.context_length),
         mean=tuple(inputs.mean), std=tuple(inputs.std),

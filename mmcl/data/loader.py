@@ -76,6 +76,7 @@ from .selection import Selection, read_selection
 from ..redact import redact
 from .shards import expand_shards, read_shard_sizes, split_evenly
 from .tokenize import CaptionTokenizer
+from .naflex import NaFlexPatchesU8
 from .transforms import CLIP_MEAN, CLIP_STD, clip_eval_transform, clip_train_transform
 
 log = logging.getLogger(__name__)
@@ -443,7 +444,8 @@ def build_train_loader(
     tokenizer: `transformers` tokenizer or callable (see tokenize.py); None = image-only shards,
         batches without input_ids/attention_mask and no caption required.
     image_transform: uint8 [3,H,W] -> [3,S,S] for `pixel_values`; default CLIP's RandomResizedCrop
-        at `data_cfg.image_size` with `data_cfg.train_crop_scale`. `pixel_values=False` drops it.
+        at `data_cfg.image_size` with `data_cfg.train_crop_scale`, or with `data_cfg.naflex` NaFlex
+        patches (`naflex.NaFlexPatchesU8`: pixel_values, pixel_attention_mask, spatial_shapes). `pixel_values=False` drops it.
     view_transforms: e.g. two independent SSL augmentations -> batch["views"] = [v1, v2].
     image_mean / image_std: the image tower's normalisation, used when `data_cfg.image_mean/std`
         are unset; CLIP's when both are None. Applied to uint8 transform outputs, per batch.
@@ -466,8 +468,10 @@ def build_train_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sources = expand_shards(data_cfg.train_shards)
     urls = [u for s in sources for u in s]
+    naflex = getattr(data_cfg, "naflex", None)
     if image_transform is None and pixel_values and store is None:
-        image_transform = clip_train_transform(data_cfg.image_size, data_cfg.train_crop_scale)
+        image_transform = (NaFlexPatchesU8(naflex.patch_size, naflex.max_num_patches) if naflex is not None else
+                           clip_train_transform(data_cfg.image_size, data_cfg.train_crop_scale))
     if not pixel_values or store is not None:
         image_transform = None  # with a store, the stored crop is the student's view
     if image_transform is None and not view_transforms and store is None:

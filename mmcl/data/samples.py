@@ -45,6 +45,7 @@ from .decode import (
     member_bytes,
     to_rgb,
 )
+from .naflex import Patches, naflex_batch
 from .transforms import normalize_uint8
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ SKIP_REASONS = (
 class SampleSpec:
     """What to make of each raw sample.
 
-    image_transform: uint8 [3,H,W] -> [3,S,S] for `pixel_values` (None: no pixel_values).
+    image_transform: uint8 [3,H,W] -> [3,S,S] for `pixel_values` (None: no pixel_values), or
+        -> `naflex.Patches` (NaFlex: variable patch sequences).
     view_transforms: transforms for `views` (e.g. two SimCLR augmentations), or None.
     caption_key: tar extension holding the caption ("txt"); None = image-only, no caption needed.
     all_captions: keep every caption of a JSON list (evaluation) in `captions`.
@@ -119,7 +121,7 @@ class SampleSpec:
 @dataclass
 class Sample:
     key: str
-    image: Tensor | None
+    image: Tensor | Patches | None
     views: list[Tensor] | None
     caption: str | None
     captions: list[str] | None
@@ -313,6 +315,16 @@ def _images(tensors: list[Tensor], mean: Sequence[float], std: Sequence[float], 
     return normalize_uint8(stacked, mean, std, out=out)
 
 
+def _image_inputs(prefix: str, images: list[Any], mean: Sequence[float], std: Sequence[float],
+                  in_worker: bool) -> dict[str, Tensor]:
+    """`{prefix}pixel_values` [B,3,S,S]; NaFlex `Patches` give `{prefix}pixel_values` [B,L,3*P*P],
+    `{prefix}pixel_attention_mask` [B,L] and `{prefix}spatial_shapes` [B,2] (`naflex.naflex_batch`)."""
+    if isinstance(images[0], Patches):
+        empty = _shared_empty if in_worker else None
+        return {prefix + key: value for key, value in naflex_batch(images, mean, std, empty).items()}
+    return {prefix + "pixel_values": _images(images, mean, std, in_worker)}
+
+
 def collate(
     samples: list[Sample],
     tokenize: Callable[[list[str]], tuple[Tensor, Tensor]] | None,
@@ -324,7 +336,8 @@ def collate(
 ) -> dict[str, Any]:
     """Samples -> batch dict.
 
-    pixel_values [B,3,S,S] float (when an image transform is set), views: list of [B,3,S,S]
+    pixel_values [B,3,S,S] float (when an image transform is set; with a NaFlex transform
+    pixel_values [B,L,3*P*P] float, pixel_attention_mask [B,L] int32, spatial_shapes [B,2] long), views: list of [B,3,S,S]
     float (when view transforms are set), input_ids / attention_mask [B,L] long (when captions
     are read), labels [B] long (when any sample has `.cls`; -1 where missing), keys: list[str],
     indices: list[int] (each sample's position in its shard, with SampleSpec.indices),
@@ -339,7 +352,7 @@ def collate(
     if samples[0].index is not None:
         batch["indices"] = [s.index for s in samples]
     if samples[0].image is not None:
-        batch["pixel_values"] = _images([s.image for s in samples], mean, std, in_worker)
+        batch.update(_image_inputs("", [s.image for s in samples], mean, std, in_worker))
     if samples[0].views is not None:
         batch["views"] = [
             _images([s.views[v] for s in samples], mean, std, in_worker) for v in range(len(samples[0].views))
@@ -347,8 +360,8 @@ def collate(
     if tokenize is not None and samples[0].caption is not None:
         batch["input_ids"], batch["attention_mask"] = tokenize([s.caption for s in samples])
     if samples[0].teacher_image is not None:
-        batch["teacher_pixel_values"] = _images([s.teacher_image for s in samples], teacher_mean or mean,
-                                                teacher_std or std, in_worker)
+        batch.update(_image_inputs("teacher_", [s.teacher_image for s in samples], teacher_mean or mean,
+                                   teacher_std or std, in_worker))
     if teacher_tokenize is not None and samples[0].caption is not None:
         batch["teacher_input_ids"], batch["teacher_attention_mask"] = teacher_tokenize([s.caption for s in samples])
     if samples[0].reinforcement is not None:

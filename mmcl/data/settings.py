@@ -11,6 +11,16 @@ from mmcl.coerce import ConfigError, bounded, count, nonnegative, positive, prob
 
 
 @dataclass
+class NaFlexConfig:
+    """SigLIP 2's NaFlex inputs: each image at its own aspect ratio as a variable number of patches."""
+
+    patch_size: int = count(16)  # side of a square patch in pixels; must be the image tower's patch_size
+    # the image is resized keeping its aspect ratio so that its patch grid fits this many patches (as
+    # transformers' Siglip2ImageProcessor does); batches are padded to this sequence length
+    max_num_patches: int = count(256)
+
+
+@dataclass
 class DataConfig:
     """WebDataset input. Shard patterns use brace expansion; several sources join with `::`."""
 
@@ -37,6 +47,9 @@ class DataConfig:
     # optionally `shard` + `index` (as `mmcl curate select` writes it). Each epoch delivers the
     # selected samples drawn from (seed, epoch, key); epoch mode takes its length from the file.
     selection: str | None = None
+    # NaFlex (SigLIP 2 image towers): train and evaluate on patch sequences at each image's own aspect
+    # ratio instead of square crops (image_size and train_crop_scale then do not apply); None = square crops
+    naflex: NaFlexConfig | None = None
 
     def validate(self, key: str, source: str) -> None:
         if self.resampled and self.samples_per_epoch is None and self.train_shards is not None:

@@ -75,11 +75,15 @@ class TrainingTask(nn.Module):
         objectives need), logit_scale (, logit_bias), and with `batch_outputs` what objectives
         add without gradient (the distillation teacher's features; not needed on re-encoding)."""
         text = "text" in self.needs
+        images = "pixel_values" in self.needs
         outputs = self.model(
-            pixel_values=batch["pixel_values"] if "pixel_values" in self.needs else None,
+            pixel_values=batch["pixel_values"] if images else None,
             input_ids=batch["input_ids"] if text else None,
             attention_mask=batch["attention_mask"] if text else None,
             views=batch["views"] if "views" in self.needs else None,
+            # NaFlex batches (data.naflex) carry these beside their patch sequences
+            pixel_attention_mask=batch.get("pixel_attention_mask") if images else None,
+            spatial_shapes=batch.get("spatial_shapes") if images else None,
         )
         if batch_outputs:
             for objective in self.objectives.values():

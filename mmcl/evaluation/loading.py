@@ -57,6 +57,9 @@ def text_encoder(model: Any, tokenizer: Any, context_length: int, device: torch.
 def mmcl_eval_model(path: str | Path, device: torch.device | str = "cpu") -> EvalModel:
     """EvalModel for an mmcl model directory."""
     model, config, tokenizer = load_mmcl_model_dir(path, device)
+    if getattr(config.data, "naflex", None) is not None:
+        raise ValueError(f"{path} is a SigLIP 2 NaFlex model, which mmcl's evaluation commands do not read yet; "
+                         "export it (`mmcl export`) and evaluate the export with transformers' AutoProcessor.")
     transform = eval_transform(config.data.image_size, config.data.image_mean, config.data.image_std)
 
     @torch.no_grad()

@@ -127,7 +127,7 @@ def front_matter(info: dict[str, Any], facts: RunFacts, name: str, license: str 
     names = list(datasets) if datasets else [n for n in (dataset_name(data.get("train_shards")),) if n]
     tags = ["mmcl", "clip" if dual else "self-supervised", "contrastive-learning",
             "vision-text-dual-encoder" if info["architecture"] == "VisionTextDualEncoderModel" else None,
-            "siglip" if info["architecture"] == "SiglipModel" else None,
+            "siglip" if info["architecture"] == "SiglipModel" else "siglip2" if info["architecture"] == "Siglip2Model" else None,
             info["image"]["model_type"], info["text"]["model_type"] if dual else None, "deepspeed"]
     front: dict[str, Any] = {
         "library_name": "transformers",
@@ -211,7 +211,7 @@ def _usage(info: dict[str, Any], model_id: str) -> str:
         rows.append(f"| image | {side['pooling']} | {side['projection']} (in mmcl_heads.safetensors) | {cell} |")
     check = info.get("processor_check", {})
     transform = info["image_transform"]
-    processor_note = (
+    processor_note = _naflex_note(transform, check) if "naflex" in transform else (
         f"The processor is a `CLIPImageProcessor` set to mmcl's evaluation transform (shorter side to "
         f"{transform['image_size']} px, bicubic; centre crop; mean {transform['mean']}, std {transform['std']}). "
         f"With `backend=\"pil\"` it matches mmcl's torchvision transform to {check.get('pil_max_abs_diff', float('nan')):.1e} "
@@ -227,9 +227,17 @@ def _usage(info: dict[str, Any], model_id: str) -> str:
     return text
 
 
+def _naflex_note(transform: dict[str, Any], check: dict[str, Any]) -> str:
+    naflex = transform["naflex"]
+    return (f"The processor is a `Siglip2Processor` set to mmcl's NaFlex transform (aspect ratio kept, at most "
+            f"{naflex['max_num_patches']} patches of {naflex['patch_size']} px, bilinear; mean {transform['mean']}, "
+            f"std {transform['std']}); on a probe image `AutoProcessor` matches mmcl's patches to "
+            f"{check.get('processor_max_abs_diff', float('nan')):.1e}.")
+
+
 def _pipeline_usage(info: dict[str, Any], model_id: str) -> str:
     """The zero-shot pipeline, for exports that plain transformers reproduces on both sides."""
-    sigmoid = info["architecture"] == "SiglipModel"
+    sigmoid = info["architecture"] in ("SiglipModel", "Siglip2Model")
     note = ("Scores are independent sigmoid probabilities (SigLIP); the pipeline pads prompts to 64 tokens."
             if sigmoid else "Scores are a softmax over the candidate labels.")
     if info["architecture"] == "VisionTextDualEncoderModel":
@@ -268,7 +276,22 @@ def snippet(info: dict[str, Any], model_id: str) -> str:
         )
     bias = info.get("logit_bias")
     texts = 'texts = ["a photo of a cat", "a photo of a dog"]\n'
-    if info["image"]["exact"] and info["text"]["exact"]:
+    if info["image"]["exact"] and info["text"]["exact"] and "naflex" in info["image_transform"]:
+        scale = "model.logit_scale.exp()"
+        code = (
+            "import torch\nfrom PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
+            f"{head}\nmodel = AutoModel.from_pretrained(model_id).eval()\n"
+            "processor = AutoProcessor.from_pretrained(model_id)  # mmcl's NaFlex patches, context length and padding\n\n"
+            + image + texts +
+            "inputs = processor(text=texts, images=image, return_tensors=\"pt\")\n"
+            "with torch.no_grad():\n"
+            "    image_embeds = model.get_image_features(pixel_values=inputs[\"pixel_values\"], spatial_shapes=inputs[\"spatial_shapes\"],\n"
+            "                                            pixel_attention_mask=inputs[\"pixel_attention_mask\"]).pooler_output\n"
+            "    text_embeds = model.get_text_features(input_ids=inputs[\"input_ids\"], attention_mask=inputs[\"attention_mask\"]).pooler_output\n"
+            "image_embeds = torch.nn.functional.normalize(image_embeds, dim=-1)\n"
+            "text_embeds = torch.nn.functional.normalize(text_embeds, dim=-1)\n"
+        )
+    elif info["image"]["exact"] and info["text"]["exact"]:
         scale = "model.logit_scale.exp()"
         code = (
             "import torch\nfrom PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
@@ -405,7 +428,7 @@ def _limitations(info: dict[str, Any], license: str | None) -> str:
     if "text" not in info:
         lines.append("- The heads of the self-supervised objectives (SimCLR's projector, BYOL's projector and predictor) "
                      "serve training only and are not exported; continue training from the run's DeepSpeed checkpoint.")
-    if info.get("logit_bias") is not None and info["architecture"] != "SiglipModel":
+    if info.get("logit_bias") is not None and info["architecture"] not in ("SiglipModel", "Siglip2Model"):
         lines.append("- The model was trained with a sigmoid loss and a logit bias, which transformers' "
                      "VisionTextDualEncoderModel has no slot for; the bias is in mmcl_export.json and mmcl_heads.safetensors.")
     lines.append(f"- License: `{license or 'other'}` as given at export; the licenses of the pretrained towers and "

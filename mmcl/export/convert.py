@@ -2,7 +2,7 @@
 
 Image-text models become a `VisionTextDualEncoderModel`, a `CLIPModel` when both towers are
 CLIP towers with linear or no heads, or a `SiglipModel` when both are SigLIP towers without
-mmcl heads (SigLIP's text tower ends in its own head), with the learnt logit scale and bias. Its `get_image_features` / `get_text_features`
+mmcl heads (SigLIP's text tower ends in its own head; a `Siglip2Model` for SigLIP 2 towers), with the learnt logit scale and bias. Its `get_image_features` / `get_text_features`
 run the tower, take the tower's `pooler_output` and apply one bias-free Linear. mmcl's own
 encoders run the tower, apply the configured pooling, then the projection head. The two
 agree exactly only when the pooling *is* the pooler_output and the head is linear (or none,
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from mmcl.export.hf_loader import rebuilt_class
-from mmcl.export.plan import plan_export, projection_kind, target_architecture
+from mmcl.export.plan import SIGLIP_MODELS, plan_export, projection_kind, target_architecture
 
 TOLERANCE = 1e-5
 PROBE_TEXTS = (
@@ -68,13 +68,32 @@ class SideReport:
 # ----------------------------------------------------------------------------- probes
 
 
+IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+
+
+def image_inputs(probes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The image tower's inputs among `probes`: pixel_values (and NaFlex's mask and spatial shapes)."""
+    return {key: probes[key] for key in IMAGE_KEYS if key in probes}
+
+
 def probe_inputs(config, tokenizer) -> dict[str, torch.Tensor]:
-    """Fixed random pixels [2, 3, S, S] and tokenized probe captions [3, L] for the agreement checks."""
+    """Fixed random pixels [2, 3, S, S] (NaFlex, `data.naflex`: a wide and a tall random image as
+    padded patches with their mask and spatial shapes) and tokenized probe captions [3, L]."""
     from mmcl.models import tokenize
 
     generator = torch.Generator().manual_seed(0)
     size = config.data.image_size
-    probes = {"pixel_values": torch.randn(2, 3, size, size, generator=generator)}
+    naflex = getattr(config.data, "naflex", None)
+    if naflex is not None:
+        from mmcl.data.naflex import NaFlexPatchesU8, naflex_batch
+        from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
+
+        transform = NaFlexPatchesU8(naflex.patch_size, naflex.max_num_patches)
+        images = [torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8) for shape in ((3, 37, 90), (3, 64, 29))]
+        probes = naflex_batch([transform(image) for image in images], config.data.image_mean or CLIP_MEAN,
+                              config.data.image_std or CLIP_STD)
+    else:
+        probes = {"pixel_values": torch.randn(2, 3, size, size, generator=generator)}
     if tokenizer is not None and config.model.text is not None:
         probes.update(tokenize(tokenizer, list(PROBE_TEXTS), config.model.text.context_length))
     return probes
@@ -218,8 +237,9 @@ def _dual(model, config, tokenizer, probes) -> tuple[nn.Module, dict[str, SideRe
     reports["image"].adjustments += _ensure_hidden_size(vision.config, pooled_width(model.image_tower, image_pooling))
 
     scale_log = min(model.logit_scale.item(), model.logit_scale_max_log)  # mmcl clamps in the forward pass
-    if target_architecture(model) == "SiglipModel" and image_pooling == model.text_pooling == "pooler_output":
-        hf = _as_siglip_model(vision, text, scale_log, model.logit_bias)
+    architecture = target_architecture(model)
+    if architecture in SIGLIP_MODELS and image_pooling == model.text_pooling == "pooler_output":
+        hf = _as_siglip_model(vision, text, scale_log, model.logit_bias, architecture)
         fitted, reasons = {"image": True, "text": True}, {"image": None, "text": None}  # SiglipModel builds both towers
         _measure(model, hf.eval(), probes, reports, reasons, fitted)
         return hf, reports
@@ -237,12 +257,13 @@ def _dual(model, config, tokenizer, probes) -> tuple[nn.Module, dict[str, SideRe
     return hf, reports
 
 
-def _as_siglip_model(vision, text, scale_log: float, bias) -> nn.Module:
-    """A SiglipModel holding the two SigLIP towers, with mmcl's logit scale (a log, clamped) and bias."""
-    from transformers import SiglipConfig, SiglipModel
+def _as_siglip_model(vision, text, scale_log: float, bias, architecture: str = "SiglipModel") -> nn.Module:
+    """A SiglipModel (or Siglip2Model) holding the two towers, with mmcl's logit scale (a log, clamped) and bias."""
+    import transformers
 
-    config = SiglipConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict())
-    siglip = SiglipModel(config)
+    cls = getattr(transformers, architecture)
+    config = cls.config_class(text_config=text.config.to_dict(), vision_config=vision.config.to_dict())
+    siglip = cls(config)
     siglip.vision_model.load_state_dict(vision.state_dict(), strict=True)
     siglip.text_model.load_state_dict(text.state_dict(), strict=True)
     with torch.no_grad():
@@ -267,10 +288,10 @@ def _as_clip_model(hf) -> nn.Module | None:
 
 def _measure(model, hf, probes, reports, reasons, fitted) -> None:
     """Encode the probes with both models; mark each side exact, or poison its projection."""
-    pixels, ids, mask = probes["pixel_values"], probes["input_ids"], probes["attention_mask"]
+    images, ids, mask = image_inputs(probes), probes["input_ids"], probes["attention_mask"]
     sides = {  # SiglipModel has no projections to poison: it is only built when both sides should be exact
-        "image": (lambda: model.encode_image(pixels, normalize=False),
-                  lambda: hf.get_image_features(pixel_values=pixels).pooler_output, getattr(hf, "visual_projection", None)),
+        "image": (lambda: model.encode_image(**images, normalize=False),
+                  lambda: hf.get_image_features(**images).pooler_output, getattr(hf, "visual_projection", None)),
         "text": (lambda: model.encode_text(ids, mask, normalize=False),
                  lambda: hf.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, getattr(hf, "text_projection", None)),
     }

@@ -151,11 +151,14 @@ def _portable_path(text: str, run_dir: Path | None) -> str:
 
 
 def _save_processor(folder: Path, config, tokenizer):
-    """CLIPImageProcessor set to mmcl's eval transform (+ the tokenizer, padded to context_length)."""
+    """CLIPImageProcessor set to mmcl's eval transform (+ the tokenizer, padded to context_length);
+    with `data.naflex`, a Siglip2Processor (`_save_naflex_processor`)."""
     from transformers import CLIPImageProcessor, VisionTextDualEncoderProcessor
 
     from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
 
+    if getattr(config.data, "naflex", None) is not None:
+        return _save_naflex_processor(folder, config, tokenizer)
     size = config.data.image_size
     image_processor = CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": size}, resample=3,  # PIL.Image.BICUBIC, as torchvision's Resize
@@ -171,6 +174,36 @@ def _save_processor(folder: Path, config, tokenizer):
     return image_processor
 
 
+def _save_naflex_processor(folder: Path, config, tokenizer):
+    """Siglip2ImageProcessor with mmcl's NaFlex transform (patch size, maximum patches, bilinear, mean/std),
+    in a Siglip2Processor with the tokenizer.
+
+    Siglip2Processor's class defaults (16 px patches, 256 patches, 64 tokens) take precedence over its
+    image processor's saved settings when it is called; the tokenizer's saved init arguments take
+    precedence over those defaults (transformers' ProcessorMixin._merge_kwargs), so the patch size,
+    the patch count and the context length are written there too and plain AutoProcessor uses them.
+    """
+    from transformers import Siglip2ImageProcessor, Siglip2Processor
+
+    from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
+
+    naflex = config.data.naflex
+    image_processor = Siglip2ImageProcessor(
+        patch_size=naflex.patch_size, max_num_patches=naflex.max_num_patches, resample=2,  # bilinear, antialiased
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(config.data.image_mean or CLIP_MEAN), image_std=list(config.data.image_std or CLIP_STD),
+    )
+    image_processor.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        length = config.model.text.context_length
+        tokenizer.model_max_length = length
+        tokenizer.init_kwargs.update(patch_size=naflex.patch_size, max_num_patches=naflex.max_num_patches,
+                                     max_length=length, padding_side=tokenizer.padding_side)
+        Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(folder))
+    return image_processor
+
+
 def _save_heads(folder: Path, model) -> None:
     from safetensors.torch import save_file
 
@@ -182,7 +215,6 @@ def _save_heads(folder: Path, model) -> None:
 
 def _info(model, config, hf, reports, source: Source | None) -> dict[str, Any]:
     import mmcl
-    from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
 
     dual = model.text_tower is not None
     info: dict[str, Any] = {
@@ -195,13 +227,7 @@ def _info(model, config, hf, reports, source: Source | None) -> dict[str, Any]:
         "logit_scale": float(model.logit_scale.detach().clamp(max=model.logit_scale_max_log).exp()),
         "logit_scale_max": config.model.logit_scale_max,
         "logit_bias": None if model.logit_bias is None else float(model.logit_bias.detach()),
-        "image_transform": {
-            "image_size": config.data.image_size,
-            "resize": "shorter side to image_size, bicubic (PIL)",
-            "crop": "center, image_size x image_size",
-            "mean": list(config.data.image_mean or CLIP_MEAN),
-            "std": list(config.data.image_std or CLIP_STD),
-        },
+        "image_transform": _image_transform_info(config),
         "source": {
             "path": _run_relative(source.weights, source.run_dir) if source else None,
             "kind": ("model_dir" if source.model_dir is not None else "checkpoint") if source else "in_memory",
@@ -218,8 +244,48 @@ def _info(model, config, hf, reports, source: Source | None) -> dict[str, Any]:
     return info
 
 
+def _image_transform_info(config) -> dict[str, Any]:
+    from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
+
+    mean, std = list(config.data.image_mean or CLIP_MEAN), list(config.data.image_std or CLIP_STD)
+    naflex = getattr(config.data, "naflex", None)
+    if naflex is not None:
+        return {"naflex": {"patch_size": naflex.patch_size, "max_num_patches": naflex.max_num_patches},
+                "image_size": None,
+                "resize": "aspect ratio kept, patch grid fits max_num_patches, bilinear (antialiased)",
+                "crop": "none; patches padded to max_num_patches", "mean": mean, "std": std}
+    return {"image_size": config.data.image_size, "resize": "shorter side to image_size, bicubic (PIL)",
+            "crop": "center, image_size x image_size", "mean": mean, "std": std}
+
+
+def _naflex_processor_check(folder: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """Max |difference| between the saved processor (plain AutoProcessor) and mmcl's NaFlex transform."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    from mmcl.data.naflex import NaFlexPatchesU8, naflex_batch
+
+    naflex = spec["naflex"]
+    array = np.random.default_rng(0).integers(0, 256, (53, 127, 3), dtype=np.uint8)
+    reference = naflex_batch([NaFlexPatchesU8(naflex["patch_size"], naflex["max_num_patches"])(
+        torch.from_numpy(array).permute(2, 0, 1).contiguous())], spec["mean"], spec["std"])
+    result = {"probe_image": [127, 53]}
+    processors = {"torchvision": AutoImageProcessor.from_pretrained(str(folder))}
+    if (folder / "processor_config.json").is_file():
+        processors["processor"] = AutoProcessor.from_pretrained(str(folder))
+    for name, processor in processors.items():
+        got = processor(images=[Image.fromarray(array)], return_tensors="pt")
+        same_grid = torch.equal(got["spatial_shapes"], reference["spatial_shapes"])
+        result[f"{name}_max_abs_diff"] = float((got["pixel_values"] - reference["pixel_values"]).abs().max()) \
+            if same_grid and got["pixel_values"].shape == reference["pixel_values"].shape else float("inf")
+    return result
+
+
 def processor_check(folder: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """Max |difference| between the saved processor and mmcl's eval transform on a probe image, per backend."""
+    if "naflex" in spec:
+        return _naflex_processor_check(folder, spec)
     import numpy as np
     from PIL import Image
     from transformers import AutoImageProcessor
@@ -251,11 +317,14 @@ def verify(folder: Path, model, probes: dict[str, torch.Tensor], info: dict[str,
     from mmcl.export.hf_loader import load_exported
     from mmcl.models import pool
 
+    from mmcl.export.convert import image_inputs
+
     exported = load_exported(folder)
     pixels = probes["pixel_values"]
+    images = image_inputs(probes)
     with torch.no_grad():
-        checks = [("image embeddings (mmcl loader)", model.encode_image(pixels, normalize=False),
-                   exported.encode_image(pixels, normalize=False))]
+        checks = [("image embeddings (mmcl loader)", model.encode_image(**images, normalize=False),
+                   exported.encode_image(**images, normalize=False))]
         if "text" in info:
             ids, mask = probes["input_ids"], probes["attention_mask"]
             reference = model.encode_text(ids, mask, normalize=False)
@@ -265,7 +334,7 @@ def verify(folder: Path, model, probes: dict[str, torch.Tensor], info: dict[str,
                                exported.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output))
             if info["image"]["exact"]:
                 checks.append(("image embeddings (transformers)", checks[0][1],
-                               exported.model.get_image_features(pixel_values=pixels).pooler_output))
+                               exported.model.get_image_features(**images).pooler_output))
         elif info["image"]["exact"]:
             pooled = pool(model.image_tower(pixel_values=pixels), info["image"]["pooling"], "image")
             checks.append(("pooled image features (transformers)", pooled, exported.model(pixel_values=pixels).pooler_output.flatten(1)))

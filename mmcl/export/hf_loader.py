@@ -51,6 +51,9 @@ class ExportedModel:
         from mmcl.data.transforms import CLIP_MEAN, CLIP_STD, torchvision_eval_transform
 
         spec = self.info["image_transform"]
+        if "naflex" in spec:
+            raise ExportError("this export takes NaFlex patches; make its inputs with transformers' "
+                              "AutoProcessor.from_pretrained(folder)(images=...) and pass them to encode_image.")
         transform = torchvision_eval_transform(spec["image_size"], spec["mean"] or CLIP_MEAN, spec["std"] or CLIP_STD)
         return torch.stack([transform(image.convert("RGB")) for image in images])
 
@@ -63,11 +66,18 @@ class ExportedModel:
         return tokenize(self.tokenizer, texts, self.info["text_inputs"]["context_length"])
 
     @torch.no_grad()
-    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """pixel_values [B, 3, S, S] -> image embeddings [B, D]."""
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True,
+                     pixel_attention_mask: torch.Tensor | None = None,
+                     spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values [B, 3, S, S] -> image embeddings [B, D]; NaFlex exports (SigLIP 2) take
+        pixel_values [B, L, 3*P*P] with pixel_attention_mask [B, L] and spatial_shapes [B, 2]."""
         from mmcl.models import pool
 
-        outputs = self.image_tower(pixel_values=pixel_values.to(self.device))
+        if spatial_shapes is None:
+            outputs = self.image_tower(pixel_values=pixel_values.to(self.device))
+        else:
+            outputs = self.image_tower(pixel_values=pixel_values.to(self.device), spatial_shapes=spatial_shapes.to(self.device),
+                                       pixel_attention_mask=pixel_attention_mask.to(self.device))
         features = self.heads["image"](pool(outputs, self.info["image"]["pooling"], "image"))
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -178,8 +188,11 @@ def load_exported(path_or_repo_id: str | Path, device: torch.device | str = "cpu
     if "text" in info:
         from transformers import AutoTokenizer
 
+        from mmcl.models.tokenizer import KEEP_PADDING_SIDE
+
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        tokenizer.padding_side = "right"  # what mmcl trained with (absolute positions)
+        if type(tokenizer).__name__ not in KEEP_PADDING_SIDE:
+            tokenizer.padding_side = "right"  # what mmcl trained with (absolute positions)
     device = torch.device(device)
     for head in heads.values():
         head.to(device).eval()

@@ -18,6 +18,7 @@ from torch import nn
 
 # transformers' zero-shot pipeline pads SigLIP prompts to this many tokens (pipelines/zero_shot_image_classification.py).
 SIGLIP_PIPELINE_LENGTH = 64
+SIGLIP_MODELS = ("SiglipModel", "Siglip2Model")  # two-tower classes whose heads live in their towers
 _KNOWN = {
     "image": {"vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model", "convnext", "convnextv2"},
     "text": {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "clip_text_model",
@@ -46,8 +47,10 @@ def projection_kind(head: nn.Module) -> str:
 
 
 def target_architecture(model) -> str:
-    """The transformers class the export writes: CLIPModel, SiglipModel, VisionTextDualEncoderModel or image_tower."""
-    from transformers import CLIPTextModel, CLIPVisionModel, SiglipTextModel, SiglipVisionModel
+    """The transformers class the export writes: CLIPModel, SiglipModel, Siglip2Model,
+    VisionTextDualEncoderModel or image_tower."""
+    from transformers import (CLIPTextModel, CLIPVisionModel, Siglip2TextModel, Siglip2VisionModel, SiglipTextModel,
+                              SiglipVisionModel)
 
     image, text = type(model.image_tower), type(model.text_tower)
     if model.text_tower is None:
@@ -57,6 +60,9 @@ def target_architecture(model) -> str:
     if image is SiglipVisionModel and text is SiglipTextModel and all(
             isinstance(head, nn.Identity) for head in (model.image_projection, model.text_projection)):
         return "SiglipModel"
+    if image is Siglip2VisionModel and text is Siglip2TextModel and all(
+            isinstance(head, nn.Identity) for head in (model.image_projection, model.text_projection)):
+        return "Siglip2Model"
     return "VisionTextDualEncoderModel"
 
 
@@ -84,15 +90,15 @@ def _plan_side(kind: str, tower: nn.Module, pooling: str, projection: str, archi
         return SidePlan(kind, False, f"transformers rebuilds {name} as its base class without the projection",
                         f"leave {key}.model_class unset and use {key}.projection: linear")
     rebuilt = rebuilt_class(tower.config, kind)
-    if rebuilt is not type(tower) and architecture != "SiglipModel":  # SiglipModel builds its towers itself
+    if rebuilt is not type(tower) and architecture not in SIGLIP_MODELS:  # SiglipModel builds its towers itself
         built = rebuilt.__name__ if rebuilt else "no known class"
         return SidePlan(kind, False, f"transformers rebuilds this tower as {built}, but mmcl trained {name}",
                         _NO_POOLER.format(model_type=model_type) if kind == "text" else None)
     if projection == "mlp":
         return SidePlan(kind, False, "the mlp projection head does not fit the single bias-free Linear of transformers' "
                                      "dual encoders", f"{key}.projection: linear")
-    if architecture == "SiglipModel" and pooling != "pooler_output":
-        return SidePlan(kind, False, f"SiglipModel returns the {kind} tower's pooler_output, not '{pooling}' pooling",
+    if architecture in SIGLIP_MODELS and pooling != "pooler_output":
+        return SidePlan(kind, False, f"{architecture} returns the {kind} tower's pooler_output, not '{pooling}' pooling",
                         f"{key}.pooling: pooler_output")
     if pooling == "pooler_output":
         return SidePlan(kind, True)
@@ -136,7 +142,7 @@ def export_warnings(model, context_length: int | None = None) -> list[str]:
         instead = f"; exact instead: {plan.alternative}" if plan.alternative else ""
         lines.append(f"the {plan.kind} side will not export exactly to plain transformers ({plan.reason}){instead}; "
                      "the Hub model will need mmcl's loader for it")
-    if target_architecture(model) == "SiglipModel" and context_length not in (None, SIGLIP_PIPELINE_LENGTH):
+    if target_architecture(model) in SIGLIP_MODELS and context_length not in (None, SIGLIP_PIPELINE_LENGTH):
         lines.append(f"transformers' zero-shot pipeline pads SigLIP prompts to {SIGLIP_PIPELINE_LENGTH} tokens and SigLIP "
                      f"pools the last position, but model.text.context_length is {context_length}; set it to "
                      f"{SIGLIP_PIPELINE_LENGTH} so pipeline(\"zero-shot-image-classification\") scores like mmcl")

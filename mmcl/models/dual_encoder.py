@@ -85,16 +85,26 @@ class DualEncoder(nn.Module):
             eval_frozen_modules(self)
         return self
 
-    def pooled_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def pooled_image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None,
+                              spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
         """pixel_values [B, 3, H, W] -> the image tower's pooled output [B, W] (before the projection).
 
-        These are the "backbone features" that the self-supervised heads (SimCLR, BYOL) read.
+        NaFlex towers (SigLIP 2) take pixel_values [B, L, 3*P*P] with pixel_attention_mask [B, L]
+        and spatial_shapes [B, 2] (`mmcl.data.naflex`). These are the "backbone features" that the
+        self-supervised heads (SimCLR, BYOL) read.
         """
-        return pool(self.image_tower(pixel_values=pixel_values), self.image_pooling, "image")
+        if spatial_shapes is None:
+            return pool(self.image_tower(pixel_values=pixel_values), self.image_pooling, "image")
+        outputs = self.image_tower(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
+                                   spatial_shapes=spatial_shapes)
+        return pool(outputs, self.image_pooling, "image")
 
-    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """pixel_values [B, 3, H, W] -> image features [B, embed_dim] (unit rows if `normalize`)."""
-        features = self.image_projection(self.pooled_image_features(pixel_values))
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True,
+                     pixel_attention_mask: torch.Tensor | None = None,
+                     spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values [B, 3, H, W] (or NaFlex patches, see `pooled_image_features`) -> image
+        features [B, embed_dim] (unit rows if `normalize`)."""
+        features = self.image_projection(self.pooled_image_features(pixel_values, pixel_attention_mask, spatial_shapes))
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(
@@ -118,8 +128,13 @@ class DualEncoder(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         views: list[torch.Tensor] | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Encode what is given.
+
+        NaFlex image inputs (SigLIP 2): pixel_values [B, L, 3*P*P] with pixel_attention_mask [B, L]
+        and spatial_shapes [B, 2].
 
         Returns `image_features` [B, D] (with pixel_values), `text_features` [B, D] (with
         input_ids), `view_features` [V*B, W] (with views: V augmented batches [B, 3, H, W],
@@ -128,6 +143,8 @@ class DualEncoder(nn.Module):
         Images and views of one size go through the image tower in one call.
         """
         out: dict[str, torch.Tensor] = {}
+        if views and spatial_shapes is not None:
+            raise ValueError("views (SSL objectives) are square crops and cannot be combined with NaFlex pixel_values.")
         if views:
             images = ([pixel_values] if pixel_values is not None else []) + list(views)
             if all(image.shape[1:] == images[0].shape[1:] for image in images):
@@ -140,7 +157,8 @@ class DualEncoder(nn.Module):
                 pooled = pooled[batch:]
             out["view_features"] = pooled
         elif pixel_values is not None:
-            out["image_features"] = self.encode_image(pixel_values)
+            out["image_features"] = self.encode_image(pixel_values, pixel_attention_mask=pixel_attention_mask,
+                                                      spatial_shapes=spatial_shapes)
         if input_ids is not None:
             out["text_features"] = self.encode_text(input_ids, attention_mask)
         out["logit_scale"] = self.logit_scale.clamp(max=self.logit_scale_max_log).exp().squeeze(0)

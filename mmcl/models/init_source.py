@@ -6,6 +6,7 @@
 |-------------|-------------------------------------------------|-------------------|------------------------------------|
 | `clip`      | config.json `model_type: clip`                  | CLIPVision/TextModel | visual/text_projection (linear) |
 | `siglip`    | config.json `model_type: siglip`                | SiglipVision/TextModel | none (SigLIP's heads are in its towers), + logit bias |
+| `siglip2`   | config.json `model_type: siglip2`               | Siglip2Vision/TextModel | as `siglip`; fills `data.naflex` from its processor |
 | `vtde`      | config.json `model_type: vision-text-dual-encoder` | its two towers | visual/text_projection (linear)    |
 | `export`    | `mmcl_export.json` (`mmcl export`)               | the export's towers | mmcl_heads.safetensors (any head) |
 | `model_dir` | `config.yaml` + `model.safetensors` (a run's model/) | the model's towers | every head                      |
@@ -14,7 +15,8 @@ Every kind carries the logit scale. `expand_init_from` fills, where the config l
 each tower's `name_or_path` (= SOURCE; `mmcl.models.init_from` builds and loads it), its pooling
 and projection (what makes step 0 equal the source's `get_*_features`), `embed_dim`,
 `text.context_length`, `text.tokenizer` (model dirs), `logit_bias_init` (SigLIP), and
-`data.image_size` / `image_mean` / `image_std` from the source's processor.
+`data.image_size` / `image_mean` / `image_std` from the source's processor (SigLIP 2: `data.naflex`'s
+patch size and maximum number of patches instead of the image size).
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ from mmcl.coerce import ConfigError, check_path
 
 EXPORT_INFO, HEADS_FILE = "mmcl_export.json", "mmcl_heads.safetensors"
 MODEL_DIR_CONFIG, MODEL_DIR_WEIGHTS, MODEL_DIR_TOKENIZER = "config.yaml", "model.safetensors", "tokenizer"
-TWO_TOWER_TYPES = {"clip": "clip", "siglip": "siglip", "vision-text-dual-encoder": "vtde"}
+TWO_TOWER_TYPES = {"clip": "clip", "siglip": "siglip", "siglip2": "siglip2", "vision-text-dual-encoder": "vtde"}
 SUB_CONFIG = {"image": "vision_config", "text": "text_config"}
-WHAT_IT_CAN_BE = ("a transformers CLIPModel, SiglipModel or VisionTextDualEncoderModel folder or hub id, an "
+WHAT_IT_CAN_BE = ("a transformers CLIPModel, SiglipModel, Siglip2Model or VisionTextDualEncoderModel folder or hub id, an "
                   "`mmcl export` folder or an mmcl model directory (a run's model/)")
 
 
@@ -117,7 +119,7 @@ def expand_init_from(raw: dict[str, Any], source: str) -> dict[str, Any]:
     sides = ["image"] + (["text"] if model.get("text", {}) is not None else [])
     for side in sides:
         model.setdefault(side, {})
-    fill = {"clip": _clip, "siglip": _siglip, "vtde": _vtde, "export": _export, "model_dir": _model_dir}[kind]
+    fill = {"clip": _clip, "siglip": _siglip, "siglip2": _siglip2, "vtde": _vtde, "export": _export, "model_dir": _model_dir}[kind]
     carried = fill(init_from, described, model, data, source)  # side -> (pooling, projection) the source computes
     for side in sides:
         tower = model[side]
@@ -189,6 +191,19 @@ def _siglip(init_from, config, model, data, source):
         model["text"].setdefault("context_length", text.get("max_position_embeddings", 64))
     _image_data(data, vision.get("image_size", 224), read_image_processor(init_from))
     return {"image": ("pooler_output", "none"), "text": ("pooler_output", "none")}
+
+
+def _siglip2(init_from, config, model, data, source):
+    """As `_siglip` (the same heads and bias), with NaFlex inputs: the processor's patch size and
+    maximum number of patches (else the vision config's), and its normalisation."""
+    vision = config.get("vision_config") or {}
+    carried = _siglip(init_from, {**config, "vision_config": {**vision, "image_size": None}}, model, data, source)
+    processor = read_image_processor(init_from)
+    naflex = data.setdefault("naflex", {})
+    if isinstance(naflex, dict):
+        naflex.setdefault("patch_size", processor.get("patch_size", vision.get("patch_size", 16)))
+        naflex.setdefault("max_num_patches", processor.get("max_num_patches", vision.get("num_patches", 256)))
+    return carried
 
 
 def _vtde(init_from, config, model, data, source):

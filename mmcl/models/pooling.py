@@ -20,13 +20,13 @@ picks it, so a model trained with the defaults works for whoever downloads it wi
 | kind  | tower                                   | pooler          | why                                         | exact |
 |-------|-----------------------------------------|-----------------|---------------------------------------------|-------|
 | both  | class name ends in `WithProjection`     | `embeds`        | the user asked for the projected space      | no: transformers rebuilds the base class |
-| image | clip_vision_model, siglip_vision_model  | `pooler_output` | CLS + post-norm (CLIP), MAP head (SigLIP)   | yes |
+| image | clip_vision_model, siglip_vision_model, siglip2_vision_model | `pooler_output` | CLS + post-norm (CLIP), MAP head (SigLIP, SigLIP 2; over the real patches only with NaFlex) | yes |
 | image | convnext, convnextv2                    | `pooler_output` | global average + final layer norm           | yes |
 | image | vit, deit                               | `cls`           | the export sets ViT's pooler to the identity (`pooler_act: linear`), so pooler_output is the class token | yes |
 | image | dinov2                                  | `cls`           | Dinov2's pooler_output is the (normed) class token | yes |
 | image | anything else                           | 4D map -> `mean`; else `pooler_output` if the model returns one; else `cls` (decided on the first forward) | | measured at export |
 | text  | clip_text_model                         | `eos`           | what CLIP's pooler_output computes, but from the mask; the export aligns `eos_token_id` with the tokenizer | yes |
-| text  | siglip_text_model                       | `pooler_output` | SigLIP's head on the last token             | yes |
+| text  | siglip_text_model, siglip2_text_model   | `pooler_output` | SigLIP's head on the last token             | yes |
 | text  | bert, roberta, xlm-roberta              | `pooler_output` | the class token through the pooler's dense + tanh layer, which is what transformers returns (trained from scratch it is one more layer; see benchmarks/RESULTS.md, "Text pooling", for `cls` and `mean` measured against it) | yes |
 | text  | distilbert, electra, deberta, deberta-v2 | `cls`          | these models have no pooler in transformers | no  |
 | text  | t5, mt5, umt5                           | `mean`          | no CLS token and no pooler; sentence-T5 style | no  |
@@ -45,6 +45,7 @@ AUTO_POOLING: dict[str, dict[str, str]] = {
     "image": {
         "clip_vision_model": "pooler_output",
         "siglip_vision_model": "pooler_output",
+        "siglip2_vision_model": "pooler_output",
         "convnext": "pooler_output",
         "convnextv2": "pooler_output",
         "vit": "cls",
@@ -54,6 +55,7 @@ AUTO_POOLING: dict[str, dict[str, str]] = {
     "text": {
         "clip_text_model": "eos",
         "siglip_text_model": "pooler_output",
+        "siglip2_text_model": "pooler_output",
         "bert": "pooler_output",
         "roberta": "pooler_output",
         "xlm-roberta": "pooler_output",

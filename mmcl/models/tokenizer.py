@@ -5,7 +5,10 @@
 - a tokenizer without a pad token (Llama/GPT-style) pads with its EOS token, else its UNK
   token; padded positions are masked out by the attention mask, so which id fills them does
   not matter to the poolers;
-- padding is on the right, which absolute position embeddings (BERT, CLIP) expect.
+- padding is on the right, which absolute position embeddings (BERT, CLIP) expect; except for
+  tokenizers in `KEEP_PADDING_SIDE`, whose towers were trained with their own side: SigLIP 2's
+  (left: its text head reads the last position, which is then the caption's last token), as
+  plain `transformers` pads with it.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from mmcl.models.settings import TextTowerConfig
 
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError)
+
+
+KEEP_PADDING_SIDE = ("Siglip2Tokenizer",)
 
 
 class TokenizerLoadError(ValueError):
@@ -45,7 +51,8 @@ def build_tokenizer(cfg: TextTowerConfig, key: str = "model.text") -> PreTrained
                 "token to it (tokenizer.add_special_tokens) and save it again."
             )
         tokenizer.pad_token = fallback
-    tokenizer.padding_side = "right"
+    if type(tokenizer).__name__ not in KEEP_PADDING_SIDE:
+        tokenizer.padding_side = "right"
     return tokenizer
 
 

@@ -37,7 +37,8 @@ logger = logging.getLogger("mmcl")
 
 INPUT_NAME = {"image": "pixel_values", "text": "input_ids"}  # the tower's `main_input_name`
 SUB_CONFIG = {"image": "vision_config", "text": "text_config"}  # its part of a two-tower config
-EXAMPLES = {"image": "vit, clip_vision_model or convnext", "text": "bert, roberta, clip_text_model or t5"}
+EXAMPLES = {"image": "vit, clip_vision_model, siglip2_vision_model or convnext",
+            "text": "bert, roberta, clip_text_model, siglip2_text_model or t5"}
 
 # transformers renamed `torch_dtype` to `dtype` in 4.56.
 _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -148,7 +149,7 @@ def _select_config(config: PretrainedConfig, kind: Kind, model_class: type[PreTr
 
 
 # Single towers that transformers' Auto mappings leave out (they map only the two-tower model).
-_UNMAPPED_TOWERS = {"siglip_text_model": "SiglipTextModel"}
+_UNMAPPED_TOWERS = {"siglip_text_model": "SiglipTextModel", "siglip2_text_model": "Siglip2TextModel"}
 
 
 def _default_class(config: PretrainedConfig, kind: Kind, source: str) -> type[PreTrainedModel]:

@@ -47,7 +47,10 @@ def teacher_transform(cfg: RunConfig, inputs: TeacherInputs):
     """The teacher's image transform: the student's random crop box at the teacher's size, or a
     deterministic centre crop when features are cached (one view per sample key)."""
     from mmcl.data.transforms import clip_eval_transform, clip_train_transform
+    from mmcl.objectives.teacher import naflex_transform
 
+    if inputs.naflex is not None:  # deterministic: the teacher's own NaFlex patches of the whole image
+        return naflex_transform(inputs)
     if cfg.distill.cache_dir is not None:
         return clip_eval_transform(inputs.image_size)
     return clip_train_transform(inputs.image_size, cfg.data.train_crop_scale)
@@ -104,13 +107,15 @@ class DistillObjective(Objective):
         if self.teacher.device != pixels.device:
             self.teacher.to(pixels.device)
         ids, mask = batch["teacher_input_ids"], batch["teacher_attention_mask"]
+        naflex = {key: batch[f"teacher_{key}"] for key in ("pixel_attention_mask", "spatial_shapes")
+                  if f"teacher_{key}" in batch}  # a NaFlex teacher's patch mask and grids (SigLIP 2)
         if self.cache is None:
-            image = self.teacher.encode_image(pixels)
+            image = self.teacher.encode_image(pixels, **naflex)
             text = self.teacher.encode_text(ids, mask)
         else:
             def encode_images(rows: Tensor) -> Tensor:
                 self.encoded_images += len(rows)
-                return self.teacher.encode_image(pixels[rows])
+                return self.teacher.encode_image(pixels[rows], **{key: value[rows] for key, value in naflex.items()})
 
             image = self._cached(self.cache.images, self.cache.add_images, list(batch["keys"]), encode_images)
             text = self._cached(self.cache.texts, self.cache.add_texts, [token_key(row) for row in ids],

@@ -11,7 +11,8 @@
 - `hf-hub:<org>/<name>`: an OpenCLIP model on the Hub (open_clip downloads it),
 - a local directory: an mmcl export (`mmcl_export.json`; encoded exactly as mmcl did, through
   `mmcl.export.load_exported`), an mmcl model directory (`config.yaml` + `model.safetensors`),
-  or a `transformers` CLIPModel / SiglipModel / VisionTextDualEncoderModel directory.
+  or a `transformers` CLIPModel / SiglipModel / Siglip2Model / VisionTextDualEncoderModel directory
+  (a Siglip2Model gets its own NaFlex patches: `TeacherInputs.naflex`).
 
 What the data pipeline needs to give the teacher its own inputs is `inputs()` (image size,
 normalisation, tokenizer, context length). `sha256` fingerprints the weights (every tensor of
@@ -53,6 +54,14 @@ class TeacherInputs:
     std: tuple[float, float, float]
     tokenizer: Any  # a transformers tokenizer or an OpenCLIP tokenizer (see mmcl.data.tokenize)
     context_length: int
+    naflex: tuple[int, int] | None = None  # SigLIP 2: (patch size, max patches) of its NaFlex inputs; image_size unused
+
+
+def naflex_transform(inputs: TeacherInputs):
+    """The teacher's NaFlex transform (`mmcl.data.naflex`), or None for a square-input teacher."""
+    from mmcl.data.naflex import NaFlexPatchesU8
+
+    return NaFlexPatchesU8(*inputs.naflex) if inputs.naflex is not None else None
 
 
 class Teacher:
@@ -82,9 +91,15 @@ class Teacher:
         return next(self.module.parameters()).device
 
     @torch.no_grad()
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
-        """[B, 3, S_t, S_t] (normalised for the teacher) -> [B, D_t] unit rows, float32."""
-        features = self._encode_image(pixel_values.to(self.device, self.dtype))
+    def encode_image(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None,
+                     spatial_shapes: Tensor | None = None) -> Tensor:
+        """[B, 3, S_t, S_t] (normalised for the teacher) -> [B, D_t] unit rows, float32. A NaFlex teacher
+        (`inputs().naflex`) takes [B, L, 3*P*P] patches with pixel_attention_mask [B, L] and spatial_shapes [B, 2]."""
+        if spatial_shapes is not None:
+            features = self._encode_image(pixel_values.to(self.device, self.dtype),
+                                          pixel_attention_mask.to(self.device), spatial_shapes.to(self.device))
+        else:
+            features = self._encode_image(pixel_values.to(self.device, self.dtype))
         return F.normalize(_tensor(features).float(), dim=-1)
 
     @torch.no_grad()
@@ -260,13 +275,11 @@ def _transformers_teacher(path: Path, names: OptionNames) -> Teacher:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
     config = AutoConfig.from_pretrained(str(path))
-    if config.model_type == "siglip2":  # its image tower takes patch sequences + spatial shapes, not [B, 3, S, S]
-        raise TeacherLoadError(f"{names.model} '{path}' is a SigLIP 2 model, whose image tower takes patchified "
-                               "variable-resolution inputs the teacher pipeline does not make; use a CLIP, SigLIP or "
-                               "VisionTextDualEncoder model.")
-    if config.model_type not in ("clip", "siglip", "vision-text-dual-encoder"):
+    if config.model_type not in ("clip", "siglip", "siglip2", "vision-text-dual-encoder"):
         raise TeacherLoadError(f"{names.model} '{path}' is a transformers '{config.model_type}' model; it "
-                               "must be a CLIP, SigLIP or VisionTextDualEncoder model.")
+                               "must be a CLIP, SigLIP, SigLIP 2 or VisionTextDualEncoder model.")
+    if config.model_type == "siglip2":
+        return _siglip2_teacher(path, config)
     model = AutoModel.from_pretrained(str(path))
     processor = AutoImageProcessor.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -284,4 +297,23 @@ def _transformers_teacher(path: Path, names: OptionNames) -> Teacher:
         return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
 
     return Teacher(model, lambda pixels: model.get_image_features(pixel_values=pixels), encode_text,
+                   float(model.logit_scale.detach().exp()), inputs, str(path))
+
+
+def _siglip2_teacher(path: Path, config) -> Teacher:
+    """A Siglip2Model folder: its image processor's NaFlex settings (patch size, max patches, mean/std), its
+    tokenizer with its own (left) padding, and the text tower masked as its processor's outputs mask it."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(str(path))
+    processor = AutoImageProcessor.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    context = min(int(getattr(config.text_config, "max_position_embeddings", 64)), 512)
+    inputs = TeacherInputs(0, tuple(processor.image_mean), tuple(processor.image_std), tokenizer, context,
+                           naflex=(int(processor.patch_size), int(processor.max_num_patches)))
+
+    def encode_image(pixels: Tensor, mask: Tensor, shapes: Tensor) -> Tensor:
+        return model.get_image_features(pixel_values=pixels, pixel_attention_mask=mask, spatial_shapes=shapes)
+
+    return Teacher(model, encode_image, lambda ids, mask: model.get_text_features(input_ids=ids, attention_mask=mask),
                    float(model.logit_scale.detach().exp()), inputs, str(path))

@@ -71,14 +71,12 @@ def one_step(stage: int, micro: int, accum: int, cached: bool, model_cfg: ModelC
     return parameters
 
 
-def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank
-    stages, out_path = [int(stage) for stage in args[0].split(",")], args[1]
+def measure(stages: list[int], patch_dropout: float | None = None) -> dict[int, dict]:
+    """stage -> the reference/accumulated comparison; needs the process group (`init_process_group`)."""
     model_cfg = MODEL
-    if len(args) > 2:
-        image = dataclasses.replace(MODEL.image, patch_dropout=float(args[2]), gradient_checkpointing=True)
+    if patch_dropout is not None:
+        image = dataclasses.replace(MODEL.image, patch_dropout=patch_dropout, gradient_checkpointing=True)
         model_cfg = dataclasses.replace(MODEL, image=image)
-    init_process_group()
     results = {}
     for stage in stages:
         reference = one_step(stage, MICRO * ACCUM, 1, cached=False, model_cfg=model_cfg)
@@ -89,9 +87,16 @@ def main() -> None:
         results[stage] = {"max_diff": max(diffs.values()), "worst": max(diffs, key=diffs.get),
                           "logit_scale_change": abs(reference["model.logit_scale"].item() - initial_scale.item()),
                           **{f"tokens_{k}": None if v is None else v.item() for k, v in tokens.items()}}
+    return results
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank
+    stages, out_path = [int(stage) for stage in args[0].split(",")], args[1]
+    init_process_group()
+    results = measure(stages, float(args[2]) if len(args) > 2 else None)
     if get_rank() == 0:
         json.dump(results[stages[0]] if len(stages) == 1 else results, open(out_path, "w"))
-
 
 if __name__ == "__main__":
     run_command(main)

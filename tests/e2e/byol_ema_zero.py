@@ -78,10 +78,15 @@ def check(stage: int) -> dict:
     }
 
 
+def measure() -> list[dict]:
+    """One record per ZeRO stage; needs the process group."""
+    return [check(stage) for stage in (1, 2, 3)]
+
+
 def main() -> None:
     out_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]  # the launcher adds --local_rank
     init_process_group()
-    records = [check(stage) for stage in (1, 2, 3)]
+    records = measure()
     if get_rank() == 0:
         json.dump(records, open(out_path, "w"))
 

@@ -86,9 +86,8 @@ def one_step(stage: int, micro: int, accum: int, cached: bool) -> tuple[dict[str
                 float(metrics["distill"]), teacher_seen)
 
 
-def main() -> None:
-    out_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
-    init_process_group()
+def measure() -> dict[str, dict]:
+    """"stage1".."stage3" -> the reference/accumulated comparison; needs the process group."""
     results = {}
     for stage in (1, 2, 3):
         reference, reference_loss, seen = one_step(stage, MICRO * ACCUM, 1, cached=False)
@@ -97,6 +96,13 @@ def main() -> None:
         results[f"stage{stage}"] = {"max_diff": max(diffs.values()), "worst": max(diffs, key=diffs.get),
                                     "reference_distill": reference_loss, "accumulated_distill": accumulated_loss,
                                     "teacher_in_engine": seen}
+    return results
+
+
+def main() -> None:
+    out_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
+    init_process_group()
+    results = measure()
     if get_rank() == 0:
         json.dump(results, open(out_path, "w"))
 

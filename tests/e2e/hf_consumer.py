@@ -1,6 +1,8 @@
 """What whoever downloads an export does, in a fresh process that imports transformers and never mmcl.
 
-    python hf_consumer.py EXPORT_DIR REQUEST.json RESULT.json
+    python hf_consumer.py EXPORT_DIR REQUEST.json RESULT.json [EXPORT_DIR REQUEST.json RESULT.json ...]
+
+Several exports in one call share the process start (one import of torch and transformers).
 
 REQUEST.json: {"images": [PNG paths], "texts": [...], "classnames": [...], "template": "a {}."}.
 RESULT.json:
@@ -56,5 +58,6 @@ def main(folder: Path, request: dict) -> dict:
 
 
 if __name__ == "__main__":
-    export, request_file, result_file = map(Path, sys.argv[1:4])
-    Path(result_file).write_text(json.dumps(main(export, json.loads(request_file.read_text()))))
+    arguments = list(map(Path, sys.argv[1:]))
+    for export, request_file, result_file in zip(arguments[0::3], arguments[1::3], arguments[2::3]):
+        Path(result_file).write_text(json.dumps(main(export, json.loads(request_file.read_text()))))

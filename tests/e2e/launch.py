@@ -42,6 +42,13 @@ def tiny_run_config(data: Path, output_dir: Path, **train) -> dict:
     }
 
 
+# The session's reference runs (tests/e2e/conftest.py: zero_runs): ZeRO stage -> DeepSpeed JSON, steps.
+ZERO_STAGES = {1: "configs/ds/zero1.json", 2: "configs/ds/zero2.json", 3: "configs/ds/zero3.json"}
+ZERO_STEPS = {1: 8, 2: 16, 3: 8}  # ZeRO-2's run is longer: the interruption test needs room to stop it mid-way
+# Overrides for a launch from a reference run's config that needs no end-of-run evaluation (a resume).
+NO_EVAL = ("eval.zeroshot_shards=null", "eval.retrieval_shards=null")
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path

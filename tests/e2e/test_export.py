@@ -1,7 +1,8 @@
-"""Export round trip from real runs: the deepspeed launcher, 2 CPU ranks, ZeRO-2 and ZeRO-3, 2 steps.
+"""Export round trip from real runs: the deepspeed launcher, 2 CPU ranks, ZeRO-2 and ZeRO-3.
 
-One launch per stage. Each run's checkpoint is exported (DeepSpeed's zero_to_fp32
-consolidation) and loaded back with plain transformers, offline; the embeddings must equal
+The runs are the session's ZeRO-2 and ZeRO-3 reference runs (tests/e2e/conftest.py: zero_runs,
+shared with tests/e2e/test_training.py; 16 and 8 steps). Each run's last checkpoint is exported
+(DeepSpeed's zero_to_fp32 consolidation) and loaded back with plain transformers, offline; the embeddings must equal
 those of the mmcl model in the run's model/ folder. The tiny towers are ViT with `cls`
 pooling (exact in transformers once the export sets ViT's pooler to the identity) and BERT
 with `mean` pooling (not representable: transformers' text features are NaN on purpose and
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from launch import REPO, deepspeed_command, env, run, tiny_run_config, write_config
+from launch import REPO, ZERO_STEPS, env
 from PIL import Image
 
 STAGES = {2: "configs/ds/zero2.json", 3: "configs/ds/zero3.json"}
@@ -28,27 +29,20 @@ TEXTS = ["a photo of the digit seven.", "handwritten 3", "the number zero writte
 
 
 @pytest.fixture(scope="module")
-def runs(digits, tmp_path_factory):
-    """stage -> run directory of a finished 2-step run with zero-shot and retrieval evaluation."""
-    out = {}
-    for stage, ds_json in STAGES.items():
-        root = tmp_path_factory.mktemp(f"export_zero{stage}")
-        config = tiny_run_config(digits, root / "run", steps=2)
-        config["eval"] = {"zeroshot_shards": str(digits / "classification" / "00000.tar"),
-                          "retrieval_shards": str(digits / "val" / "00000.tar"), "batch_size": 180}
-        result = run(deepspeed_command(write_config(root / "run.yaml", config), ds_json))
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        out[stage] = root / "run"
-    return out
+def runs(zero_runs):
+    """stage -> run directory of the session's finished ZeRO-2 / ZeRO-3 run (tests/e2e/conftest.py: zero_runs,
+    the reference runs of tests/e2e/test_training.py), with zero-shot and retrieval evaluation at the end."""
+    return {stage: zero_runs[stage][1] for stage in STAGES}
 
 
 @pytest.fixture(scope="module")
 def exports(runs, tmp_path_factory):
-    """stage -> export folder, written from the run's DeepSpeed checkpoint (not from model/)."""
+    """stage -> export folder, written from the run's last DeepSpeed checkpoint (not from model/)."""
     from mmcl.export import export_run
 
     root = tmp_path_factory.mktemp("exports")
-    return {stage: export_run(run_dir / "checkpoints" / "step_00000002", root / f"zero{stage}") for stage, run_dir in runs.items()}
+    return {stage: export_run(run_dir / "checkpoints" / f"step_{ZERO_STEPS[stage]:08d}", root / f"zero{stage}")
+            for stage, run_dir in runs.items()}
 
 
 def images() -> list[Image.Image]:
@@ -69,7 +63,8 @@ def test_export_from_zero_checkpoint_gives_the_run_models_embeddings_in_transfor
     model, config, tokenizer = load_mmcl_model_dir(runs[stage] / "model")
     export = exports[stage]
     info = json.loads((export / "mmcl_export.json").read_text())
-    assert info["source"] == {"path": "checkpoints/step_00000002", "kind": "checkpoint", "step": 2}  # relative to the run
+    last = ZERO_STEPS[stage]
+    assert info["source"] == {"path": f"checkpoints/step_{last:08d}", "kind": "checkpoint", "step": last}  # relative to the run
     assert info["image"]["exact"] and not info["text"]["exact"] and "averages" in info["text"]["reason"]
 
     hf = AutoModel.from_pretrained(export).eval()
@@ -141,7 +136,8 @@ def test_model_card_has_valid_metadata_with_the_runs_metrics_and_a_snippet_that_
                 for r in front["model-index"][0]["results"] for m in r["metrics"]}
     assert reported == {k: v for k, v in metrics.items() if k.startswith(("zeroshot/", "retrieval/"))}
     assert len(reported) == 9
-    for needle in ("## Training", "samples seen 64", "| world size (ranks) | 2 |", "| ZeRO stage | 2 |",
+    seen = ZERO_STEPS[2] * 2 * 16  # steps x 2 ranks x micro-batch 16
+    for needle in ("## Training", f"samples seen {seen}", "| world size (ranks) | 2 |", "| ZeRO stage | 2 |",
                    "![loss and zero-shot accuracy over training](training.png)", "NaN on purpose"):
         assert needle in card, needle
     assert (export / "training.png").read_bytes() == (run_dir / "training.png").read_bytes()

@@ -6,7 +6,8 @@ launcher (2 CPU ranks, ZeRO-2) on the digits, is exported with `mmcl export`, an
 process that imports only transformers (tests/e2e/hf_consumer.py) loads it with AutoModel /
 AutoProcessor and the zero-shot pipeline and runs the card's snippets as written. Its
 embeddings must equal mmcl's to 1e-5 and the pipeline must rank first the class mmcl's
-zero-shot classifier picks, on every test image. Poolings are left to `auto` throughout.
+zero-shot classifier picks, on every test image. Poolings are left to `auto` throughout. One
+consumer process reads the three exports (`consumer_views`).
 """
 from __future__ import annotations
 
@@ -87,6 +88,22 @@ def test_images(digits, tmp_path_factory) -> tuple[list[Path], list[int]]:
     return paths, labels
 
 
+@pytest.fixture(scope="module")
+def consumer_views(exports, test_images, digits, tmp_path_factory) -> dict[str, dict]:
+    """pair -> what tests/e2e/hf_consumer.py saw of its export: one fresh process (transformers only) for the three."""
+    folder = tmp_path_factory.mktemp("consumer_views")
+    images, _ = test_images
+    classnames = (digits / "classification" / "classnames.txt").read_text().splitlines()
+    request = folder / "request.json"
+    request.write_text(json.dumps({"images": [str(p) for p in images], "texts": TEXTS, "classnames": classnames,
+                                   "template": TEMPLATE}))
+    arguments = [str(a) for pair in sorted(exports) for a in (exports[pair][1], request, folder / f"{pair}.json")]
+    consumer = subprocess.run([sys.executable, str(Path(__file__).parent / "hf_consumer.py"), *arguments], cwd=folder,
+                              env=env(), capture_output=True, text=True, timeout=600)
+    assert consumer.returncode == 0, consumer.stderr[-3000:]
+    return {pair: json.loads((folder / f"{pair}.json").read_text()) for pair in exports}
+
+
 def mmcl_view(run_dir: Path, images: list[Path], classnames: list[str]):
     """mmcl's own unit embeddings of the images and TEXTS, and its zero-shot top-1 class per image."""
     from PIL import Image
@@ -109,21 +126,14 @@ def mmcl_view(run_dir: Path, images: list[Path], classnames: list[str]):
 
 
 @pytest.mark.parametrize("pair", sorted(PAIRS))
-def test_plain_transformers_reproduces_the_default_export(exports, test_images, digits, pair, tmp_path):
+def test_plain_transformers_reproduces_the_default_export(exports, consumer_views, test_images, digits, pair):
     run_dir, export, _ = exports[pair]
     images, _ = test_images
     classnames = (digits / "classification" / "classnames.txt").read_text().splitlines()
     info = json.loads((export / "mmcl_export.json").read_text())
     assert info["architecture"] == ARCHITECTURE[pair] and info["image"]["exact"] and info["text"]["exact"]
 
-    request = tmp_path / "request.json"
-    request.write_text(json.dumps({"images": [str(p) for p in images], "texts": TEXTS, "classnames": classnames,
-                                   "template": TEMPLATE}))
-    consumer = subprocess.run([sys.executable, str(Path(__file__).parent / "hf_consumer.py"), str(export), str(request),
-                               str(tmp_path / "result.json")], cwd=tmp_path, env=env(), capture_output=True, text=True,
-                              timeout=300)
-    assert consumer.returncode == 0, consumer.stderr[-3000:]
-    seen = json.loads((tmp_path / "result.json").read_text())
+    seen = consumer_views[pair]
     assert not seen["mmcl_imported"] and seen["architecture"] == ARCHITECTURE[pair]
 
     image_embeds, text_embeds, predictions = mmcl_view(run_dir, images, classnames)

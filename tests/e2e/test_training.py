@@ -1,7 +1,9 @@
 """End to end: the real `deepspeed` launcher, 2 CPU ranks, ZeRO 1/2/3, real shards and tokenizer.
 
 One reference run per ZeRO stage serves several checks: the loss goes down, checkpoints and
-outputs exist, and a resumed run reproduces its later losses exactly.
+outputs exist, and a resumed run reproduces its later losses exactly. The reference runs are the
+session's (`zero_runs`, tests/e2e/conftest.py), which tests/e2e/test_export.py exports too; the
+launches here skip their end-of-run evaluation (`NO_EVAL`).
 """
 from __future__ import annotations
 
@@ -11,25 +13,15 @@ import signal
 
 import pytest
 
-from launch import (deepspeed_command, kill_tree, latest_tag, losses, run, start, tiny_run_config, wait_for,
-                    write_config)
+from launch import NO_EVAL, ZERO_STAGES, ZERO_STEPS, deepspeed_command, kill_tree, latest_tag, losses, run, start, wait_for
 
-STAGES = {1: "configs/ds/zero1.json", 2: "configs/ds/zero2.json", 3: "configs/ds/zero3.json"}
-STEPS = {1: 8, 2: 16, 3: 8}  # ZeRO-2's run is longer: the interruption test needs room to stop it mid-way
+STAGES, STEPS = ZERO_STAGES, ZERO_STEPS
 
 
 @pytest.fixture(scope="module")
-def reference_runs(digits, tmp_path_factory):
-    """8 or 16 steps per ZeRO stage, checkpoints every 4 (all kept), losses logged every step."""
-    runs = {}
-    for stage, ds_json in STAGES.items():
-        out = tmp_path_factory.mktemp(f"zero{stage}")
-        config = write_config(out / "run.yaml", tiny_run_config(digits, out / "run", steps=STEPS[stage],
-                                                                   checkpoint_every=4, keep_checkpoints=4))
-        result = run(deepspeed_command(config, ds_json))
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        runs[stage] = (config, out / "run", result)
-    return runs
+def reference_runs(zero_runs):
+    """The session's ZeRO 1/2/3 runs (conftest.py: zero_runs; tests/e2e/test_export.py exports them)."""
+    return zero_runs
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -59,7 +51,7 @@ def test_resume_continues_with_identical_losses(reference_runs, stage, tmp_path)
     # A kill while step 6 was being written left a partial folder; `latest` still names step 4.
     (resumed / "checkpoints" / "step_00000006").mkdir()
     (resumed / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
-    result = run(deepspeed_command(config, STAGES[stage], 2, f"output_dir={resumed}", "train.resume=latest"))
+    result = run(deepspeed_command(config, STAGES[stage], 2, f"output_dir={resumed}", "train.resume=latest", *NO_EVAL))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from" in result.stdout and "step_00000004" in result.stdout
     expected, got = losses(out), losses(resumed)
@@ -72,7 +64,7 @@ def test_sigterm_saves_and_kill_9_loses_nothing(reference_runs, tmp_path):
     """SIGTERM: finish the step, save, exit 0. kill -9: resume from the last checkpoint, same losses."""
     config, out, _ = reference_runs[2]
     target = tmp_path / "interrupted"
-    slow = ["train.checkpoint_every=2"]
+    slow = ["train.checkpoint_every=2", *NO_EVAL]
     process = start(deepspeed_command(config, STAGES[2], 2, f"output_dir={target}", *slow))
     wait_for(lambda: latest_tag(target) is not None, what="first checkpoint")
     kill_tree(process, signal.SIGTERM)
@@ -134,7 +126,7 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous_one_and_pruning_s
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     result = run(deepspeed_command(config, STAGES[2], 2, f"output_dir={resumed}", "train.resume=latest",
-                                   "train.keep_checkpoints=2"))
+                                   "train.keep_checkpoints=2", *NO_EVAL))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     damaged = [line for line in result.stdout.splitlines() if "damaged" in line]
     assert damaged == [f"[mmcl] checkpoint {resumed / 'checkpoints' / 'step_00000008'} is damaged (zero_pp_rank_1_mp_rank_00_"

@@ -1,0 +1,39 @@
+"""A tiny random Siglip2Model folder with a Gemma-style tokenizer and a Siglip2Processor, built offline."""
+from __future__ import annotations
+
+import string
+
+import torch
+
+ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+PATCH, MAX_PATCHES, CONTEXT = 8, 16, 12
+
+
+def gemma_tokenizer():
+    """A character-level GemmaTokenizer (BPE over a fixed vocabulary with a few merges): no download."""
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    chars = ["▁"] + list(string.ascii_lowercase + string.digits)
+    merges = [("▁", "a"), ("o", "f"), ("t", "h"), ("th", "e")]
+    vocab = {token: i for i, token in enumerate(specials + chars + ["".join(m) for m in merges])}
+    return GemmaTokenizer(vocab=vocab, merges=merges)
+
+
+def write_siglip2_source(folder, logit_scale: float = 2.3, logit_bias: float = -6.5):
+    """Save a Siglip2Model + Siglip2Processor (mean/std 0.4/0.5/0.6, 0.2/0.3/0.4) into `folder`; returns the model."""
+    from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor
+
+    torch.manual_seed(0)
+    tokenizer = gemma_tokenizer()
+    config = Siglip2Config(vision_config=dict(patch_size=PATCH, num_patches=MAX_PATCHES, **ENCODER),
+                           text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=CONTEXT, **ENCODER))
+    model = Siglip2Model(config).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(logit_scale)
+        model.logit_bias.fill_(logit_bias)
+    model.save_pretrained(str(folder))
+    images = Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=MAX_PATCHES, image_mean=[0.4, 0.5, 0.6],
+                                   image_std=[0.2, 0.3, 0.4])
+    Siglip2Processor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(folder))
+    return model
