@@ -8,6 +8,14 @@ The folder holds `tokenizer.json` + `tokenizer_config.json` (loaded offline by
 `sentencepiece.model`. Ids: <pad>=0, <unk>=1, <s>=2, </s>=3; every encoded text is
 `<s> ... </s>`, so a text tower can pool at the first token or at the end-of-text token.
 Training is single-threaded by default so the same captions give the same files.
+
+    mmcl-train-tokenizer --shards 'out/{00000..00003}.tar' --out tokenizer/ --siglip2 [--vocab-size 8000]
+
+`--siglip2` makes a Gemma-style tokenizer for a from-scratch SigLIP 2 text tower instead: byte-pair
+pieces learnt on the lowercased captions (words start with `▁`, as in Gemma), saved as
+`transformers`' `Siglip2Tokenizer` (`tokenizer.json`; AutoTokenizer loads that class), with Gemma's
+ids <pad>=0, <eos>=1, <bos>=2, <unk>=3, <mask>=4, lowercasing, no <bos>/<eos> added, and padding on
+the **left**, so SigLIP 2's text head (the last position) reads each caption's last piece.
 """
 
 from __future__ import annotations
@@ -223,6 +231,43 @@ def train_tokenizer(
     return TokenizerInfo(str(out_dir), model_type, actual, vocab_size, len(captions))
 
 
+SIGLIP2_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # Gemma's ids 0..4
+
+
+def train_siglip2_tokenizer(
+    captions: Iterable[str], out_dir: str | Path, vocab_size: int = 8000, max_length: int = 64, overwrite: bool = False
+) -> TokenizerInfo:
+    """Learn byte-pair pieces on `captions` and save a `Siglip2Tokenizer` folder (see the module docstring).
+
+    Training splits before each `▁` (word start), so no learnt merge spans two words and the saved
+    tokenizer, which applies the merges to the whole caption as Siglip2Tokenizer does, encodes alike.
+    """
+    import json as _json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.siglip2.tokenization_siglip2 import Siglip2Tokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "tokenizer.json").exists() and not overwrite:
+        raise DataToolsError(f"{out_dir} already holds a tokenizer; pass --overwrite to replace it or choose another --out.")
+    captions = [caption for caption in captions if caption.strip()]
+    if not captions:
+        raise DataToolsError("no captions to train the tokenizer on; check --shards / --text.")
+    trainer_tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    trainer_tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "▁")])
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
+    alphabet = sorted(set("".join(captions).lower().replace(" ", "▁")))
+    trainer_tokenizer.train_from_iterator(captions, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SIGLIP2_SPECIALS, initial_alphabet=alphabet, show_progress=False))
+    model = _json.loads(trainer_tokenizer.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tokenizer = Siglip2Tokenizer(vocab=model["vocab"], merges=merges, model_max_length=max_length)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return TokenizerInfo(str(out_dir), "siglip2-bpe", len(model["vocab"]), vocab_size, len(captions),
+                         pad_token_id=0, unk_token_id=3, bos_token_id=2, eos_token_id=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmcl-train-tokenizer", description="Train a SentencePiece tokenizer on captions for AutoTokenizer."
@@ -272,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", metavar="N", type=int, default=0, help="random seed for sampling (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
+    parser.add_argument("--siglip2", action="store_true",
+                        help="a Gemma-style Siglip2Tokenizer (byte-pair, lowercased, padded on the left) for a "
+                             "from-scratch SigLIP 2 text tower; --model-type, --lowercase, --character-coverage, "
+                             "--byte-fallback, --max-sentences and --threads do not apply")
     return parser
 
 
@@ -286,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         if skipped:
             counts = ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items()))
             print(f"warning: skipped {sum(skipped.values())} caption members ({counts})", file=sys.stderr)
+        if args.siglip2:
+            info = train_siglip2_tokenizer(captions, args.out, args.vocab_size, args.max_length, args.overwrite)
+            info.skipped = dict(sorted(skipped.items()))
+            print(json.dumps(asdict(info), indent=2))
+            return 0
         info = train_tokenizer(
             captions,
             args.out,

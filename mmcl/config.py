@@ -242,11 +242,6 @@ def _check_naflex(config: RunConfig, source: str) -> None:
     if others:
         raise ConfigError(f"{source}: 'data.naflex' trains with {', '.join(NAFLEX_OBJECTIVES)} so far, not "
                           f"{', '.join(others)}; remove those objectives or data.naflex.")
-    evaluated = [key for key in ("zeroshot_shards", "retrieval_shards", "knn_train_shards", "knn_test_shards")
-                 if getattr(config.eval, key, None)]
-    if evaluated:
-        raise ConfigError(f"{source}: 'eval.{evaluated[0]}' evaluates on square crops, which a NaFlex model "
-                          "('data.naflex') does not take yet; unset it and evaluate the export with transformers.")
     if "store" in OBJECTIVES["distill"].needs_for(config) and "distill" in config.objectives:
         raise ConfigError(f"{source}: 'distill.store' replays square stored crops, which 'data.naflex' cannot use; "
                           "distil from a live teacher (distill.teacher) instead.")

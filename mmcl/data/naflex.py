@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["Patches", "NaFlexPatchesU8", "naflex_size", "patchify", "naflex_batch"]
+__all__ = ["Patches", "NaFlexPatchesU8", "naflex_size", "patchify", "naflex_batch", "NaFlexEvalTransform", "unpack_naflex"]
 
 
 @dataclass
@@ -105,4 +105,37 @@ def naflex_batch(items: list[Patches], mean: Sequence[float], std: Sequence[floa
         values[row, :count].copy_(pixels.div_(255.0).sub_(mean_t).div_(std_t).view(count, width))
         mask[row, :count] = 1
     shapes = torch.tensor([item.grid for item in items], dtype=torch.long)
+    return {"pixel_values": values, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
+
+class NaFlexEvalTransform:
+    """PIL image -> one packed float tensor [L + 1, 3*P*P] for the evaluation loaders, which stack a single
+    tensor per image: rows 0..L-1 are `naflex_batch`'s normalised, zero-padded patches, and row L holds the
+    image's grid (h, w) in its first two entries (the attention mask is the first h*w rows).
+    `unpack_naflex` turns a stacked batch back into the tower's inputs. The fixed L = `max_num_patches` is
+    what `Siglip2ImageProcessor` pads to, so evaluation sees each image as the export's processor does."""
+
+    def __init__(self, patch_size: int, max_num_patches: int, mean: Sequence[float], std: Sequence[float]):
+        self.patches = NaFlexPatchesU8(patch_size, max_num_patches)
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image) -> Tensor:
+        if not isinstance(image, Tensor):
+            image = F.pil_to_tensor(image.convert("RGB"))
+        batch = naflex_batch([self.patches(image)], self.mean, self.std)
+        grid = torch.zeros((1, batch["pixel_values"].shape[-1]), dtype=torch.float32)
+        grid[0, :2] = batch["spatial_shapes"][0].float()
+        return torch.cat([batch["pixel_values"][0], grid])
+
+    def __repr__(self) -> str:
+        return f"NaFlexEvalTransform({self.patches!r}, mean={self.mean}, std={self.std})"
+
+
+def unpack_naflex(packed: Tensor) -> dict[str, Tensor]:
+    """[B, L + 1, 3*P*P] (stacked `NaFlexEvalTransform` outputs) -> {pixel_values [B, L, 3*P*P],
+    pixel_attention_mask [B, L] int32, spatial_shapes [B, 2] long}, on `packed`'s device."""
+    values = packed[:, :-1]
+    shapes = packed[:, -1, :2].round().long()
+    count = shapes[:, 0] * shapes[:, 1]
+    mask = (torch.arange(values.shape[1], device=packed.device)[None, :] < count[:, None]).to(torch.int32)
     return {"pixel_values": values, "pixel_attention_mask": mask, "spatial_shapes": shapes}

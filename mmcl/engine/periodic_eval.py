@@ -36,21 +36,23 @@ def evaluate(engine, cfg: RunConfig, tokenizer) -> dict[str, Any]:
     if cfg.eval.zeroshot_shards is None and cfg.eval.retrieval_shards is None and cfg.eval.knn_train_shards is None:
         return {}
     from mmcl.evaluation.data import build_eval_loader
-    from mmcl.evaluation.loading import eval_transform, text_encoder
+    from mmcl.evaluation.loading import image_inputs, text_encoder
     from mmcl.evaluation.retrieval import encode_retrieval_data, retrieval_metrics
     from mmcl.evaluation.zeroshot import zeroshot_classification
 
     model = engine.module.model
     device = engine.device
     dtype = next(model.parameters()).dtype
-    transform = eval_transform(cfg.data.image_size, cfg.data.image_mean, cfg.data.image_std)
+    transform, unpack = image_inputs(cfg.data)  # square crops, or NaFlex patches at data.naflex.max_num_patches
     results: dict[str, Any] = {}
     was_training = model.training
     model.eval()
     try:
         with full_parameters(engine, hooks=False), torch.no_grad():
             def encode_image(pixel_values: torch.Tensor) -> torch.Tensor:
-                return model.encode_image(pixel_values.to(device=device, dtype=dtype)).float()
+                inputs = unpack(pixel_values.to(device))
+                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+                return model.encode_image(**inputs).float()
 
             if cfg.eval.knn_train_shards is not None:
                 results.update(_knn_and_probe(cfg, encode_image, transform, device))

@@ -4,7 +4,8 @@ An mmcl model directory (`mmcl.model_dir`) or an open_clip architecture with loc
 becomes an `EvalModel`; see `load_eval_model`.
 
 `EvalModel` is what the evaluation commands use: `encode_image(pixel_values) -> [B, D]`,
-`encode_text(texts) -> [B, D]` (both L2-normalised), `transform` (PIL image -> [3, H, W]).
+`encode_text(texts) -> [B, D]` (both L2-normalised), `transform` (PIL image -> [3, H, W]; for a SigLIP 2
+NaFlex model, packed patches [L + 1, 3*P*P], see `image_inputs`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from torch import Tensor
 
 from mmcl.data.transforms import CLIP_MEAN, CLIP_STD
 from mmcl.model_dir import load_mmcl_model_dir
-
 
 
 @dataclass
@@ -42,6 +42,23 @@ def eval_transform(image_size: int, mean: Sequence[float] | None = None, std: Se
     return torchvision_eval_transform(image_size, mean or CLIP_MEAN, std or CLIP_STD)
 
 
+def image_inputs(data: Any) -> tuple[Callable[[Any], Tensor], Callable[[Tensor], dict[str, Tensor]]]:
+    """(PIL image -> tensor, stacked batch -> `encode_image` keyword arguments) for a run's `data` config.
+
+    Square towers: `eval_transform` at data.image_size, and {"pixel_values": batch}. NaFlex towers
+    (data.naflex): each image as patches at data.naflex.max_num_patches, as the export's
+    processor gives them, packed into one tensor per image (`mmcl.data.naflex.NaFlexEvalTransform`) and
+    unpacked into pixel_values, pixel_attention_mask and spatial_shapes.
+    """
+    naflex = getattr(data, "naflex", None)
+    if naflex is None:
+        return eval_transform(data.image_size, data.image_mean, data.image_std), lambda batch: {"pixel_values": batch}
+    from mmcl.data.naflex import NaFlexEvalTransform, unpack_naflex
+
+    return (NaFlexEvalTransform(naflex.patch_size, naflex.max_num_patches, data.image_mean or CLIP_MEAN,
+                                data.image_std or CLIP_STD), unpack_naflex)
+
+
 def text_encoder(model: Any, tokenizer: Any, context_length: int, device: torch.device | str = "cpu"):
     """A texts -> [B, D] callable for an mmcl DualEncoder (normalised features, no grad)."""
     from mmcl.models import tokenize
@@ -57,14 +74,11 @@ def text_encoder(model: Any, tokenizer: Any, context_length: int, device: torch.
 def mmcl_eval_model(path: str | Path, device: torch.device | str = "cpu") -> EvalModel:
     """EvalModel for an mmcl model directory."""
     model, config, tokenizer = load_mmcl_model_dir(path, device)
-    if getattr(config.data, "naflex", None) is not None:
-        raise ValueError(f"{path} is a SigLIP 2 NaFlex model, which mmcl's evaluation commands do not read yet; "
-                         "export it (`mmcl export`) and evaluate the export with transformers' AutoProcessor.")
-    transform = eval_transform(config.data.image_size, config.data.image_mean, config.data.image_std)
+    transform, unpack = image_inputs(config.data)
 
     @torch.no_grad()
     def encode_image(pixel_values: Tensor) -> Tensor:
-        return F.normalize(model.encode_image(pixel_values.to(device)).float(), dim=-1)
+        return F.normalize(model.encode_image(**unpack(pixel_values.to(device))).float(), dim=-1)
 
     def no_text_tower(texts: list[str]) -> Tensor:
         raise ValueError(f"{path} has no text tower; only kNN and linear probes can evaluate it.")

@@ -15,6 +15,12 @@ as the caching pass) and checkpoints save and restore it (same kept tokens after
 A hook rather than a wrapper module keeps parameter names, and so checkpoints and exports,
 unchanged; the towers' own attention code runs unchanged (no attention mask is needed: every
 image keeps the same number of tokens).
+
+NaFlex towers (SigLIP 2's `Siglip2VisionModel`: padded patch sequences with a `pixel_attention_mask`)
+get `NaFlexPatchDropout` instead: each image keeps round((1 - p) * n) of its n REAL patches (never
+the padding), chosen before the layers from the mask, and the batch shrinks to the longest kept
+count with a new mask; the tower's encoder and its MAP head then read that mask (see
+`attach_naflex_patch_dropout`).
 """
 from __future__ import annotations
 
@@ -76,7 +82,62 @@ def embeddings_module(tower: nn.Module) -> nn.Module | None:
     return min(found, key=lambda item: item[:2])[2] if found else None
 
 
-def attach_patch_dropout(tower: nn.Module, p: float, key: str = "model.image") -> PatchDropout:
+def naflex_keep(mask: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """pixel_attention_mask [B, L] (1 = real patch, real patches first) -> (index [B, K], new mask [B, K] int32):
+    row i keeps K_i = round((1 - p) * n_i) (>= 1) of its n_i real patches, uniformly at random, in their
+    original order, padded to K = max K_i (padded slots index patch 0 and are masked out)."""
+    real = mask.bool()
+    counts = real.sum(dim=1)
+    kept = torch.clamp(torch.round((1.0 - p) * counts.double()), min=1).long()
+    width = int(kept.max())
+    scores = torch.rand(mask.shape, device=mask.device).masked_fill(~real, 2.0)  # padding sorts after every real patch
+    chosen = scores.argsort(dim=1)[:, :width]
+    slot = torch.arange(width, device=mask.device)[None, :]
+    used = slot < kept[:, None]
+    index = torch.where(used, chosen, mask.shape[1]).sort(dim=1).values
+    return torch.where(used, index, 0), used.to(mask.dtype)
+
+
+class NaFlexPatchDropout:
+    """Patch dropout for a NaFlex tower: a forward pre-hook on the tower picks each image's kept real patches
+    and replaces `pixel_attention_mask` by the kept tokens' mask; a forward hook on its embeddings gathers
+    those tokens (position embeddings already added). Inactive in eval mode or with `active` False."""
+
+    def __init__(self, p: float, tower: nn.Module) -> None:
+        self.p = float(p)
+        self.tower = tower
+        self.active = True
+        self.tokens_out: int | None = None
+        self.pending: Tensor | None = None
+
+    def before(self, module: nn.Module, args, kwargs):
+        mask = kwargs.get("pixel_attention_mask")
+        self.pending = None
+        if not (self.tower.training and self.active and self.p > 0 and mask is not None):
+            self.tokens_out = None if mask is None else mask.shape[1]
+            return None
+        self.pending, kwargs["pixel_attention_mask"] = naflex_keep(mask, self.p)
+        self.tokens_out = self.pending.shape[1]
+        return args, kwargs
+
+    def __call__(self, module: nn.Module, args, output: Tensor) -> Tensor:
+        if self.pending is None:
+            return output
+        index, self.pending = self.pending, None
+        return output.gather(1, index.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
+
+
+def attach_naflex_patch_dropout(tower: nn.Module, p: float) -> NaFlexPatchDropout:
+    """Register NaFlex patch dropout with rate `p` on a `Siglip2VisionModel`; returns the hook."""
+    hook = NaFlexPatchDropout(p, tower)
+    embeddings = embeddings_module(tower)
+    tower.register_forward_pre_hook(hook.before, with_kwargs=True)
+    embeddings.register_forward_hook(hook)
+    setattr(embeddings, HOOK_ATTRIBUTE, hook)
+    return hook
+
+
+def attach_patch_dropout(tower: nn.Module, p: float, key: str = "model.image") -> PatchDropout | NaFlexPatchDropout:
     """Register patch dropout with rate `p` on `tower`; returns the hook.
 
     The number of prefix tokens is measured once, by running the embeddings on one blank image
@@ -84,6 +145,8 @@ def attach_patch_dropout(tower: nn.Module, p: float, key: str = "model.image") -
     embeddings do not give a token sequence (ConvNeXt, ResNet: 4D feature maps).
     """
     config = getattr(tower, "config", None)
+    if getattr(config, "model_type", None) == "siglip2_vision_model":
+        return attach_naflex_patch_dropout(tower, p)
     embeddings = embeddings_module(tower)
     patch, size = getattr(config, "patch_size", None), getattr(config, "image_size", None)
     tokens = None
@@ -115,9 +178,9 @@ def attach_patch_dropout(tower: nn.Module, p: float, key: str = "model.image") -
     return hook
 
 
-def patch_dropout_hooks(module: nn.Module) -> list[PatchDropout]:
+def patch_dropout_hooks(module: nn.Module) -> list[PatchDropout | NaFlexPatchDropout]:
     """Every patch-dropout hook inside `module` (the image tower's, and those of its copies)."""
-    return [getattr(m, HOOK_ATTRIBUTE) for m in module.modules() if isinstance(getattr(m, HOOK_ATTRIBUTE, None), PatchDropout)]
+    return [getattr(m, HOOK_ATTRIBUTE) for m in module.modules() if isinstance(getattr(m, HOOK_ATTRIBUTE, None), (PatchDropout, NaFlexPatchDropout))]
 
 
 def set_patch_dropout(module: nn.Module, active: bool) -> int:
