@@ -1,9 +1,7 @@
 """The distill feature cache's files: two processes flushing into one `distill.cache_dir` while reading
 each other's files never see a partial file (write to a temporary name, fsync, rename), and a file
 left unreadable by a machine crash is skipped (its entries get encoded again), not a crash."""
-import subprocess
-import sys
-import textwrap
+import multiprocessing
 
 import pytest
 import torch
@@ -13,28 +11,31 @@ from mmcl.objectives.teacher_cache import TeacherFeatureCache
 FINGERPRINT = {"teacher_sha256": "0" * 64, "transform": "ResizeCenterCropU8(size=24)"}
 FLUSHES, ROWS, WIDTH = 20, 250, 256  # 256 kB a file
 
-WRITER = textwrap.dedent("""
-    import sys, torch
-    from mmcl.objectives.teacher_cache import TeacherFeatureCache
-    directory, rank = sys.argv[1], int(sys.argv[2])
-    cache = TeacherFeatureCache(directory, {fingerprint!r}, rank)
-    for flush in range({flushes}):
-        cache.add_images([f"r{{rank}}-{{flush}}-{{row}}" for row in range({rows})],
-                         torch.full(({rows}, {width}), float(1000 * rank + flush)))
+def write(directory: str, rank: int, results) -> None:
+    """One writer process: FLUSHES files of ROWS rows into `directory`; puts (rank, rows it holds, unreadable files)."""
+    torch.set_num_threads(1)  # forked: one intra-op thread before any torch op, as DataLoader workers do
+    cache = TeacherFeatureCache(directory, FINGERPRINT, rank)
+    for flush in range(FLUSHES):
+        cache.add_images([f"r{rank}-{flush}-{row}" for row in range(ROWS)],
+                         torch.full((ROWS, WIDTH), float(1000 * rank + flush)))
         cache.flush()  # writes this flush's file, then reads every file the other writer finished
-    print(len(cache), cache.unreadable_files)
-""").format(fingerprint=FINGERPRINT, flushes=FLUSHES, rows=ROWS, width=WIDTH)
+    results.put((rank, len(cache), cache.unreadable_files))
 
 
 @pytest.mark.slow
 def test_two_writers_sharing_a_cache_dir_never_expose_a_partial_file(tmp_path):
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(rank)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    # forked, not `python -c`: the writers start without importing torch and mmcl again
+    context = multiprocessing.get_context("fork")
+    results = context.SimpleQueue()
+    writers = [context.Process(target=write, args=(str(tmp_path), rank, results)) for rank in (0, 1)]
+    for writer in writers:
+        writer.start()
     reader = TeacherFeatureCache(tmp_path, FINGERPRINT, rank=2)
-    while any(w.poll() is None for w in writers):
+    while any(w.is_alive() for w in writers):
         reader.refresh()  # load_file raises on a truncated file; refresh would count it unreadable
-    results = [w.communicate() for w in writers]
-    assert all(w.returncode == 0 for w in writers), [err[-2000:] for _, err in results]
+    for writer in writers:
+        writer.join()
+    assert all(w.exitcode == 0 for w in writers), [w.exitcode for w in writers]
     reader.refresh()
     assert reader.unreadable_files == 0
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
@@ -42,7 +43,9 @@ def test_two_writers_sharing_a_cache_dir_never_expose_a_partial_file(tmp_path):
     final = TeacherFeatureCache(tmp_path, FINGERPRINT, rank=3)
     assert len(final) == len(reader) == 2 * FLUSHES * ROWS
     # each writer read whatever the other had finished (timing), never a partial file; every row has its value
-    assert all(int(out.split()[0]) >= FLUSHES * ROWS and out.split()[1] == "0" for out, _ in results), results
+    written = sorted(results.get() for _ in writers)
+    assert [rank for rank, _, _ in written] == [0, 1]
+    assert all(rows >= FLUSHES * ROWS and unreadable == 0 for _, rows, unreadable in written), written
     for rank in (0, 1):
         for flush in (0, FLUSHES - 1):
             row = final.images([f"r{rank}-{flush}-{ROWS - 1}"])[0]

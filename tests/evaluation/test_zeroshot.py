@@ -84,8 +84,11 @@ def _evaluate(shards: str, caption_shards: str) -> dict:
 
 
 def _rank_main(rank: int, port: int, shards: str, caption_shards: str, out: str) -> None:
+    import atexit
+
     import torch.distributed as dist
 
+    atexit._clear()  # forked: the parent's atexit handlers (its temporary folders' finalizers) are not ours to run
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     note_joined()
@@ -117,7 +120,9 @@ def test_two_gloo_ranks_give_the_same_numbers_as_one_process(tmp_path):
     assert single["text_to_image"] == [0, 1, 1, 2, 2, 3, 4, 4, 5, 5, 6]
 
     os.environ["OMP_NUM_THREADS"] = "1"
-    torch.multiprocessing.spawn(_rank_main, args=(_free_port(), shards, caption_shards, str(tmp_path / "out")), nprocs=2, join=True)
+    # forked, not spawned: the ranks start without importing torch and mmcl again
+    torch.multiprocessing.start_processes(_rank_main, args=(_free_port(), shards, caption_shards, str(tmp_path / "out")),
+                                          nprocs=2, join=True, start_method="fork")
     for rank in range(2):
         distributed = json.loads((tmp_path / f"out.{rank}").read_text())
         assert distributed["text_to_image"] == single["text_to_image"]

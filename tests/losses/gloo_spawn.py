@@ -1,11 +1,16 @@
 """Run a function on W CPU ranks joined by a gloo process group; collect their results.
 
+The ranks are forked from the test process, not spawned: a spawned rank imports torch, mmcl and
+the test module again (seconds each, two ranks at a time on a 2-core machine); a forked one
+starts with them. Each rank sets one intra-op thread before any torch op (as DataLoader workers do).
+
 The function must be importable (a module-level function) and return a dict of tensors;
 each rank saves it to a temp dir that the parent loads after all ranks exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import tempfile
@@ -26,6 +31,9 @@ def _free_port() -> int:
 
 
 def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple) -> None:
+    # A forked rank inherits the parent's atexit handlers (the finalizers of its temporary
+    # folders, out_dir's among them); run_command runs them at exit, so drop them first.
+    atexit._clear()
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -49,7 +57,8 @@ def run_on_gloo_ranks(fn: Callable, world_size: int, *args) -> list[dict[str, to
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the children: the CI box has 2 cores
     try:
         with tempfile.TemporaryDirectory() as out_dir:
-            mp.spawn(_rank_entry, args=(fn, world_size, _free_port(), out_dir, args), nprocs=world_size, join=True)
+            mp.start_processes(_rank_entry, args=(fn, world_size, _free_port(), out_dir, args), nprocs=world_size,
+                               join=True, start_method="fork")
             return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
     finally:
         if previous is None:

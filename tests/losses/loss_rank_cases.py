@@ -1,6 +1,6 @@
 """What each gloo rank computes in tests/losses/test_distributed_losses.py.
 
-Kept free of pytest/open_clip imports so spawned ranks start fast.
+Module-level functions the gloo ranks (forked by gloo_spawn.py) call by reference.
 """
 
 from __future__ import annotations
