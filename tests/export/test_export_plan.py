@@ -16,8 +16,10 @@ TEXT_MORE = {
     "albert": dict(model_type="albert", vocab_size=64, max_position_embeddings=16, embedding_size=16, **ENCODER,
                    **NO_DROPOUT),
     "siglip_text_model": dict(model_type="siglip_text_model", vocab_size=64, max_position_embeddings=16, **ENCODER),
+    "siglip2_text_model": dict(model_type="siglip2_text_model", vocab_size=64, max_position_embeddings=16, **ENCODER),
 }
-IMAGE_MORE = {"siglip_vision_model": dict(model_type="siglip_vision_model", image_size=16, patch_size=4, **ENCODER)}
+IMAGE_MORE = {"siglip_vision_model": dict(model_type="siglip_vision_model", image_size=16, patch_size=4, **ENCODER),
+              "siglip2_vision_model": dict(model_type="siglip2_vision_model", num_patches=16, patch_size=4, **ENCODER)}
 
 # image, image pooling, image head, text, text pooling, text head, (image exact, text exact), architecture
 CASES = [
