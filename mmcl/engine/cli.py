@@ -6,6 +6,7 @@ Also runs under `torchrun` and as plain `python train.py` (one process). Install
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 
@@ -35,11 +36,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from mmcl.config import ConfigError, load_config
+
+    try:  # torch-free: a config mistake is said before torch, DeepSpeed and the towers' code load (seconds)
+        cfg = load_config(args.config, args.overrides)  # every config mistake surfaces here, on every rank
+    except ConfigError as error:
+        from mmcl.redact import redact
+
+        print(f"mmcl: error: {redact(str(error))}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     from mmcl.engine.runtime import enable_stack_dumps, select_accelerator
 
     enable_stack_dumps()
     select_accelerator()  # before anything imports deepspeed
-    from mmcl.config import ConfigError, load_config
     from mmcl.data.loader import NoDataError
     from mmcl.data.shards import NoShardsError
     from mmcl.engine.checkpoint import ResumeError
@@ -55,7 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     user_errors = (ConfigError, NoDataError, NoShardsError, DeepSpeedConfigError, ResumeError, TrainingError, TokenizerLoadError, TowerLoadError,
                    ExportError, PushError, TeacherLoadError, StaleCacheError, StoreError)
     try:
-        cfg = load_config(args.config, args.overrides)  # every config mistake surfaces here, on every rank
         train(cfg, read_deepspeed_json(args.deepspeed_config), args.deepspeed_config or "DeepSpeed config")
         leave_process_group()  # after success only: on an error, peers may still sit in a collective
     except user_errors as error:
