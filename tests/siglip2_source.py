@@ -1,12 +1,40 @@
 """A tiny random Siglip2Model folder with a Gemma-style tokenizer and a Siglip2Processor, built offline."""
 from __future__ import annotations
 
+import io
+import json
 import string
+import tarfile
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 PATCH, MAX_PATCHES, CONTEXT = 8, 16, 12
+SIZES = [(40, 16), (16, 40), (32, 32), (90, 20)]  # (width, height): wide, tall, square, very wide
+CAPTIONS = ["a photo of the digit 7", "the number 3", "a tall tree", "a wide car"]
+
+
+def mixed_images(sizes: list[tuple[int, int]] = SIZES) -> list[Image.Image]:
+    """Random RGB images of the given (width, height), one seed each."""
+    return [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
+            for i, (w, h) in enumerate(sizes)]
+
+
+def write_caption_shard(folder: Path, images: list[Image.Image], captions: list[str]) -> Path:
+    """folder/00000.tar (PNG + caption per sample) and its sizes.json; returns the shard's path."""
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i, (image, caption) in enumerate(zip(images, captions)):
+            out = io.BytesIO()
+            image.save(out, "PNG")
+            for ext, data in (("png", out.getvalue()), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (folder / "sizes.json").write_text(json.dumps({"00000.tar": len(captions)}))
+    return folder / "00000.tar"
 
 
 def gemma_tokenizer():

@@ -2,16 +2,14 @@
 NaFlex patches (its processor's patch size, patch count and normalisation) and tokens (its tokenizer, left-padded)
 from the data pipeline, and its features are the model's own get_image_features / get_text_features on what its
 processor makes of the same images and captions."""
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from siglip2_source import CONTEXT, MAX_PATCHES, PATCH, write_siglip2_source
+from siglip2_source import CONTEXT, MAX_PATCHES, PATCH, mixed_images, write_caption_shard, write_siglip2_source
 
 from mmcl.config import from_dict
 from mmcl.objectives.distill import DistillObjective
@@ -25,8 +23,7 @@ VIT = {"model_type": "vit", "image_size": 16, "patch_size": 8, "hidden_size": 32
 
 
 def images() -> list[Image.Image]:
-    return [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
-            for i, (w, h) in enumerate(SIZES)]
+    return mixed_images(SIZES)
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +36,7 @@ def teacher_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
-    with tarfile.open(root / "00000.tar", "w") as tar:
-        for i, (image, caption) in enumerate(zip(images(), CAPTIONS)):
-            out = io.BytesIO()
-            image.save(out, "PNG")
-            for ext, data in (("png", out.getvalue()), ("txt", caption.encode())):
-                info = tarfile.TarInfo(f"{i:04d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (root / "sizes.json").write_text(json.dumps({"00000.tar": len(CAPTIONS)}))
+    write_caption_shard(root, images(), CAPTIONS)
     return root / "00000.tar"
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from siglip2_source import CONTEXT, MAX_PATCHES, PATCH, write_siglip2_source
+from siglip2_source import CONTEXT, MAX_PATCHES, PATCH, mixed_images, write_siglip2_source
 
 from mmcl.config import from_dict
 from mmcl.data.naflex import NaFlexPatchesU8, naflex_batch
@@ -24,8 +24,7 @@ CAPTIONS = ["a photo of the digit 7", "the number 3", "a tall tree", "a wide car
 
 
 def images() -> list[Image.Image]:
-    return [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
-            for i, (w, h) in enumerate(SIZES)]
+    return mixed_images(SIZES)
 
 
 @pytest.fixture(scope="module")

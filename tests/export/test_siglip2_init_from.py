@@ -2,15 +2,11 @@
 first step's embeddings equal the source's get_image_features / get_text_features."""
 from __future__ import annotations
 
-import io
-import json
-import tarfile
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from siglip2_source import CONTEXT, MAX_PATCHES, PATCH, write_siglip2_source
+from siglip2_source import CONTEXT, MAX_PATCHES, PATCH, mixed_images, write_caption_shard, write_siglip2_source
 
 from mmcl.config import from_dict
 from mmcl.data import build_train_loader
@@ -28,21 +24,12 @@ def siglip2_dir(tmp_path_factory):
 
 
 def images() -> list[Image.Image]:
-    return [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
-            for i, (w, h) in enumerate(SIZES)]
+    return mixed_images(SIZES)
 
 
 @pytest.fixture
 def shard(tmp_path):
-    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
-        for i, (image, caption) in enumerate(zip(images(), CAPTIONS)):
-            out = io.BytesIO()
-            image.save(out, "PNG")
-            for ext, data in (("png", out.getvalue()), ("txt", caption.encode())):
-                info = tarfile.TarInfo(f"{i:04d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": len(CAPTIONS)}))
+    write_caption_shard(tmp_path, images(), CAPTIONS)
     return str(tmp_path / "00000.tar")
 
 
