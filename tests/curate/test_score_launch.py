@@ -50,6 +50,7 @@ def killed_and_resumed(tmp_path_factory, clip_dir):
         kill_tree(first, signal.SIGKILL)
         killed_output = first.communicate()[0]
     at_kill = len(parts(out))
+    before = {path.name: path.read_bytes() for path in parts(out)}  # the parts finished before the kill
     resumed = run(command(deepspeed(), clip_dir, pattern, out, workers=1), timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     threads = torch.get_num_threads()
@@ -59,7 +60,8 @@ def killed_and_resumed(tmp_path_factory, clip_dir):
     finally:
         torch.set_num_threads(threads)
     print(f"\nkilled after {at_kill} of {SHARDS} parts; the rerun wrote {SHARDS - at_kill}")
-    return good, root / "single", out, at_kill, killed_output, resumed.stdout
+    kept = {name: (out / "parts" / name).read_bytes() == data for name, data in before.items()}
+    return good, root / "single", out, at_kill, killed_output, resumed.stdout, kept
 
 
 def table(out: Path):
@@ -67,22 +69,23 @@ def table(out: Path):
 
 
 def test_the_kill_landed_after_the_first_part_and_before_the_last(killed_and_resumed):
-    _, _, _, at_kill, killed_output, resumed_output = killed_and_resumed
+    _, _, _, at_kill, killed_output, resumed_output, kept = killed_and_resumed
     assert 1 <= at_kill < SHARDS, killed_output[-2000:]
+    assert len(kept) == at_kill and all(kept.values()), kept  # finished parts are kept as they were, not redone
     assert f"{SHARDS} shards: {at_kill} parts already written, {SHARDS - at_kill} to do over 2 rank(s) (resumed)" \
         in resumed_output
     assert "samples/s per rank: rank 0" in resumed_output and ", rank 1 " in resumed_output
 
 
 def test_every_sample_is_scored_exactly_once_after_the_resume(killed_and_resumed):
-    good, _, out, _, _, _ = killed_and_resumed
+    good, _, out, *_ = killed_and_resumed
     assert len(parts(out)) == SHARDS
     keys = table(out).column("key").to_pylist()
     assert keys == good  # parts in shard order, rows in shard order: each good sample once
 
 
 def test_the_resumed_two_rank_scores_equal_a_one_process_run_bit_for_bit(killed_and_resumed):
-    _, single, out, _, _, _ = killed_and_resumed
+    _, single, out, *_ = killed_and_resumed
     assert [p.name for p in parts(out)] == [p.name for p in parts(single)]
     reference, resumed = table(single), table(out)
     assert resumed.schema.equals(reference.schema)
