@@ -7,7 +7,9 @@ Per good sample: K crop boxes and flips drawn from (seed, key) like torchvision'
 RandomResizedCrop(scale=crop_scale, ratio=(3/4, 4/3)) on the decoded image (full size), each
 teacher's image embedding of every augmentation (the box cropped from the decoded image, resized
 to the teacher's image size with antialiased bicubic, flipped if drawn, normalised with the
-teacher's mean/std), and each teacher's text embedding of the first caption. Training with
+teacher's mean/std; a SigLIP 2 NaFlex teacher instead sees the flipped box as its own processor
+would, resized keeping its aspect ratio to fit its max_num_patches and cut into patches), and each
+teacher's text embedding of the first caption. Training with
 `distill.store: DIR` replays one stored augmentation per sample and epoch and runs no teacher.
 
 DIR/parts/<i:05d>-<stem>.parquet, one row per good sample in shard order:
@@ -22,7 +24,7 @@ DIR/parts/<i:05d>-<stem>.parquet, one row per good sample in shard order:
 
 DIR/mmcl_curate.json: {"command": "reinforce", "version": 1, "augmentations": K, "seed": S,
 "crop_scale": [A, B], "shards": [...], "teachers": [{"name", "sha256", "embedding_dim",
-"logit_scale", "image_size"}]}. Written by the shard-parallel runner (`mmcl.curate.sharded`):
+"logit_scale", "image_size" (null for a NaFlex teacher), "naflex" ({patch_size, max_num_patches} or null)}]}. Written by the shard-parallel runner (`mmcl.curate.sharded`):
 split over the ranks of a `deepspeed` / `torchrun` launch, resumed by rerunning the command.
 """
 from __future__ import annotations
@@ -104,34 +106,81 @@ def draw_augmentations(seed: int, key: str, k: int, height: int, width: int,
 
 
 class AugmentedCrops:
-    """uint8 [3, H, W] + key -> float32 [5K + sum_t K*3*S_t*S_t]: the K boxes as fractions (4K), the flips
-    (K, 0/1), then per teacher t its K crops at S_t x S_t, flipped and normalised with its mean/std.
+    """uint8 [3, H, W] + key -> float32 [5K + sum_t K*V_t]: the K boxes as fractions (4K), the flips
+    (K, 0/1), then per teacher t its K views, flipped and normalised with its mean/std: a square teacher's
+    crop at S_t x S_t (V_t = 3*S_t*S_t), a NaFlex teacher's packed patches of the box at its own aspect
+    ratio (`NaFlexEvalTransform`: V_t = (N_t + 1) * 3*P_t*P_t, unpacked by `unpack_naflex`).
 
     One flat vector so the data path stacks it like any transform output (`samples.collate`).
     """
 
-    def __init__(self, seed: int, k: int, scale: Sequence[float], teachers: list[tuple[int, Sequence[float], Sequence[float]]]):
+    def __init__(self, seed: int, k: int, scale: Sequence[float], teachers: list[TeacherView]):
         self.seed, self.k, self.scale = int(seed), int(k), (float(scale[0]), float(scale[1]))
-        self.teachers = [(int(size), tuple(mean), tuple(std)) for size, mean, std in teachers]
+        self.teachers = list(teachers)
 
     def __call__(self, image: Any, key: str) -> Any:
         import torch
-        from torchvision.transforms.v2 import functional as F
 
         height, width = int(image.shape[-2]), int(image.shape[-1])
         boxes, flips = draw_augmentations(self.seed, key, self.k, height, width, self.scale)
         parts = [torch.tensor([[t / height, l / width, h / height, w / width] for t, l, h, w in boxes],
                               dtype=torch.float32).reshape(-1), torch.tensor(flips, dtype=torch.float32)]
-        for size, mean, std in self.teachers:
-            mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-            std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        for view in self.teachers:
             for (top, left, h, w), flip in zip(boxes, flips):
-                crop = F.resized_crop(image, top, left, h, w, [size, size],
-                                      interpolation=F.InterpolationMode.BICUBIC, antialias=True)
-                if flip:
-                    crop = F.horizontal_flip(crop)
-                parts.append(((crop.float() / 255.0 - mean_t) / std_t).reshape(-1))
+                parts.append(view(image, (top, left, h, w), flip).reshape(-1))
         return torch.cat(parts)
+
+
+class TeacherView:
+    """One teacher's view of a crop box: `(uint8 [3, H, W], (top, left, h, w), flip) -> float32 tensor` of a
+    fixed size `width` — a square crop at `size` (bicubic, antialiased), or with `naflex = (P, N)` the box
+    as the teacher's Siglip2ImageProcessor sees it, packed as `NaFlexEvalTransform` packs it."""
+
+    def __init__(self, size: int | None, mean: Sequence[float], std: Sequence[float],
+                 naflex: tuple[int, int] | None = None):
+        self.size, self.mean, self.std, self.naflex = size, tuple(mean), tuple(std), naflex
+        if naflex is not None:
+            from mmcl.data.naflex import NaFlexEvalTransform
+
+            self.patches = NaFlexEvalTransform(naflex[0], naflex[1], mean, std)
+
+    @property
+    def width(self) -> int:
+        if self.naflex is not None:
+            return (self.naflex[1] + 1) * 3 * self.naflex[0] ** 2
+        return 3 * int(self.size) ** 2
+
+    def __call__(self, image: Any, box: tuple[int, int, int, int], flip: bool) -> Any:
+        import torch
+        from torchvision.transforms.v2 import functional as F
+
+        if self.naflex is not None:  # the whole box, its aspect kept: the processor resizes it
+            crop = F.crop(image, *box)
+            return self.patches(F.horizontal_flip(crop) if flip else crop)
+        crop = F.resized_crop(image, *box, [self.size, self.size], interpolation=F.InterpolationMode.BICUBIC,
+                              antialias=True)
+        if flip:
+            crop = F.horizontal_flip(crop)
+        mean_t = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std_t = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (crop.float() / 255.0 - mean_t) / std_t
+
+    def encode(self, teacher: Any, views: Any) -> Any:
+        """[M, width] views -> [M, D_t] the teacher's unit image embeddings."""
+        if self.naflex is not None:
+            from mmcl.data.naflex import unpack_naflex
+
+            patch_width = 3 * self.naflex[0] ** 2
+            return teacher.encode_image(**unpack_naflex(views.reshape(views.shape[0], -1, patch_width)))
+        return teacher.encode_image(views.reshape(views.shape[0], 3, self.size, self.size))
+
+
+def teacher_view(teacher: Any) -> TeacherView:
+    """The view a loaded teacher (`mmcl.objectives.teacher.Teacher`) takes of each crop box."""
+    inputs = teacher.inputs()
+    if inputs.naflex is not None:
+        return TeacherView(None, inputs.mean, inputs.std, naflex=(int(inputs.naflex[0]), int(inputs.naflex[1])))
+    return TeacherView(int(inputs.image_size), inputs.mean, inputs.std)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -186,11 +235,11 @@ def reinforce_job(teachers: list[Any], specs: list[str], urls: list[str], out: s
 
     tokenizers = [CaptionTokenizer(t.inputs().tokenizer, t.inputs().context_length) for t in teachers]
     dims = [int(t.encode_text(*tok(["a"])).shape[-1]) for t, tok in zip(teachers, tokenizers)]
-    sizes = [t.inputs().image_size for t in teachers]
+    views = [teacher_view(t) for t in teachers]
     shards = [redact(url) for url in urls]
 
     def rows(batch: dict[str, Any]) -> dict[str, Any]:
-        packed = batch["pixel_values"]  # [B, 5K + sum_t K*3*S_t^2]
+        packed = batch["pixel_values"]  # [B, 5K + sum_t K*V_t]
         n = packed.shape[0]
         columns: dict[str, Any] = {
             "key": batch["keys"], "shard": [shards[batch["_shard"]]] * n, "index": batch["indices"],
@@ -198,12 +247,12 @@ def reinforce_job(teachers: list[Any], specs: list[str], urls: list[str], out: s
             "flips": (packed[:, 4 * k:5 * k] > 0.5).numpy().reshape(-1)}
         captions = [c[0] for c in batch["captions"]]
         offset = 5 * k
-        for t, (teacher, tokenize, size) in enumerate(zip(teachers, tokenizers, sizes)):
-            width = k * 3 * size * size
-            crops = packed[:, offset:offset + width].reshape(n * k, 3, size, size)
+        for t, (teacher, tokenize, view) in enumerate(zip(teachers, tokenizers, views)):
+            width = k * view.width
+            crops = packed[:, offset:offset + width].reshape(n * k, view.width)
             offset += width
             with torch.no_grad():
-                image = teacher.encode_image(crops).float().reshape(n, -1)
+                image = view.encode(teacher, crops).float().reshape(n, -1)
                 text = teacher.encode_text(*tokenize(captions)).float()
             columns[f"image_embedding_{t}"] = image.cpu().numpy().astype(np.float16)
             columns[f"text_embedding_{t}"] = text.cpu().numpy().astype(np.float16)
@@ -222,10 +271,11 @@ def reinforce_job(teachers: list[Any], specs: list[str], urls: list[str], out: s
     manifest = {"augmentations": int(k), "seed": int(seed), "crop_scale": [float(crop_scale[0]), float(crop_scale[1])],
                 "shards": shards,
                 "teachers": [{"name": redact(spec), "sha256": t.sha256, "embedding_dim": dim,
-                              "logit_scale": float(t.logit_scale), "image_size": int(size)}
-                             for spec, t, dim, size in zip(specs, teachers, dims, sizes)]}
-    transform = AugmentedCrops(seed, k, crop_scale, [(t.inputs().image_size, t.inputs().mean, t.inputs().std)
-                                                     for t in teachers])
+                              "logit_scale": float(t.logit_scale), "image_size": view.size,
+                              "naflex": ({"patch_size": view.naflex[0], "max_num_patches": view.naflex[1]}
+                                         if view.naflex is not None else None)}
+                             for spec, t, dim, view in zip(specs, teachers, dims, views)]}
+    transform = AugmentedCrops(seed, k, crop_scale, views)
     return ShardJob(
         command="reinforce", out=Path(out), urls=urls, manifest=manifest, schema=store_schema,
         sample=SampleSpec(image_transform=transform, caption_key="txt", all_captions=True, first_caption=True,
@@ -241,10 +291,6 @@ def main(args: argparse.Namespace) -> int:
     specs, urls = check_arguments(args)
     device = sharded.device_for_rank()
     teachers = [load_model(spec, weights, config, option="--teacher").to(device) for spec, weights, config in specs]
-    for spec, teacher in zip(specs, teachers):
-        if teacher.inputs().naflex is not None:  # stored crops are squares; a NaFlex teacher sees patch sequences
-            raise CurateError(f"--teacher '{spec[0]}' is a SigLIP 2 (NaFlex) model, whose variable-resolution inputs "
-                              "a reinforced store does not hold yet; use a CLIP, SigLIP or mmcl teacher.")
     job = reinforce_job(teachers, [s for s, _, _ in specs], urls, args.out, args.augmentations, args.seed,
                         args.crop_scale, args.batch_size)
     plan = sharded.plan_out(job, args.overwrite)

@@ -94,3 +94,44 @@ def test_curate_score_scores_with_a_siglip2_model_on_its_naflex_patches(teacher_
     np.testing.assert_allclose(np.array(table["score"]), (image * text).sum(-1).numpy(), atol=1e-4)
     manifest = json.loads((out / "mmcl_curate.json").read_text())
     assert manifest["transform"]["max_num_patches"] == MAX_PATCHES
+
+
+def test_curate_reinforce_stores_a_siglip2_teachers_embedding_of_each_box_as_its_processor_sees_it(teacher_dir, shard,
+                                                                                                   tmp_path):
+    """A NaFlex teacher in a reinforced store: each augmentation's embedding is the model's own on what its
+    processor makes of that box (cropped at full size, flipped if drawn, resized keeping the box's aspect)."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModel, AutoProcessor
+
+    from mmcl.cli import main
+
+    out, k = tmp_path / "store", 3
+    assert main(["curate", "reinforce", "--teacher", str(teacher_dir), "--shards", str(shard), "--out", str(out),
+                 "--augmentations", str(k), "--crop-scale", "0.3", "1.0", "--batch-size", "4", "--workers", "0"]) == 0
+    manifest = json.loads((out / "mmcl_curate.json").read_text())
+    assert manifest["teachers"][0]["naflex"] == {"patch_size": PATCH, "max_num_patches": MAX_PATCHES}
+    assert manifest["teachers"][0]["image_size"] is None
+    table = pq.read_table(out / "parts" / "00000-00000.parquet").to_pydict()
+    model, processor = AutoModel.from_pretrained(str(teacher_dir)).eval(), AutoProcessor.from_pretrained(str(teacher_dir))
+    crops, grids = [], set()
+    for key, boxes, flips in zip(table["key"], table["boxes"], table["flips"]):
+        image = images()[int(key)]
+        width, height = image.size
+        for j in range(k):
+            top, left, h, w = boxes[4 * j:4 * j + 4]
+            box = (round(left * width), round(top * height), round((left + w) * width), round((top + h) * height))
+            crop = image.crop(box)
+            crops.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flips[j] else crop)
+    inputs = processor(images=crops, text=[CAPTIONS[int(key)] for key in table["key"]], padding="max_length",
+                       max_length=CONTEXT, truncation=True, patch_size=PATCH, max_num_patches=MAX_PATCHES,
+                       return_tensors="pt")
+    grids = {tuple(shape.tolist()) for shape in inputs["spatial_shapes"]}
+    assert len(grids) >= 2  # boxes of several aspect ratios: each its own patch grid, as the processor makes it
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=inputs["pixel_values"], spatial_shapes=inputs["spatial_shapes"],
+                                         pixel_attention_mask=inputs["pixel_attention_mask"]).pooler_output
+        text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output
+    stored = torch.tensor(np.array(table["image_embedding_0"], dtype=np.float32)).reshape(-1, image.shape[-1])
+    torch.testing.assert_close(stored, F.normalize(image, dim=-1), atol=2e-3, rtol=0)  # float16 storage
+    torch.testing.assert_close(torch.tensor(np.array(table["text_embedding_0"], dtype=np.float32)),
+                               F.normalize(text, dim=-1), atol=2e-3, rtol=0)
