@@ -74,24 +74,16 @@ class OfflineRun:
         self.files = [path for path in files if path.stem == f"run-{self.run_id}"]
         self.wait_until_written()
 
-    def wait_until_written(self, quiet_s: float = 3.0, timeout: float = 60.0) -> None:
-        """wandb-core writes the file in its own process, a little after `finish()` returns (or after a
-        killed launch's process is gone): wait until each file ends with the run's exit record, or
-        (a killed launch's) has not grown for `quiet_s`."""
+    def wait_until_written(self, timeout: float = 180.0) -> None:
+        """wandb-core writes the files in its own process: a finished launch's a moment after `finish()`
+        returns, a stopped or killed one's when the detached service ends it (mmcl.engine.tracking:
+        SERVICE_IDLE_TIMEOUT after the launch is gone). Wait until each file ends with its exit record."""
         deadline = time.time() + timeout
-        sizes: dict[Path, tuple[int, float]] = {}
         while time.time() < deadline:
-            settled = True
-            for path in self.files:
-                size = path.stat().st_size
-                if sizes.get(path, (None,))[0] != size:
-                    sizes[path] = (size, time.time())
-                exited = any(r.WhichOneof("record_type") == "exit" for r in records(path))
-                settled &= exited or time.time() - sizes[path][1] >= quiet_s
-            if settled:
+            if all(any(r.WhichOneof("record_type") == "exit" for r in records(path)) for path in self.files):
                 return
-            time.sleep(0.2)
-        raise AssertionError(f"W&B files still being written after {timeout:.0f} s: {self.files}")
+            time.sleep(0.5)
+        raise AssertionError(f"W&B files without their exit record after {timeout:.0f} s: {self.files}")
 
     def segments(self) -> list[list[Any]]:
         """Each launch's records, in the order the launches started (their run records' start times)."""
@@ -143,3 +135,37 @@ def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
     if any(a[k] != b[k] for k in a if not isinstance(a[k], (int, float))):
         return float("inf")
     return max(numbers, default=0.0)
+
+
+def check_against_metrics(run_dir: Path, resumed_at: list[int], deterministic: tuple[str, ...] = ("loss", "samples"),
+                          rel: float = 1e-6) -> dict[str, Any]:
+    """The offline W&B run under run_dir/wandb against run_dir/metrics.jsonl, per step; returns the evidence.
+
+    Every metrics.jsonl step is one W&B row with equal values (max difference 0), except the rows W&B
+    keeps from a killed launch: the steps a launch logged past the checkpoint the next launch resumed
+    from (`resumed_at`: that step, for each launch after the first). There the deterministic values (`deterministic`, and each `lr/*`) agree within `rel`
+    (resume is exact; different processes) and the timings are the killed launch's own.
+    """
+    run = OfflineRun(Path(run_dir) / "wandb")
+    history = run.history()
+    plot = history[-1].pop("training_plot", None)
+    expected = merged_by_step([json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line])
+    steps = [row["step"] for row in history]
+    assert steps == sorted(expected), (steps, sorted(expected))  # one row per step, in order, nothing else
+    segments = [[r.history.step.num for r in segment if r.WhichOneof("record_type") == "history"] for segment in run.segments()]
+    assert len(segments) == len(resumed_at) + 1, (len(segments), resumed_at)
+    # A killed launch's rows past the next launch's checkpoint (that launch does not send them again)
+    kept_from_killed = sorted(s for segment, resumed in zip(segments, resumed_at) for s in segment if s > resumed)
+    got = {row["step"]: row for row in history}
+    exact = [s for s in steps if s not in kept_from_killed]
+    max_exact = max((max_difference(got[s], expected[s]) for s in exact), default=0.0)
+    assert max_exact == 0.0, [(s, got[s], expected[s]) for s in exact if max_difference(got[s], expected[s]) != 0.0][:3]
+    for s in kept_from_killed:
+        assert got[s].keys() == expected[s].keys(), (s, got[s], expected[s])
+        for key in got[s]:
+            if key in deterministic or key.startswith("lr/"):
+                assert abs(got[s][key] - expected[s][key]) <= rel * max(1.0, abs(expected[s][key])), (s, key, got[s], expected[s])
+    launch_ids = [next(r.run.run_id for r in segment if r.WhichOneof("record_type") == "run") for segment in run.segments()]
+    assert set(launch_ids) == {run.run_id}, launch_ids
+    return {"run_id": run.run_id, "launch_run_ids": launch_ids, "launches": len(run.files), "steps": len(steps), "exact_steps": len(exact),
+            "max_difference": max_exact, "kept_from_killed_launch": kept_from_killed, "plot": plot}

@@ -22,6 +22,11 @@ while metrics.jsonl keeps the rerun's. After a stop (SIGTERM, or a kill right af
 W&B's history equals metrics.jsonl. A run whose checkpoint has no W&B id (W&B switched on at a
 resume) starts a new W&B run and sends it the records metrics.jsonl already holds first.
 
+W&B's service (wandb-core) runs detached from the rank (`wandb beta core start`), so a launcher
+that stops the run with SIGTERM to each rank's process tree does not kill it before the rank has
+finished its step and saved; it ends the W&B run of a stopped or killed rank and exits 30 s after
+it. W&B failing never stops the training (one line says so; metrics.jsonl goes on).
+
 Offline (`mode: offline`) a launch writes `<dir>/wandb/offline-run-<time>-<id>/run-<id>.wandb`; a
 resumed launch writes another folder with the same id. `wandb sync <dir>/wandb/offline-run-*`
 uploads them in order as one run.
@@ -31,6 +36,9 @@ uploads them in order as one run.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,11 +80,15 @@ def history_row(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class WandbTracker:
-    """One W&B run; `log` takes metrics.jsonl records, `finish` ends the run (with the plot)."""
+    """One W&B run; `log` takes metrics.jsonl records, `finish` ends the run (with the plot).
+
+    W&B failing (its service gone, a full disk) never stops the training: the first failure is said
+    in one line and the tracker stops; metrics.jsonl and TensorBoard go on."""
 
     def __init__(self, wandb_run: Any, logged_through: int = 0):
         self.wandb_run = wandb_run
         self.logged_through = logged_through  # the W&B run already holds the steps up to this one
+        self.failed = False
 
     @property
     def run_id(self) -> str:
@@ -85,17 +97,67 @@ class WandbTracker:
     def log(self, record: dict[str, Any]) -> None:
         """Log one metrics.jsonl record at its step (skipped when the W&B run already holds that step)."""
         step = int(record["step"])
-        if step <= self.logged_through:
+        if step <= self.logged_through or self.failed:
             return
-        self.wandb_run.log(history_row(record), step=step)
+        self._call(self.wandb_run.log, history_row(record), step=step)
 
     def finish(self, plot: str | Path | None = None, step: int | None = None) -> None:
         """Add the training plot at `step` (the last one), then end the run (flushes an offline run's file)."""
         import wandb
 
         if plot is not None and Path(plot).is_file() and step is not None and step > self.logged_through:
-            self.wandb_run.log({PLOT_KEY: wandb.Image(str(plot), caption="loss and evaluation top-1 over steps")}, step=step)
-        self.wandb_run.finish()
+            self._call(self.wandb_run.log, {PLOT_KEY: wandb.Image(str(plot), caption="loss and evaluation top-1 over steps")},
+                       step=step)
+        self._call(self.wandb_run.finish)
+
+    def _call(self, method, *args, **kwargs) -> None:
+        if self.failed:
+            return
+        try:
+            method(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 (whatever W&B raises, the training goes on)
+            from mmcl.engine.runtime import say
+            from mmcl.redact import redact
+
+            self.failed = True
+            say(f"W&B stopped taking this run's records ({type(error).__name__}: {redact(str(error))[:200]}); "
+                "metrics.jsonl and TensorBoard go on")
+
+
+SERVICE_IDLE_TIMEOUT = "30s"  # how long the detached wandb-core outlives its last client (it writes the run's end then)
+
+
+def _start_detached_service() -> bool:
+    """Run W&B's service (wandb-core) outside this process's tree, via `wandb beta core start`.
+
+    By default wandb.init starts wandb-core as a child of this rank, and a launcher that stops the
+    run (the deepspeed launcher, torchrun: SIGTERM to each rank's process tree) kills it with the
+    rank: the run's unflushed records (up to 15 s of them) are lost and the rank's next log fails,
+    while the rank itself still has its step to finish and its checkpoint to save. Detached, the
+    service outlives a stopped or killed rank, writes what it was sent, ends the run, and exits
+    SERVICE_IDLE_TIMEOUT after its last client. A WANDB_SERVICE the user set is used as it is; a
+    wandb without `beta core` keeps its default service. True when it set WANDB_SERVICE (for
+    wandb.init to connect to; this process keeps that connection, so it is unset after)."""
+    if os.environ.get("WANDB_SERVICE"):
+        return False
+    try:
+        started = subprocess.run([sys.executable, "-m", "wandb", "beta", "core", "start", "--idle-timeout", SERVICE_IDLE_TIMEOUT],
+                                 capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    lines = started.stdout.strip().splitlines()
+    if started.returncode != 0 or not lines:
+        return False
+    os.environ["WANDB_SERVICE"] = lines[-1].strip()
+    return True
+
+
+def _connected() -> bool:
+    """Whether this process already holds a connection to a W&B service (an earlier run in it)."""
+    from wandb.sdk import wandb_setup
+
+    setup = getattr(wandb_setup, "_singleton", None)
+    return getattr(setup, "_connection", None) is not None
 
 
 def start_tracker(cfg: RunConfig, run_id: str | None = None, logged_through: int = 0) -> WandbTracker | None:
@@ -117,6 +179,7 @@ def start_tracker(cfg: RunConfig, run_id: str | None = None, logged_through: int
     quiet = wandb.Settings(console="off", x_disable_meta=True, disable_git=True, save_code=False, disable_code=True,
                            x_save_requirements=False, silent=True)
     resume = {"id": run_id, "resume": "allow"} if run_id else {}
+    detached = False if _connected() else _start_detached_service()
     try:
         wandb_run = wandb.init(project=settings.project, entity=settings.entity, name=redact(name),
                                tags=list(settings.tags) or None, mode=settings.mode, dir=str(folder),
@@ -127,6 +190,9 @@ def start_tracker(cfg: RunConfig, run_id: str | None = None, logged_through: int
         reason = redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
         raise TrainingError(f"W&B could not start the run ({reason}); run `wandb login` or set WANDB_API_KEY for "
                             "log.wandb.mode=online, or use log.wandb.mode=offline.") from None
+    finally:
+        if detached:  # this process stays connected; its children must not inherit a service that ends with it
+            os.environ.pop("WANDB_SERVICE", None)
     return WandbTracker(wandb_run, logged_through if run_id else 0)
 
 

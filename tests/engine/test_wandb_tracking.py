@@ -136,3 +136,27 @@ def test_history_equals_metrics_jsonl_after_a_stop_and_keeps_the_killed_launchs_
         assert {k: got[step][k] for k in ("loss", "lr/towers", "samples")} == {k: expected[step][k] for k in ("loss", "lr/towers", "samples")}
         assert got[step]["samples_per_s"] == 200.0 + step and expected[step]["samples_per_s"] == 300.0 + step
     assert got[4]["zeroshot/acc1"] == 0.25 and got[4]["loss"] == 0.25  # evaluation and training merged into one row
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_service():
+    """The detached W&B service a tracker starts is this process's alone: WANDB_SERVICE is not left behind."""
+    import os
+
+    yield
+    assert "WANDB_SERVICE" not in os.environ
+
+
+def test_a_failing_wandb_never_stops_the_training_it_is_said_once(tmp_path, capsys):
+    cfg = from_dict(raw_config(tmp_path, mode="offline"))
+    log = MetricsLog(tmp_path / "run")
+    log.tracker = start_tracker(cfg)
+    log.write(1, {"loss": 1.0}, samples=8)
+    log.tracker.wandb_run.finish()  # W&B gone under the tracker (as when its service is killed)
+    for step in (2, 3):
+        log.write(step, {"loss": 1.0 / step}, samples=8 * step)
+    log.tracker.finish()
+    assert [r["step"] for r in log.records()] == [1, 2, 3] and log.tracker.failed
+    said = [line for line in capsys.readouterr().out.splitlines() if "W&B" in line]
+    assert len(said) == 1 and said[0].startswith("[mmcl] W&B stopped taking this run's records (UsageError: ")
+    assert said[0].endswith("; metrics.jsonl and TensorBoard go on")
