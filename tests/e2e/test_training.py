@@ -75,8 +75,15 @@ def test_sigterm_saves_and_kill_9_loses_nothing(reference_runs, tmp_path):
     stopped_at = int(latest_tag(target).split("_")[1])
     assert 2 <= stopped_at < STEPS[2]
 
+    def logged_past_a_new_checkpoint() -> bool:  # then the kill drops records that metrics.jsonl (and W&B) had
+        tag = latest_tag(target)
+        if tag in (None, f"step_{stopped_at:08d}"):
+            return False
+        steps = [json.loads(line)["step"] for line in (target / "metrics.jsonl").read_text().split("\n")[:-1] if line]
+        return max(steps, default=0) > int(tag.split("_")[1])
+
     process = start(deepspeed_command(config, STAGES[2], 2, f"output_dir={target}", "train.resume=latest", *slow))
-    wait_for(lambda: latest_tag(target) not in (None, f"step_{stopped_at:08d}"), what="a checkpoint after resume")
+    wait_for(logged_past_a_new_checkpoint, what="a step logged past a checkpoint after resume")
     kill_tree(process, signal.SIGKILL)
     process.communicate(timeout=60)
     killed_at = latest_tag(target)
@@ -93,7 +100,7 @@ def test_sigterm_saves_and_kill_9_loses_nothing(reference_runs, tmp_path):
     evidence = check_against_metrics(target, resumed_at=[stopped_at, int(killed_at.split("_")[1])])
     assert evidence["launches"] == 3 and evidence["steps"] == STEPS[2] and evidence["plot"]["_type"] == "image-file"
     assert json.loads((target / "checkpoints" / f"step_{STEPS[2]:08d}" / "layout.json").read_text())["wandb_run_id"] == evidence["run_id"]
-    print("W&B evidence:", {k: v for k, v in evidence.items() if k != "plot"})
+    print("W&B evidence:", {"stopped_at": stopped_at, "killed_at": killed_at, **{k: v for k, v in evidence.items() if k != "plot"}})
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
