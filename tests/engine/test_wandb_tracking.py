@@ -160,3 +160,26 @@ def test_a_failing_wandb_never_stops_the_training_it_is_said_once(tmp_path, caps
     said = [line for line in capsys.readouterr().out.splitlines() if "W&B" in line]
     assert len(said) == 1 and said[0].startswith("[mmcl] W&B stopped taking this run's records (UsageError: ")
     assert said[0].endswith("; metrics.jsonl and TensorBoard go on")
+
+
+def test_wandb_switched_on_at_a_resume_gets_the_earlier_records_first_and_its_id_goes_into_the_layout(tmp_path):
+    from mmcl.engine.run import Run
+    from mmcl.engine.tracking import tracker_for_run
+
+    cfg = from_dict(raw_config(tmp_path, mode="offline"))
+    log = MetricsLog(cfg.output_dir)
+    Path(cfg.output_dir).mkdir(parents=True)
+    for step in range(1, 5):  # the launch before, without log.wandb
+        log.write(step, {"loss": 1.0 / step}, samples=8 * step)
+    run = Run(cfg, engine=None, task=None, optimizer=None, tokenizer=None, loader=None, total_steps=6, feature_cache=False,
+              layout={"world_size": 2}, resume_from=(Path(cfg.output_dir) / "checkpoints", "step_00000004"),
+              saved_layout={"world_size": 2, "step": 4}, layout_changes=[], step=4)
+    logged = log.records()
+    log.truncate_after(4)
+    log.tracker = tracker_for_run(run, logged, log.records())
+    for step in (5, 6):
+        log.write(step, {"loss": 1.0 / step}, samples=8 * step)
+    log.tracker.finish()
+    assert run.layout == {"world_size": 2, RUN_ID_KEY: log.tracker.run_id}
+    history = OfflineRun(Path(cfg.output_dir) / "wandb").history()
+    assert history == list(merged_by_step(log.records()).values())
