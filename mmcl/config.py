@@ -23,7 +23,7 @@ import yaml
 
 from mmcl.coerce import ConfigError, build, count, nonnegative
 from mmcl.data.settings import DataConfig, ViewsConfig
-from mmcl.engine.settings import OptimConfig, TrainConfig
+from mmcl.engine.settings import LogConfig, OptimConfig, TrainConfig, WandbConfig  # noqa: F401 (WandbConfig re-exported)
 from mmcl.evaluation.settings import EvalConfig
 from mmcl.export.settings import PushConfig
 from mmcl.models.settings import ModelConfig, TextTowerConfig, TowerConfig  # noqa: F401 (re-exported: mmcl.config names every section)
@@ -72,6 +72,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)  # experiment trackers besides metrics.jsonl and TensorBoard (log.wandb)
     push_to_hub: PushConfig | None = None  # export + upload when training ends
     output_dir: str = "runs/default"  # checkpoints, logs and the resolved config go here
     seed: int = nonnegative(0)  # seeds model init, data order and augmentation

@@ -4,7 +4,8 @@ Layout under `<output_dir>/checkpoints/`:
 
     step_00000100/            DeepSpeed's files (any ZeRO stage) + trainer_state_rank{r}.pt
                               (+ task_state.safetensors: state outside DeepSpeed, e.g. BYOL's target)
-                              + layout.json (world size, batch sizes, workers: see elastic.py)
+                              + layout.json (world size, batch sizes, workers: see elastic.py;
+                                and the W&B run id, `wandb_run_id`, when log.wandb is set: tracking.py)
     universal/                a DeepSpeed universal copy, only while an elastic resume loads it
     step_00000200/
     latest                    the tag of the newest COMPLETE checkpoint

@@ -40,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:  # torch-free: a config mistake is said before torch, DeepSpeed and the towers' code load (seconds)
         cfg = load_config(args.config, args.overrides)  # every config mistake surfaces here, on every rank
+        from mmcl.engine.tracking import check_available
+
+        check_available(cfg, args.config)  # log.wandb without the wandb package
     except ConfigError as error:
         from mmcl.redact import redact
 

@@ -1,4 +1,4 @@
-"""Where training metrics go: DeepSpeed's monitor (TensorBoard, CSV), metrics.jsonl, the console, a plot.
+"""Where training metrics go: DeepSpeed's monitor (TensorBoard, CSV), metrics.jsonl, W&B (log.wandb), the console, a plot.
 
 `TrainingLog` is the loop's side: per step it counts samples and non-finite losses, and every
 `train.log_every` steps it reduces the metrics over ranks and writes one record and one console
@@ -28,6 +28,7 @@ class MetricsLog:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.monitor = getattr(engine, "monitor", None) if engine is not None else None
         self.started = time.time()
+        self.tracker = None  # mmcl.engine.tracking.WandbTracker when log.wandb is set (rank 0)
 
     def write(self, step: int, values: dict[str, float], samples: int) -> None:
         """One record: JSON line, monitor events named `train/<key>` (x axis = optimizer step)."""
@@ -36,6 +37,8 @@ class MetricsLog:
         record = {"step": step, "samples": samples, "time": round(time.time() - self.started, 3), **values}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
         if self.monitor is not None and getattr(self.monitor, "enabled", False):
             self.monitor.write_events([(f"train/{key}", float(value), step) for key, value in values.items()])
 
@@ -59,7 +62,12 @@ class TrainingLog:
     def __init__(self, run: Run):
         self.run = run
         self.metrics = MetricsLog(run.output_dir, run.engine, enabled=run.rank == 0)
+        logged = self.metrics.records()  # a killed launch's may go past run.step (what W&B then holds)
         self.metrics.truncate_after(run.step)
+        if run.rank == 0:
+            from mmcl.engine.tracking import tracker_for_run
+
+            self.metrics.tracker = tracker_for_run(run, logged, self.metrics.records())
         self.timer = StepTimer(run.engine.device)  # data / forward+backward / optimizer seconds per log window
         self.progress = _progress_bar(run.total_steps, run.step, run.rank)
         self.nonfinite_total, self.nonfinite_in_row = 0, 0
@@ -100,6 +108,12 @@ class TrainingLog:
 
     def close(self) -> None:
         self.progress.close()
+
+    def finish_tracker(self, plot: Path | None = None) -> None:
+        """End the W&B run (when there is one), with the training plot at the last step."""
+        if self.metrics.tracker is not None:
+            self.metrics.tracker.finish(plot, self.run.step)
+            self.metrics.tracker = None
 
 
 def _reduce_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -1,11 +1,11 @@
-"""The `optim` and `train` sections of a run config.
+"""The `optim`, `train` and `log` sections of a run config.
 
 Field comments document the keys (README's configuration reference is generated from them).
 Imports neither torch nor deepspeed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mmcl.coerce import ConfigError, bounded, count, nonnegative, positive, probability
@@ -63,3 +63,30 @@ class TrainConfig:
     # torch.compile the towers (inductor; the CPU needs a C++ compiler). The first steps include
     # the compilation. Not with ZeRO stage 3 (refused at start-up).
     compile: bool = False
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking (rank 0 only), beside metrics.jsonl and TensorBoard: the resolved config
+    (redacted as config.yaml is), every metrics.jsonl record at its step, the training plot; a resumed
+    run continues the same W&B run (its id is kept in each checkpoint). Needs `pip install wandb`."""
+
+    project: str = "mmcl"  # W&B project the run is logged to
+    entity: str | None = None  # W&B team or user (None = your default entity)
+    name: str | None = None  # the run's display name (None = the output_dir's folder name)
+    tags: list[str] = field(default_factory=list)  # tags shown in the W&B run table
+    # online: stream to the server (needs `wandb login` or WANDB_API_KEY); offline: write the run under
+    # dir for a later `wandb sync DIR/wandb/offline-run-*`; disabled: log nothing (keeps the keys in the config)
+    mode: Literal["online", "offline", "disabled"] = "online"
+    dir: str | None = None  # folder W&B writes its files under, in a wandb/ subfolder (None = output_dir)
+
+    def validate(self, key: str, source: str) -> None:
+        if not self.project.strip():
+            raise ConfigError(f"{source}: '{key}.project' is empty; name a W&B project (e.g. mmcl).")
+
+
+@dataclass
+class LogConfig:
+    """Where the training metrics go besides metrics.jsonl, TensorBoard and the console."""
+
+    wandb: WandbConfig | None = None  # Weights & Biases, e.g. {project: clip, mode: offline} (None = off)

@@ -63,6 +63,7 @@ def train(cfg: RunConfig, ds_user_config: dict[str, Any], ds_source: str = "Deep
     log = TrainingLog(run)
     try:
         if not loop(run, log):
+            log.finish_tracker()
             return {"stopped_at": run.step}
     finally:
         log.close()
@@ -127,6 +128,7 @@ def finish(run: Run, log: TrainingLog) -> dict[str, Any]:
     if run.rank == 0:
         (output_dir / "metrics.json").write_text(json.dumps(final_metrics, indent=2))
         plot = plot_history(log.metrics.records(), output_dir / "training.png")
+        log.finish_tracker(plot)
         _say_results(cfg, final_metrics)
         say(f"done: metrics {output_dir / 'metrics.json'}, plot {plot}, model {output_dir / 'model'}, "
             f"checkpoints {output_dir / 'checkpoints'}, TensorBoard logs {output_dir / 'tensorboard'}")

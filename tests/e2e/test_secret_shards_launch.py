@@ -60,6 +60,7 @@ def secret_config(digits: Path, tmp_path: Path, host: str) -> Path:
     config["eval"] = {"retrieval_shards": f'pipe:curl -s -f -H "Authorization: Bearer $SHARD_BEARER" http://{host}/val/00000.tar',
                       "batch_size": 200}
     config["push_to_hub"] = {"repo_id": "me/secret-run", "allow_inexact": True}
+    config["log"] = {"wandb": {"mode": "offline"}}  # W&B's files (run_dir/wandb) are searched for the secrets too
     return write_config(tmp_path / "run.yaml", config)  # the user's own file, outside the run folder
 
 
@@ -91,6 +92,9 @@ def test_a_run_with_credentials_in_its_shards_trains_exports_and_pushes_without_
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert saved["data"]["train_shards"] == f"http://***@{host}/i2d/{{00000..00003}}.tar?token=${{SHARD_TOKEN}}"
         assert saved["eval"]["retrieval_shards"] == f'pipe:curl -s -f -H "Authorization: Bearer $SHARD_BEARER" http://{host}/val/00000.tar'
+        from wandb_history import OfflineRun
+
+        assert OfflineRun(run_dir / "wandb").config() == saved  # W&B got config.yaml's redaction, no more
 
         cli_env = {**os.environ, **env}
         cli_env.pop("TRANSFORMERS_OFFLINE", None)

@@ -61,10 +61,12 @@ def test_resume_continues_with_identical_losses(reference_runs, stage, tmp_path)
 
 
 def test_sigterm_saves_and_kill_9_loses_nothing(reference_runs, tmp_path):
-    """SIGTERM: finish the step, save, exit 0. kill -9: resume from the last checkpoint, same losses."""
+    """SIGTERM: finish the step, save, exit 0. kill -9: resume from the last checkpoint, same losses.
+    Logged to W&B offline (log.wandb): the three launches are one W&B run whose history is metrics.jsonl
+    (tests/wandb_history.py reads W&B's files back)."""
     config, out, _ = reference_runs[2]
     target = tmp_path / "interrupted"
-    slow = ["train.checkpoint_every=2", *NO_EVAL]
+    slow = ["train.checkpoint_every=2", "log.wandb.mode=offline", *NO_EVAL]
     process = start(deepspeed_command(config, STAGES[2], 2, f"output_dir={target}", *slow))
     wait_for(lambda: latest_tag(target) is not None, what="first checkpoint")
     kill_tree(process, signal.SIGTERM)
@@ -73,8 +75,15 @@ def test_sigterm_saves_and_kill_9_loses_nothing(reference_runs, tmp_path):
     stopped_at = int(latest_tag(target).split("_")[1])
     assert 2 <= stopped_at < STEPS[2]
 
+    def logged_past_a_new_checkpoint() -> bool:  # then the kill drops records that metrics.jsonl (and W&B) had
+        tag = latest_tag(target)
+        if tag in (None, f"step_{stopped_at:08d}"):
+            return False
+        steps = [json.loads(line)["step"] for line in (target / "metrics.jsonl").read_text().split("\n")[:-1] if line]
+        return max(steps, default=0) > int(tag.split("_")[1])
+
     process = start(deepspeed_command(config, STAGES[2], 2, f"output_dir={target}", "train.resume=latest", *slow))
-    wait_for(lambda: latest_tag(target) not in (None, f"step_{stopped_at:08d}"), what="a checkpoint after resume")
+    wait_for(logged_past_a_new_checkpoint, what="a step logged past a checkpoint after resume")
     kill_tree(process, signal.SIGKILL)
     process.communicate(timeout=60)
     killed_at = latest_tag(target)
@@ -86,6 +95,12 @@ def test_sigterm_saves_and_kill_9_loses_nothing(reference_runs, tmp_path):
     expected, got = losses(out), losses(target)
     for step in range(int(killed_at.split("_")[1]) + 1, STEPS[2] + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), (step, got, expected)
+    from wandb_history import check_against_metrics
+
+    evidence = check_against_metrics(target, resumed_at=[stopped_at, int(killed_at.split("_")[1])])
+    assert evidence["launches"] == 3 and evidence["steps"] == STEPS[2] and evidence["plot"]["_type"] == "image-file"
+    assert json.loads((target / "checkpoints" / f"step_{STEPS[2]:08d}" / "layout.json").read_text())["wandb_run_id"] == evidence["run_id"]
+    print("W&B evidence:", {"stopped_at": stopped_at, "killed_at": killed_at, **{k: v for k, v in evidence.items() if k != "plot"}})
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
