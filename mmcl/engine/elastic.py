@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from mmcl.config import RunConfig
 from mmcl.engine.checkpoint import ResumeError
-from mmcl.engine.sizes import global_batch
+from mmcl.engine.sizes import global_batch, micro_batch
 from mmcl.engine.universal_fix import tolerate_empty_partitions
 
 LAYOUT = "layout.json"
@@ -52,7 +52,7 @@ def current_layout(cfg: RunConfig, world_size: int, local_world_size: int, zero_
         "micro_batch_size": cfg.train.micro_batch_size,
         "grad_accum_steps": cfg.train.grad_accum_steps,
         "num_workers": cfg.data.num_workers,
-        "global_batch": global_batch(cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world_size),
+        "global_batch": global_batch(micro_batch(cfg), cfg.train.grad_accum_steps, world_size),  # a token budget's mean
         **({"zero_stage": zero_stage} if zero_stage is not None else {}),
     }
 
