@@ -16,7 +16,8 @@ class NaFlexConfig:
 
     patch_size: int = count(16)  # side of a square patch in pixels; must be the image tower's patch_size
     # the image is resized keeping its aspect ratio so that its patch grid fits this many patches (as
-    # transformers' Siglip2ImageProcessor does); batches are padded to this sequence length
+    # transformers' Siglip2ImageProcessor does); batches are padded to this sequence length (training with
+    # sequence_lengths: to the step's length instead; evaluation and the export always use this one)
     max_num_patches: int = count(256)
     # Training only: each optimizer step draws its sequence length L uniformly from this list, the same on every
     # rank, from (seed, epoch, step); the step's images are resized to fit L patches and padded to L (e.g. [256,

@@ -51,3 +51,44 @@ def test_token_budget_steps_over_two_ranks_equal_one_process_over_the_concatenat
         assert step["grad_max_abs"] > 1e-3  # the gradients compared are not all zero
         # the position grid's gradient goes through transformers' float32 resize: equal to float32 rounding
         assert step["position_embedding_diff"] < 1e-6 * step["position_embedding_max_abs"], json.dumps(step)
+
+
+@pytest.mark.e2e
+def test_a_token_budget_run_logs_each_steps_real_global_batch_and_counts_its_samples(tmp_path):
+    """`python train.py` (one rank, ZeRO 2) with sequence lengths [8, 16] and a budget of 32 tokens: every
+    step logs its length, its global batch (32 // L images x 2 micro-batches), and `samples` adds them up."""
+    from launch import python_command, run, write_config
+    from siglip2_source import gemma_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from naflex_budget_equivalence import TEXT, VISION
+
+    captions = [f"a photo of object {i}" for i in range(24)]
+    shard = write_caption_shard(tmp_path, mixed_images([SIZES[i % len(SIZES)] for i in range(24)]), captions)
+    gemma_tokenizer().save_pretrained(str(tmp_path / "tokenizer"))
+    config = {
+        "model": {"image": {"config": VISION}, "text": {"config": TEXT, "tokenizer": str(tmp_path / "tokenizer"),
+                                                        "context_length": 8},
+                  "embed_dim": 16, "logit_bias_init": -10.0, "logit_scale_init": 10.0},
+        "objectives": {"siglip": 1.0},
+        "data": {"train_shards": str(shard), "num_workers": 1, "shuffle_buffer": 8, "image_mean": [0.5] * 3,
+                 "image_std": [0.5] * 3,
+                 "naflex": {"patch_size": 8, "max_num_patches": 16, "sequence_lengths": [8, 16], "token_budget": 32}},
+        "train": {"micro_batch_size": 3, "grad_accum_steps": 2, "epochs": 1, "log_every": 1},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "output_dir": str(tmp_path / "run"), "seed": 0,
+    }
+    result = run(python_command(write_config(tmp_path / "run.yaml", config)))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "loss" in r]
+    # 24 samples // (mean of 4 and 2 images) = 8 micro-batches: 4 steps of 2
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {r["sequence_length"] for r in records} == {8, 16}
+    assert [r["global_batch"] for r in records] == [32 // r["sequence_length"] * 2 for r in records]
+    running = 0
+    for record in records:
+        running += record["global_batch"]
+        assert record["samples"] == running
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["samples_seen"] == running
+    assert "length 16 | batch 4" in result.stdout + result.stderr or "length 8 | batch 8" in result.stdout + result.stderr
