@@ -38,6 +38,15 @@ missing shards) tops up with repeated samples of the epoch (`repeated_samples()`
 `exhaust=True` (coverage, evaluation) every sample is yielded exactly once and each worker's
 last batch may be partial; ranks may then see different numbers of batches.
 
+NaFlex sequence lengths and token budget (`data.naflex.sequence_lengths`, `token_budget`;
+naflex.LengthSchedule): each optimizer step's sequence length is drawn from (seed, epoch, step),
+so every rank pads the step's batches to the same L, and with a budget a micro-batch holds
+`token_budget // L` samples, the same on every rank. The epoch then has `total // (mean batch x
+world_size)` micro-batches per rank (whole optimizer steps): like a selection's epoch, a worker
+whose batches happen to be larger than average tops up with repeats, a smaller one leaves
+leftovers. A saved state records the schedule; an elastic resume counts the rest of the epoch
+in expected samples.
+
 Selection (`data.selection`, selection.py): only the file's samples drawn in the epoch are
 delivered; the others are dropped by key before decoding and counted apart from bad data
 (`unselected_samples()`). In epoch mode the epoch length comes from the file: `total` is the
@@ -76,7 +85,7 @@ from .selection import Selection, read_selection
 from ..redact import redact
 from .shards import expand_shards, read_shard_sizes, split_evenly
 from .tokenize import CaptionTokenizer
-from .naflex import NaFlexPatchesU8
+from .naflex import LengthSchedule, NaFlexPatchesU8
 from .transforms import CLIP_MEAN, CLIP_STD, clip_eval_transform, clip_train_transform
 
 log = logging.getLogger(__name__)
@@ -256,6 +265,18 @@ class ShardLoader:
         return {"resampled": cfg.resampled, "seed": cfg.seed, "rank": cfg.rank, "world_size": cfg.world_size,
                 "num_workers": cfg.workers_per_rank, "batch_size": cfg.batch_size}
 
+    def _schedule_identity(self) -> dict[str, Any] | None:
+        return self.cfg.lengths.identity() if self.cfg.lengths is not None else None
+
+    def same_schedule(self, state: dict[str, Any]) -> bool:
+        """Whether `state` (a `state_dict()`) was saved with this loader's sequence lengths and token budget."""
+        return state.get("sequence_schedule") == self._schedule_identity()
+
+    @property
+    def expected_batch(self) -> float:
+        """Samples per batch: `batch_size`, or with a token budget the mean over the sequence lengths."""
+        return self.cfg.lengths.expected_batch if self.cfg.lengths is not None else float(self.cfg.batch_size)
+
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able state of this rank's stream (each rank saves its own)."""
         return {
@@ -271,6 +292,8 @@ class ShardLoader:
             "epoch_steps": self.steps_per_epoch,
             **({"selection": self._selection_fingerprint()} if self.cfg.selection is not None else {}),
             **({"plan": self._plan.to_dict()} if self._plan is not None else {}),
+            **({"sequence_schedule": self._schedule_identity(), "expected_batch": self.expected_batch}
+               if self.cfg.lengths is not None else {}),
         }
 
     def _selection_fingerprint(self) -> dict[str, Any]:
@@ -301,6 +324,8 @@ class ShardLoader:
         self._finished_repeated = int(state.get("finished_repeated", 0))
         self._finished_unselected = int(state.get("finished_unselected", 0))
         mismatched = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        if not self.same_schedule(state):
+            mismatched["data.naflex sequence_lengths/token_budget"] = (state.get("sequence_schedule"), self._schedule_identity())
         if mismatched:
             details = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in mismatched.items())
             if strict:
@@ -360,14 +385,16 @@ class ShardLoader:
             first_weights = split_evenly(int(old_steps), int(first["num_workers"])) * len(states)
         history = (old_plan.history if old_plan is not None else []) + [
             Segment(len(cursors), old_plan.weights if old_plan is not None else first_weights, cursors)]
+        old_batch = float(first.get("expected_batch", first["batch_size"]))  # a token budget's mean batch
         if old_steps is None and self.steps_per_epoch is not None:  # a state saved before "epoch_steps" existed
-            old_steps = self.steps_per_epoch * self.cfg.batch_size * self.cfg.world_size // (
-                int(first["batch_size"]) * len(states))
+            old_steps = int(self.steps_per_epoch * self.expected_batch * self.cfg.world_size // (old_batch * len(states)))
         weights = quotas = None
         remaining = None
         if old_steps is not None and self.steps_per_epoch is not None:
-            samples_left = (int(old_steps) - int(first["batches_in_epoch"])) * int(first["batch_size"]) * len(states)
-            remaining = samples_left // (self.cfg.batch_size * self.cfg.world_size)
+            samples_left = (int(old_steps) - int(first["batches_in_epoch"])) * old_batch * len(states)
+            remaining = int(samples_left / (self.expected_batch * self.cfg.world_size) + 1e-9)
+            if self.cfg.lengths is not None:  # whole optimizer steps, so no step spans two sequence lengths
+                remaining -= remaining % self.cfg.lengths.grad_accum_steps
             quotas = split_evenly(remaining, self.cfg.workers_per_rank)
             weights = quotas * self.cfg.world_size
             self._batches_in_epoch = self.steps_per_epoch - remaining
@@ -384,10 +411,12 @@ def _mean_std(explicit: Sequence[float] | None, fallback: Sequence[float] | None
 
 
 def _epoch_plan(data_cfg: Any, sizes: list[int] | None, batch_size: int, world_size: int,
-                exhaust: bool, selected: float | None = None) -> tuple[int | None, list[int] | None]:
+                exhaust: bool, selected: float | None = None,
+                schedule: LengthSchedule | None = None) -> tuple[int | None, list[int] | None]:
     """(steps per epoch per rank, their split over the workers), or (None, None) when one rank runs
     to the end of data of unknown size (or `exhaust`: every sample once, partial batches).
-    selected: the samples a selection delivers per epoch (expected), which sets epoch mode's size."""
+    selected: the samples a selection delivers per epoch (expected), which sets epoch mode's size.
+    schedule: NaFlex sequence lengths (and a token budget): batches of its expected size, whole steps."""
     if data_cfg.resampled:
         if data_cfg.samples_per_epoch is None:
             raise ValueError("data.samples_per_epoch is required with data.resampled: true.")
@@ -409,11 +438,14 @@ def _epoch_plan(data_cfg: Any, sizes: list[int] | None, batch_size: int, world_s
         )
     if total is None:  # one rank without sizes: run to the end of the data, full batches only
         return None, None
-    steps = total // (batch_size * world_size)
+    steps = schedule.batches_per_epoch(total, world_size) if schedule is not None else total // (batch_size * world_size)
     if steps == 0:
+        batch = (f"{schedule.expected_batch:g} on average x {schedule.grad_accum_steps} micro-batches"
+                 if schedule is not None else str(batch_size))
         raise ValueError(
-            f"an epoch of {total} samples is smaller than one global batch ({batch_size} x {world_size} ranks); "
-            "lower the batch size or add data."
+            f"an epoch of {total} samples is smaller than one global batch ({batch} x {world_size} ranks); "
+            f"lower {'data.naflex.token_budget' if schedule is not None and schedule.token_budget else 'the batch size'} "
+            "or add data."
         )
     return steps, split_evenly(steps, max(1, data_cfg.num_workers))
 
@@ -438,6 +470,7 @@ def build_train_loader(
     teacher: Any | None = None,
     class_prompts: ClassPrompts | None = None,
     store: Any | None = None,
+    grad_accum_steps: int = 1,
 ) -> ShardLoader:
     """The training loader for `data_cfg` (a `mmcl.config.DataConfig`).
 
@@ -459,6 +492,9 @@ def build_train_loader(
     store: a `reinforced.ReinforcedStore` (`distill.store`): `pixel_values` is each sample's stored
         crop of the epoch (not a fresh random crop), and batches hold the teachers' stored features
         (teacher_image_features_<t>, teacher_text_features_<t>); samples not in it are skipped.
+    grad_accum_steps: micro-batches per optimizer step. With `data_cfg.naflex.sequence_lengths` or
+        `token_budget` the micro-batches of one step share their sequence length (and size), and an
+        epoch is whole steps; otherwise unused.
     """
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
@@ -474,13 +510,18 @@ def build_train_loader(
                            clip_train_transform(data_cfg.image_size, data_cfg.train_crop_scale))
     if not pixel_values or store is not None:
         image_transform = None  # with a store, the stored crop is the student's view
+    schedule = None
+    if naflex is not None and isinstance(image_transform, NaFlexPatchesU8) and (
+            getattr(naflex, "sequence_lengths", None) is not None or getattr(naflex, "token_budget", None) is not None):
+        schedule = LengthSchedule(naflex.patch_size, list(naflex.sequence_lengths or [naflex.max_num_patches]),
+                                  naflex.token_budget, int(batch_size), max(1, int(grad_accum_steps)))
     if image_transform is None and not view_transforms and store is None:
         raise ValueError("the loader needs an image transform or view transforms")
     selection = read_selection(data_cfg.selection) if getattr(data_cfg, "selection", None) else None
     placed = selection is not None and selection.groups(urls) is not None
     sizes = None if data_cfg.resampled or placed else read_shard_sizes(urls)
     selected = selection.expected(urls) if selection is not None and not data_cfg.resampled else None
-    steps, quotas = _epoch_plan(data_cfg, sizes, batch_size, world_size, exhaust, selected)
+    steps, quotas = _epoch_plan(data_cfg, sizes, batch_size, world_size, exhaust, selected, schedule)
     if selection is not None and rank == 0:
         _describe_selection(selection, urls, placed, selected, steps)
     drop_last = not exhaust  # training batches are full (all ranks gather the same shapes)
@@ -517,6 +558,7 @@ def build_train_loader(
         teacher_mean=_mean_std(teacher.mean, None, CLIP_MEAN) if teacher is not None else None,
         teacher_std=_mean_std(teacher.std, None, CLIP_STD) if teacher is not None else None,
         selection=selection,
+        lengths=schedule,
     )
     return ShardLoader(cfg, steps, train=True, pin_memory=pin_memory)
 

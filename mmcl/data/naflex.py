@@ -12,18 +12,27 @@ then channels). The transform is deterministic, so exact resume is unaffected.
 transform's sequence length `L` (= `max_num_patches`, as the processor pads):
 `pixel_values` float32 [B, L, 3*P*P], `pixel_attention_mask` int32 [B, L] (1 = real patch),
 `spatial_shapes` long [B, 2] (each image's grid h, w) — the inputs of `Siglip2VisionModel`.
+
+`LengthSchedule` (training, `data.naflex.sequence_lengths` / `token_budget`): each optimizer step's
+sequence length L, drawn uniformly from a list by (seed, epoch, step) — the same on every rank —
+and its micro-batch size, `token_budget // L` with a budget. The data worker filling a batch asks
+it for L before decoding, and resizes that batch's images to fit L patches.
 """
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["Patches", "NaFlexPatchesU8", "naflex_size", "patchify", "naflex_batch", "NaFlexEvalTransform", "unpack_naflex"]
+from .shards import derive_seed
+
+__all__ = ["Patches", "NaFlexPatchesU8", "naflex_size", "patchify", "naflex_batch", "NaFlexEvalTransform", "unpack_naflex",
+           "LengthSchedule"]
 
 
 @dataclass
@@ -139,3 +148,66 @@ def unpack_naflex(packed: Tensor) -> dict[str, Tensor]:
     count = shapes[:, 0] * shapes[:, 1]
     mask = (torch.arange(values.shape[1], device=packed.device)[None, :] < count[:, None]).to(torch.int32)
     return {"pixel_values": values, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
+
+@dataclass
+class LengthSchedule:
+    """Per-step sequence lengths and micro-batch sizes of NaFlex training.
+
+    lengths: the sequence lengths L a step may have, drawn uniformly (a repeated entry weighs more).
+    token_budget: patch tokens per micro-batch per rank: B_L = token_budget // L; None = `batch_size` images.
+    grad_accum_steps: micro-batches per optimizer step (they share one L).
+
+    Batch `index` of an epoch on a rank (0-based, counted over the rank's micro-batches) belongs to
+    optimizer step `index // grad_accum_steps` of the epoch, whose L is drawn from
+    derive_seed(seed, "sequence-length", epoch, step): a function of the step alone, so every rank
+    and every resumed run draws the same L.
+    """
+
+    patch_size: int
+    lengths: list[int]
+    token_budget: int | None
+    batch_size: int
+    grad_accum_steps: int = 1
+    _transforms: dict[int, NaFlexPatchesU8] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.lengths or min(self.lengths) < 1:
+            raise ValueError(f"sequence lengths must be a non-empty list of positive lengths, got {self.lengths}.")
+        if self.token_budget is not None and self.token_budget < max(self.lengths):
+            raise ValueError(f"the token budget {self.token_budget} is less than one image at the longest sequence "
+                             f"length {max(self.lengths)}.")
+
+    def length(self, seed: int, epoch: int, index: int) -> int:
+        """L of batch `index` of `epoch` (see the class docstring)."""
+        step = index // self.grad_accum_steps
+        return self.lengths[random.Random(derive_seed(seed, "sequence-length", epoch, step)).randrange(len(self.lengths))]
+
+    def batch_size_at(self, length: int) -> int:
+        """Images per micro-batch at sequence length `length`."""
+        return self.token_budget // length if self.token_budget is not None else self.batch_size
+
+    def batch_sizes(self) -> list[int]:
+        """B_L for each entry of `lengths`."""
+        return [self.batch_size_at(length) for length in self.lengths]
+
+    @property
+    def expected_batch(self) -> float:
+        """Mean images per micro-batch (each length equally likely)."""
+        return sum(self.batch_sizes()) / len(self.lengths)
+
+    def batches_per_epoch(self, total: int, world_size: int) -> int:
+        """Micro-batches per rank for an epoch of `total` samples: total // (expected batch x ranks), rounded
+        down to whole optimizer steps (so an optimizer step never spans two epochs)."""
+        batches = total * len(self.lengths) // (sum(self.batch_sizes()) * world_size)
+        return batches - batches % self.grad_accum_steps
+
+    def transform(self, length: int) -> NaFlexPatchesU8:
+        """The patch transform of a batch of length `length` (one per length, kept)."""
+        if length not in self._transforms:
+            self._transforms[length] = NaFlexPatchesU8(self.patch_size, length)
+        return self._transforms[length]
+
+    def identity(self) -> dict:
+        """What a saved stream state records of the schedule (resume checks it)."""
+        return {"sequence_lengths": list(self.lengths), "token_budget": self.token_budget}

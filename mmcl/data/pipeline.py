@@ -15,6 +15,13 @@ A consumer is one DataLoader worker of one rank (`consumer = rank * W + worker`,
     -> batches of `batch_size` good samples, each carrying `_meta` (worker, cursor = p after the
        batch, batches so far, cumulative skip counts) for the loader's state.
 
+NaFlex sequence lengths (`cfg.lengths`, naflex.LengthSchedule): before decoding a batch's samples
+the consumer knows which batch of the rank's epoch it fills — the DataLoader hands out batches
+round-robin over the workers, whose quotas are split larger-first, so logical worker w's k-th
+batch is the rank's batch `offset + k*W + w` (offset: the batches an elastic resume's earlier
+segments already gave, else 0) — and so that batch's step, sequence length L and size: its
+images are resized to fit L patches and padded to L, and it holds B_L samples.
+
 Bad samples are skipped and counted by reason: `decode_sample` turns whatever one sample's
 bytes make go wrong into a `BadSample`, and the tar reader never reads a member beyond the
 sample spec's byte limits. A consumer stops at its quota (batches per
@@ -47,13 +54,14 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch.utils.data import get_worker_info
 
 from .decode import BadSample
 from .elastic import EpochPlan, Segment, consumer_tag, remaining_pieces
+from .naflex import LengthSchedule
 from .samples import Sample, SampleSpec, collate, decode_sample
 from .selection import Selection, member_pieces
 from .shards import assign_pieces, derive_seed
@@ -96,6 +104,9 @@ class StreamConfig:
     teacher_mean: tuple[float, float, float] | None = None
     teacher_std: tuple[float, float, float] | None = None
     selection: Selection | None = None  # data.selection: only its samples drawn in the epoch are delivered
+    # NaFlex per-step sequence lengths and token-budget batch sizes (training); None: every batch has
+    # `batch_size` samples and the sample spec's own transform
+    lengths: LengthSchedule | None = None
 
     @property
     def workers_per_rank(self) -> int:
@@ -250,6 +261,21 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
     good_this_cycle = True  # optimistic after a fast-forward: the guards only need to trip eventually
     last_good_draw, patience = None, resample_patience(len(cfg.urls))
 
+    specs: dict[int, SampleSpec] = {}
+
+    def batch_plan(done: int) -> tuple[SampleSpec, int]:
+        """The sample spec and size of this worker's batch number `done` (0-based) of the epoch."""
+        schedule = cfg.lengths
+        if schedule is None:
+            return cfg.sample, cfg.batch_size
+        offset = sum(cfg.quotas) - sum(quotas) if quotas is not None and cfg.quotas is not None else 0
+        length = schedule.length(cfg.seed, epoch, offset + done * cfg.workers_per_rank + worker)
+        if length not in specs:
+            specs[length] = replace(cfg.sample, image_transform=schedule.transform(length))
+        return specs[length], schedule.batch_size_at(length)
+
+    spec, size = batch_plan(batches)
+
     def meta(has_data: bool) -> dict[str, Any]:
         return {"worker": worker, "epoch": epoch, "cursor": position, "batches": batches,
                 "skips": context.snapshot(), "repeated": repeated, "unselected": unselected, "data": has_data}
@@ -271,7 +297,7 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
                 break
             continue
         try:
-            sample = decode_sample(materialize(item), cfg.sample, seed, restore_rng, epoch)
+            sample = decode_sample(materialize(item), spec, seed, restore_rng, epoch)
         except BadSample as error:
             if not fill:
                 context.add(error.reason)
@@ -281,7 +307,7 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
         good_this_cycle, last_good_draw = True, draw
         repeated += int(fill)
         pending.append(sample)
-        if len(pending) == cfg.batch_size:
+        if len(pending) == size:
             batches += 1
             batch = collate(pending, cfg.tokenize, cfg.mean, cfg.std, cfg.teacher_tokenize, cfg.teacher_mean, cfg.teacher_std)
             batch["_meta"] = meta(True)
@@ -290,6 +316,7 @@ def worker_batches(cfg: StreamConfig, epoch: int, worker: int, start: WorkerStat
             yield batch
             if quota is not None and batches >= quota:
                 return
+            spec, size = batch_plan(batches)
     if pending and not cfg.drop_last:
         batches += 1
         batch = collate(pending, cfg.tokenize, cfg.mean, cfg.std, cfg.teacher_tokenize, cfg.teacher_mean, cfg.teacher_std)

@@ -16,8 +16,26 @@ class NaFlexConfig:
 
     patch_size: int = count(16)  # side of a square patch in pixels; must be the image tower's patch_size
     # the image is resized keeping its aspect ratio so that its patch grid fits this many patches (as
-    # transformers' Siglip2ImageProcessor does); batches are padded to this sequence length
+    # transformers' Siglip2ImageProcessor does); batches are padded to this sequence length (training with
+    # sequence_lengths: to the step's length instead; evaluation and the export always use this one)
     max_num_patches: int = count(256)
+    # Training only: each optimizer step draws its sequence length L uniformly from this list, the same on every
+    # rank, from (seed, epoch, step); the step's images are resized to fit L patches and padded to L (e.g. [256,
+    # 576, 784], as SigLIP 2 trains). Evaluation and export keep max_num_patches. None = every step uses max_num_patches
+    sequence_lengths: list[int] | None = count(None)
+    # Patch tokens per micro-batch per rank: a step of length L takes token_budget // L images per rank, so the
+    # tokens per step stay about constant (train.micro_batch_size is then only DeepSpeed's nominal value, and an
+    # epoch has total samples // (mean batch x ranks) micro-batches per rank). None = train.micro_batch_size images
+    token_budget: int | None = count(None)
+
+    def validate(self, key: str, source: str) -> None:
+        if self.sequence_lengths is not None and not self.sequence_lengths:
+            raise ConfigError(f"{source}: '{key}.sequence_lengths' is empty; list at least one length, e.g. [256, 576, 784].")
+        longest = max(self.sequence_lengths or [self.max_num_patches])
+        if self.token_budget is not None and self.token_budget < longest:
+            raise ConfigError(f"{source}: '{key}.token_budget' {self.token_budget} is less than one image at the longest "
+                              f"sequence length {longest}; raise it to at least {longest} (a multiple of it, times the "
+                              "images per micro-batch you want).")
 
 
 @dataclass

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from mmcl.config import RunConfig
 from mmcl.engine.checkpoint import ResumeError
-from mmcl.engine.sizes import global_batch
+from mmcl.engine.sizes import global_batch, micro_batch
 from mmcl.engine.universal_fix import tolerate_empty_partitions
 
 LAYOUT = "layout.json"
@@ -52,9 +52,22 @@ def current_layout(cfg: RunConfig, world_size: int, local_world_size: int, zero_
         "micro_batch_size": cfg.train.micro_batch_size,
         "grad_accum_steps": cfg.train.grad_accum_steps,
         "num_workers": cfg.data.num_workers,
-        "global_batch": global_batch(cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world_size),
+        "global_batch": global_batch(micro_batch(cfg), cfg.train.grad_accum_steps, world_size),  # a token budget's mean
         **({"zero_stage": zero_stage} if zero_stage is not None else {}),
+        **_naflex_schedule(cfg),
     }
+
+
+NAFLEX_SCHEDULE = {"sequence_lengths": "data.naflex.sequence_lengths", "token_budget": "data.naflex.token_budget"}
+
+
+def _naflex_schedule(cfg: RunConfig) -> dict[str, Any]:
+    """data.naflex's per-step lengths and token budget, when set: another list or budget changes every later
+    batch, so a resume with them changed continues the epoch elastically (in expected samples)."""
+    naflex = cfg.data.naflex
+    if naflex is None or (naflex.sequence_lengths is None and naflex.token_budget is None):
+        return {}
+    return {"sequence_lengths": naflex.sequence_lengths, "token_budget": naflex.token_budget}
 
 
 def saved_layout(folder: Path) -> dict[str, Any]:
@@ -79,6 +92,8 @@ def compare(saved: dict[str, Any], now: dict[str, Any], allow_batch_change: bool
              "zero_stage": "ZeRO stage"}
     changes = [f"{label} {saved[key]} -> {now[key]}" for key, label in names.items()
                if key in saved and key in now and saved[key] != now[key]]
+    changes += [f"{label} {saved.get(key)} -> {now.get(key)}" for key, label in NAFLEX_SCHEDULE.items()
+                if saved.get(key) != now.get(key)]  # absent = unset
     if saved["global_batch"] != now["global_batch"]:
         if not allow_batch_change:
             raise ResumeError(

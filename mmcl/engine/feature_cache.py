@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mmcl.engine.rng import capture_rng, restore_rng
 from mmcl.engine.steps import Accumulated, all_finite, optimizer_step
-from mmcl.engine.task import FEATURE_KEYS
+from mmcl.engine.task import FEATURE_KEYS, at_least_float32
 
 
 def feature_cache_backward(engine, task, micro_batches: list[dict[str, Tensor]]) -> Accumulated:
@@ -30,7 +30,7 @@ def feature_cache_backward(engine, task, micro_batches: list[dict[str, Tensor]])
         rng_states.append(capture_rng())
         cached.append(engine(batch, task.features))
     after_encode = capture_rng()
-    features = {key: torch.cat([c[key] for c in cached]).float().requires_grad_() for key in FEATURE_KEYS}
+    features = {key: at_least_float32(torch.cat([c[key] for c in cached])).requires_grad_() for key in FEATURE_KEYS}
     scales = {key: cached[0][key] for key in ("logit_scale", "logit_bias") if key in cached[0]}
     # Outputs objectives add without gradient (a distillation teacher's features [B, D_t] and
     # scale): rows over all micro-batches, scalars once.
@@ -49,7 +49,10 @@ def feature_cache_backward(engine, task, micro_batches: list[dict[str, Tensor]])
         start += size
         restore_rng(rng_states[index])
         out = engine(batch, task.surrogate, share, detached if index == 0 else None)
-        engine.backward(out["loss"], scale_wrt_gas=False)
+        # A tensor of its own: without a ZeRO optimizer (stage 0) DeepSpeed would otherwise back-propagate the
+        # forward's output itself, whose output hook then divides by the accumulation steps despite
+        # scale_wrt_gas=False (DeepSpeed 0.19; under ZeRO the loss scaler already makes a new tensor).
+        engine.backward(out["loss"].clone(), scale_wrt_gas=False)
         if index < len(micro_batches) - 1:
             engine.step()  # counts the micro-batch; the update waits for the last one
     restore_rng(after_encode)

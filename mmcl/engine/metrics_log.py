@@ -72,11 +72,17 @@ class TrainingLog:
         self.progress = _progress_bar(run.total_steps, run.step, run.rank)
         self.nonfinite_total, self.nonfinite_in_row = 0, 0
         self.window_start, self.window_samples = time.time(), 0
+        self.global_batch, self.sequence_length = run.global_batch, None
 
-    def step(self, metrics: dict[str, torch.Tensor] | None, nonfinite: int, patch_dropout: list) -> None:
-        """After step `run.step`: count it, stop after too many non-finite losses in a row, log every log_every steps."""
+    def step(self, metrics: dict[str, torch.Tensor] | None, nonfinite: int, patch_dropout: list,
+             global_batch: int | None = None, sequence_length: int | None = None) -> None:
+        """After step `run.step`: count it, stop after too many non-finite losses in a row, log every log_every steps.
+        global_batch: the step's samples over all ranks (default: micro x accumulation x world size);
+        sequence_length: its NaFlex sequence length, when drawn per step."""
         run, train = self.run, self.run.cfg.train
-        self.window_samples += run.global_batch
+        self.global_batch = run.global_batch if global_batch is None else global_batch
+        self.sequence_length = sequence_length
+        self.window_samples += self.global_batch
         self.nonfinite_total += nonfinite
         self.nonfinite_in_row = self.nonfinite_in_row + 1 if metrics is None else 0
         if self.nonfinite_in_row >= train.max_nonfinite_steps:
@@ -93,6 +99,9 @@ class TrainingLog:
         values.update({f"lr/{g['name']}": g["lr"] for g in run.optimizer.param_groups if "name" in g})
         values["samples_per_s"] = self.window_samples / max(elapsed, 1e-9)
         values["samples_per_s_per_rank"] = values["samples_per_s"] / run.world_size
+        values["global_batch"] = self.global_batch  # the logged step's samples over all ranks
+        if self.sequence_length is not None:
+            values["sequence_length"] = self.sequence_length
         values["grad_norm"] = float(run.engine.get_global_grad_norm() or 0.0)
         values["nonfinite_steps"] = self.nonfinite_total
         if patch_dropout:  # tokens per image the image tower's layers saw in the last training forward
@@ -134,6 +143,10 @@ def _log_line(step: int, total: int, values: dict[str, float], weights: dict[str
     parts += [f"{k} {v:.3f}" for k, v in values.items() if k.endswith("_acc")]
     if "logit_scale" in values:
         parts.append(f"scale {values['logit_scale']:.2f}")
+    if "sequence_length" in values:
+        parts.append(f"length {values['sequence_length']}")
+    if "global_batch" in values:
+        parts.append(f"batch {values['global_batch']}")
     parts.append(f"{values['samples_per_s']:.1f} samples/s")
     if "time/window_s" in values:
         parts.append(f"data {values['time/data_s']:.2f}s ({values['time/data_wait_fraction']:.0%}) "

@@ -70,7 +70,8 @@ def _resume_elastic(run: Run, root: Path, tag: str) -> tuple[int, int]:
     run.task.load_extra_state(load_task_state(root, tag))  # the same tensors on every rank, whatever the world size
     states = elastic.all_rank_states(root / tag)
     same_stream = (len(states) == world_size and states[0]["data"]["num_workers"] == max(1, cfg.data.num_workers)
-                   and states[0]["data"]["batch_size"] == cfg.train.micro_batch_size)
+                   and states[0]["data"]["batch_size"] == cfg.train.micro_batch_size
+                   and run.loader.same_schedule(states[0]["data"]))  # NaFlex sequence lengths and token budget
     if same_stream:  # e.g. only the node count changed: the data stream continues exactly
         run.loader.load_state_dict(states[rank]["data"])
         data = {"segment": -1}

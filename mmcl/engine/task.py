@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 FEATURE_KEYS = ("image_features", "text_features")
 
 
+def at_least_float32(value: Tensor) -> Tensor:
+    """`value` as float32, or unchanged when float64 (equality checks run the towers in float64)."""
+    return value if value.dtype == torch.float64 else value.float()
+
+
 class TrainingTask(nn.Module):
     """model + {objective name: weight}; see the module docstring.
 
@@ -94,8 +99,8 @@ class TrainingTask(nn.Module):
         """Weighted sum of the objectives over `outputs`, plus each objective's value and metrics."""
         result: dict[str, Tensor] = {}
         total = None
-        # Low-precision towers: the losses themselves are computed in float32.
-        outputs = {key: value.float() if torch.is_tensor(value) else value for key, value in outputs.items()}
+        # Low-precision towers: the losses themselves are computed in float32 (float64 towers stay float64).
+        outputs = {key: at_least_float32(value) if torch.is_tensor(value) else value for key, value in outputs.items()}
         for name, objective in self.objectives.items():
             terms = objective(outputs, batch)
             weighted = self.weights[name] * terms["loss"]

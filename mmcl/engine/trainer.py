@@ -93,11 +93,12 @@ def loop(run: Run, log: TrainingLog) -> bool:
             with log.timer.phase("optimizer"):
                 stepped = optimizer_step(engine, accumulated)
             run.step += 1
-            run.samples_seen += run.global_batch
+            step_batch = _step_global_batch(micro_batches, run.world_size)
+            run.samples_seen += step_batch
             metrics = accumulated.metrics
             if stepped:  # per-step updates of the objectives (the momentum copies' EMA)
                 metrics.update({k: torch.tensor(v) for k, v in task.after_optimizer_step(run.step, run.total_steps, gather).items()})
-            log.step(metrics, accumulated.nonfinite, patch_dropout)
+            log.step(metrics, accumulated.nonfinite, patch_dropout, step_batch, _sequence_length(micro_batches, run))
             if cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.step < run.total_steps:
                 _evaluate_and_log(run, log.metrics)
             stopping = stop.any_rank()
@@ -111,6 +112,21 @@ def loop(run: Run, log: TrainingLog) -> bool:
         # orphaned worker would hold the launcher's output pipes open after the rank is gone.
         batches.close()
     return True
+
+
+def _step_global_batch(micro_batches: list[dict[str, Any]], world_size: int) -> int:
+    """Samples in the step over every rank: this rank's micro-batches x the world size. Every rank has the
+    same micro-batch sizes at a step (fixed, or with data.naflex.token_budget set by the step's sequence
+    length, which all ranks draw alike), so no collective is needed."""
+    return sum(len(batch["keys"]) for batch in micro_batches) * world_size
+
+
+def _sequence_length(micro_batches: list[dict[str, Any]], run: Run) -> int | None:
+    """The step's NaFlex sequence length when data.naflex draws one per step, else None."""
+    naflex = run.cfg.data.naflex
+    if naflex is None or (naflex.sequence_lengths is None and naflex.token_budget is None):
+        return None
+    return int(micro_batches[0]["pixel_values"].shape[1])
 
 
 def finish(run: Run, log: TrainingLog) -> dict[str, Any]:

@@ -89,7 +89,15 @@ def build(cfg: RunConfig, tokenizer, rank: int, world_size: int, teacher=None) -
                                 view_transforms=ssl_views(cfg) if "views" in needs else None,
                                 pixel_values="pixel_values" in needs, teacher=teacher_data,
                                 class_prompts=class_prompts(cfg) if cfg.data.captions_from_labels else None,
-                                store=store)
+                                store=store, grad_accum_steps=cfg.train.grad_accum_steps)
+    schedule = loader.cfg.lengths
+    if schedule is not None:
+        sizes = ", ".join(f"{length}: {size}" for length, size in zip(schedule.lengths, schedule.batch_sizes()))
+        say(f"data.naflex: each step pads to a sequence length drawn from {schedule.lengths} (the same on every rank); "
+            f"images per micro-batch per rank {{{sizes}}}"
+            + (f" (token_budget {schedule.token_budget}; train.micro_batch_size is DeepSpeed's nominal value)"
+               if schedule.token_budget is not None else "")
+            + (f"; {loader.steps_per_epoch} micro-batches per epoch" if loader.steps_per_epoch else ""))
     selection = loader.cfg.selection
     if selection is not None:
         per_epoch = ("the resampled stream filtered by it" if cfg.data.resampled else
