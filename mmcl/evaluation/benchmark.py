@@ -95,6 +95,7 @@ def run_benchmark(model_spec: str, root: str, tasks: str, out: str, batch_size: 
                   device: str | None = None, weights: str | None = None, openclip_config: str | None = None) -> dict:
     """Score every task of the list `tasks` present under `root`; returns the summary (see benchmark_report)."""
     from mmcl.distributed import get_rank, get_world_size
+    from mmcl.evaluation.benchmark_data import read_folder
     from mmcl.evaluation.benchmark_eval import evaluate_task
     from mmcl.evaluation.benchmark_model import load_benchmark_model
     from mmcl.evaluation.benchmark_report import write_report
@@ -123,8 +124,6 @@ def run_benchmark(model_spec: str, root: str, tasks: str, out: str, batch_size: 
     failed: dict[str, str] = {}
     todo = plan.to_run
     for number, task in enumerate(todo, 1):
-        from mmcl.evaluation.benchmark_data import read_folder
-
         start = time.perf_counter()
         try:
             metrics, extra = evaluate_task(task, read_folder(plan.folders[task.key]), model, batch_size, workers)

@@ -51,7 +51,7 @@ class DatasetFolder:
             except ValueError:
                 raise ValueError(f"{nshards} does not hold a shard count.") from None
             paths = [folder / f"{i}.tar" for i in range(count)]
-            missing = [p for p in paths if not p.is_file()]
+            missing = [p for p in paths if not p.exists()]
             if missing:
                 raise FileNotFoundError(f"{missing[0]} is missing ({nshards} says {count} shards).")
         else:

@@ -38,14 +38,15 @@ def load_benchmark_model(spec: str, device: torch.device, weights: str | None = 
     """(EvalModel on `device`, SHA-256 of its weights) for the model `spec` names (see the module docstring)."""
     from mmcl.model_dir import is_model_dir
 
-    spec = model_path(spec)
-    if is_model_dir(spec):
+    path = model_path(spec)
+    if is_model_dir(path):
         from mmcl.evaluation.loading import mmcl_eval_model
         from mmcl.objectives.teacher import weights_sha256
 
-        model = mmcl_eval_model(spec, device)
+        model = mmcl_eval_model(path, device)
+        model.name = Path(spec).expanduser().resolve().name  # the run's name, not its model/ folder's
         return model, weights_sha256(model.module)
-    return _teacher_model(spec, device, weights, openclip_config)
+    return _teacher_model(path, device, weights, openclip_config)
 
 
 def _teacher_model(spec: str, device: torch.device, weights: str | None,

@@ -1,18 +1,23 @@
 """`mmcl benchmark` and `eval.benchmark` under the real `deepspeed` launcher with 2 CPU ranks.
 
-One training launch (4 steps, eval.benchmark every 2 steps and at the end) and one 2-rank `mmcl benchmark`
-launch on the run's model, both on tiny CLIP_benchmark-layout datasets (classification, multi-label,
-retrieval, a 3-shot linear probe); the one-process reference runs in this process.
+One training launch (4 steps, eval.benchmark every 2 steps and at the end), then `mmcl benchmark` on the run's
+model with 2 ranks, killed (SIGKILL to every process) in the middle and rerun; the datasets are tiny
+CLIP_benchmark-layout sets (classification, multi-label, retrieval, a 3-shot linear probe) and the
+one-process reference runs in this process. The kill lands deterministically: the second task's first shard
+is a named pipe nobody writes until the kill, so the first launch finishes task 1 and then waits on task 2.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 
-from launch import BIN, deepspeed_command, free_port, run, tiny_run_config, write_config
+from launch import BIN, deepspeed_command, free_port, kill_tree, run, start, tiny_run_config, wait_for, write_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
 from benchmark_fixtures import TASK_LIST, write_suite  # noqa: E402
@@ -36,11 +41,27 @@ def launches(digits, tmp_path_factory):
     command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(BIN / "mmcl"),
                "benchmark", "--model", str(root / "run"), "--root", str(data), "--tasks", str(tasks),
                "--out", str(root / "two_ranks"), "--batch-size", "16", "--workers", "0", "--device", "cpu"]
+    shard = data / "wds_shapes_multilabel" / "test" / "0.tar"
+    shutil.move(shard, root / "0.tar")
+    os.mkfifo(shard)
+    first_task = root / "two_ranks" / f"{STEMS[0]}.json"
+    killed = start(command)
+    try:
+        wait_for(lambda: first_task.is_file() or killed.poll() is not None, timeout=300, what="the first task's result")
+    finally:
+        kill_tree(killed, signal.SIGKILL)
+        killed_output = killed.communicate()[0]
+    at_kill = sorted(p.name for p in (root / "two_ranks").glob("*.json"))
+    kept = first_task.read_bytes()
+    shard.unlink()
+    shutil.move(root / "0.tar", shard)
+    command[4] = str(free_port())
     launched = run(command)
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert first_task.read_bytes() == kept  # the task finished before the kill is not redone
     assert main(["benchmark", "--model", str(root / "run"), "--root", str(data), "--tasks", str(tasks),
                  "--out", str(root / "one"), "--batch-size", "16", "--workers", "0", "--device", "cpu"]) == 0
-    return root, launched.stdout
+    return root, launched.stdout, killed_output, at_kill
 
 
 def results(folder: Path) -> dict[str, dict]:
@@ -48,9 +69,20 @@ def results(folder: Path) -> dict[str, dict]:
 
 
 @pytest.mark.e2e
+def test_a_run_killed_after_its_first_task_is_finished_by_a_rerun_that_runs_only_the_rest(launches):
+    _, output, killed_output, at_kill = launches
+    assert at_kill == [f"{STEMS[0]}.json", "mmcl_benchmark.json"], killed_output[-3000:]
+    assert "0 already done, 4 to run over 2 rank(s)" in killed_output
+    assert "not present locally (skipped): wds/not_downloaded" in output
+    assert "4 of 5 tasks present" in output and "1 already done, 3 to run over 2 rank(s)" in output
+    ran = [line.split("] ", 1)[1].split(":")[0] for line in output.splitlines() if line.startswith("[")]
+    assert ran == ["wds/shapes_multilabel zeroshot_classification", "wds/digits_captions zeroshot_retrieval",
+                   "wds/digits linear_probe"], output[-3000:]
+
+
+@pytest.mark.e2e
 def test_two_ranks_give_the_one_process_results_on_every_task(launches):
-    root, output = launches
-    assert "4 to run over 2 rank(s)" in output and "not present locally (skipped): wds/not_downloaded" in output
+    root, *_ = launches
     one, two = results(root / "one"), results(root / "two_ranks")
     for stem in STEMS:
         print(f"{stem}: 1 process {one[stem]['metrics']}\n{stem}: 2 ranks   {two[stem]['metrics']}")
@@ -62,7 +94,7 @@ def test_two_ranks_give_the_one_process_results_on_every_task(launches):
 
 @pytest.mark.e2e
 def test_training_logs_each_tasks_main_metric_and_the_final_values_equal_mmcl_benchmark(launches):
-    root, _ = launches
+    root, *_ = launches
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = {r["step"]: r for r in records if "benchmark/average" in r}
     assert sorted(evals) == [2, 4]  # every train.eval_every steps, and at the end

@@ -178,3 +178,24 @@ def test_dataset_folders_are_found_by_clip_benchmarks_and_datacomps_names(tmp_pa
     assert dataset_folder(tmp_path, task) == tmp_path / "wds_vtab-caltech101_test"
     assert dataset_folder(tmp_path, Task("wds/cifar10", "zeroshot_classification", "acc1", "c")) == tmp_path / "wds_cifar10"
     assert dataset_folder(tmp_path, Task("wds/mnist", "zeroshot_classification", "acc1", "m")) is None
+
+
+def test_a_missing_model_is_one_sentence(suite, tmp_path, capsys):
+    assert main(benchmark_argv(tmp_path / "no-such-model", suite / "data", suite / "tasks.yaml", tmp_path / "out")) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mmcl: error: --model") and "does not exist" in error and error.count("\n") == 0
+
+
+def test_a_dataset_folder_that_cannot_serve_its_task_is_listed_as_not_scored_and_the_rest_runs(suite, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(suite / "data" / "wds_digits", root / "wds_digits")
+    shutil.copytree(suite / "data" / "wds_digits", root / "wds_nameless")
+    (root / "wds_nameless" / "classnames.txt").unlink()
+    (tmp_path / "tasks.yaml").write_text("- {dataset: wds/nameless, task: zeroshot_classification}\n"
+                                         "- {dataset: wds/digits, task: zeroshot_classification}\n")
+    assert main(benchmark_argv(suite / "run", root, tmp_path / "tasks.yaml", tmp_path / "out")) == 0
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert rows[0]["value"] == "" and rows[0]["status"].startswith("not scored:") and "classnames.txt" in rows[0]["status"]
+    assert float(rows[1]["value"]) == result(suite / "out", "digits_zeroshot_classification")["metrics"]["acc1"]
+    assert rows[2]["status"] == "1 of 2 tasks"
+    assert result(tmp_path / "out", "digits_zeroshot_classification")["model"] == "run"  # the run's name
