@@ -86,17 +86,19 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
     values = [r["value"] for r in scored]
     figure, axes = plt.subplots(figsize=(7, 1.2 + 0.3 * max(len(scored), 1)))
     axes.barh(range(len(values)), values, color="tab:blue")
+    for y, value in enumerate(values):
+        axes.text(value + 0.01, y, f"{value:.3f}", va="center", fontsize=7)
     axes.set_yticks(range(len(values)), labels, fontsize=8)
     axes.invert_yaxis()
     if values:
         axes.axvline(sum(values) / len(values), color="tab:red", linestyle="--", label="average")
-        axes.legend(loc="lower right", fontsize=8)
-    axes.set_xlim(0, 1)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    axes.set_xlim(0, 1.12)
     axes.set_xlabel("main metric")
     axes.set_title(title, fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
+    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")  # long task names stay whole
     plt.close(figure)
     return buffer.getvalue()
 

@@ -9,6 +9,7 @@ is a named pipe nobody writes until the kill, so the first launch finishes task 
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -75,7 +76,7 @@ def test_a_run_killed_after_its_first_task_is_finished_by_a_rerun_that_runs_only
     assert "0 already done, 4 to run over 2 rank(s)" in killed_output
     assert "not present locally (skipped): wds/not_downloaded" in output
     assert "4 of 5 tasks present" in output and "1 already done, 3 to run over 2 rank(s)" in output
-    ran = [line.split("] ", 1)[1].split(":")[0] for line in output.splitlines() if line.startswith("[")]
+    ran = [m.group(1) for m in re.finditer(r"^\[\d+/\d+\] ([^:]+):", output, flags=re.M)]
     assert ran == ["wds/shapes_multilabel zeroshot_classification", "wds/digits_captions zeroshot_retrieval",
                    "wds/digits linear_probe"], output[-3000:]
 

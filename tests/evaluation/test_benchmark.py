@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import math
 import shutil
 import subprocess
@@ -104,7 +105,7 @@ def test_a_rerun_runs_only_the_tasks_whose_result_is_missing_or_from_other_weigh
     capsys.readouterr()
     assert main(benchmark_argv(suite / "run", suite / "data", suite / "tasks.yaml", out)) == 0
     printed = capsys.readouterr().out
-    ran = [line.split("] ", 1)[1].split(":")[0] for line in printed.splitlines() if line.startswith("[")]
+    ran = [m.group(1) for m in re.finditer(r"^\[\d+/\d+\] ([^:]+):", printed, flags=re.M)]
     assert ran == ["wds/shapes_multilabel zeroshot_classification", "wds/digits_captions zeroshot_retrieval"], printed
     assert "4 of 5 tasks present" in printed and "2 already done, 2 to run" in printed
     assert {name: (out / name).read_bytes() for name in kept} == kept
@@ -199,3 +200,25 @@ def test_a_dataset_folder_that_cannot_serve_its_task_is_listed_as_not_scored_and
     assert float(rows[1]["value"]) == result(suite / "out", "digits_zeroshot_classification")["metrics"]["acc1"]
     assert rows[2]["status"] == "1 of 2 tasks"
     assert result(tmp_path / "out", "digits_zeroshot_classification")["model"] == "run"  # the run's name
+
+
+def test_mmcls_own_shard_folders_score_as_mmcl_zeroshot_and_mmcl_retrieval_score_them(suite, tmp_path):
+    """A folder of mmcl shards (img2dataset layout: .cls, or .txt with a JSON list of captions, classnames.txt
+    beside) is a dataset too: the same figures as the one-dataset commands on the same shards."""
+    from eval_helpers import CLASSNAMES, caption_samples, classification_samples, write_shards
+
+    from mmcl.evaluation.cli import run_retrieval, run_zeroshot
+
+    write_shards(tmp_path / "data" / "colours", classification_samples(18), per_shard=9)
+    (tmp_path / "data" / "colours" / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
+    write_shards(tmp_path / "data" / "captions", caption_samples(12), per_shard=6)
+    (tmp_path / "tasks.yaml").write_text("- {dataset: colours, task: zeroshot_classification}\n"
+                                         "- {dataset: captions, task: zeroshot_retrieval}\n")
+    assert main(benchmark_argv(suite / "run", tmp_path / "data", tmp_path / "tasks.yaml", tmp_path / "out")) == 0
+    common = ["--model", str(suite / "run" / "model"), "--device", "cpu", "--workers", "0", "--batch-size", "16"]
+    zeroshot = run_zeroshot([*common, "--data", str(tmp_path / "data" / "colours")])
+    retrieval = run_retrieval([*common, "--data", str(tmp_path / "data" / "captions")])
+    assert result(tmp_path / "out", "colours_zeroshot_classification")["metrics"] == zeroshot["metrics"]
+    ours = result(tmp_path / "out", "captions_zeroshot_retrieval")
+    assert ours["mmcl"]["num_captions"] == retrieval["num_captions"] == 20  # 8 images with two captions, 4 with one
+    assert {k: v for k, v in ours["metrics"].items() if k != "mean_recall@1"} == retrieval["metrics"]
