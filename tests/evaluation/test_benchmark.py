@@ -222,3 +222,24 @@ def test_mmcls_own_shard_folders_score_as_mmcl_zeroshot_and_mmcl_retrieval_score
     ours = result(tmp_path / "out", "captions_zeroshot_retrieval")
     assert ours["mmcl"]["num_captions"] == retrieval["num_captions"] == 20  # 8 images with two captions, 4 with one
     assert {k: v for k, v in ours["metrics"].items() if k != "mean_recall@1"} == retrieval["metrics"]
+
+
+def test_the_transformers_export_of_the_model_scores_the_same_on_every_task(suite, tmp_path):
+    """An export (read through the loader distillation and `mmcl curate` use) gives the model directory's figures."""
+    assert main(["export", "--run", str(suite / "run"), "--out", str(tmp_path / "export")]) == 0
+    assert main(benchmark_argv(tmp_path / "export", suite / "data", suite / "tasks.yaml", tmp_path / "out")) == 0
+    for stem in [*COMPARED.values(), "digits_linear_probe_3shot"]:
+        ours, theirs = result(tmp_path / "out", stem)["metrics"], result(suite / "out", stem)["metrics"]
+        assert ours.keys() == theirs.keys() and all(ours[k] == pytest.approx(theirs[k], abs=1e-6) for k in ours), stem
+
+
+@pytest.mark.parametrize("settings, words", [({"benchmark": "datacomp"}, "go together"),
+                                             ({"benchmark": "no-such-list.yaml", "benchmark_root": "."}, "does not exist"),
+                                             ({"benchmark": "datacomp", "benchmark_root": "/no/such/root"}, "does not exist")])
+def test_eval_benchmark_settings_are_checked_in_one_sentence(settings, words):
+    from mmcl.coerce import ConfigError
+    from mmcl.evaluation.settings import EvalConfig
+
+    with pytest.raises(ConfigError) as error:
+        EvalConfig(**settings).validate("eval", "run.yaml")
+    assert words in str(error.value) and "'eval.benchmark" in str(error.value) and str(error.value).count("\n") == 0
