@@ -24,7 +24,6 @@ from mmcl.evaluation.benchmark_files import MANIFEST, atomic_write, read_manifes
 from mmcl.evaluation.benchmark_tasks import NOT_IMPLEMENTED, BenchmarkError, Task, dataset_folder, load_task_list
 
 
-
 @dataclass
 class Plan:
     """What a benchmark run does with each task of its list (the same on every rank)."""
@@ -112,6 +111,9 @@ def run_benchmark(model_spec: str, root: str, tasks: str, out: str, batch_size: 
     plan = _shared_plan(make_plan(task_list, root, out_dir, fingerprint) if leader else None)
     if leader:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in out_dir.glob(".*.tmp*"):  # a write a kill interrupted (atomic_write's names)
+            if leftover.is_file() and leftover.name.rsplit(".tmp", 1)[-1].isdigit():
+                leftover.unlink()
         atomic_write(out_dir / MANIFEST, json.dumps({"command": "benchmark", "version": 1, "model": redact(model_spec),
                                                      "model_sha256": fingerprint, "tasks": list_name}, indent=2) + "\n")
         _say(f"benchmark {list_name}: {len(task_list) - len(plan.missing) - len(plan.not_scored)} of {len(task_list)} "

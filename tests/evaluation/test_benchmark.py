@@ -98,6 +98,7 @@ def test_a_rerun_runs_only_the_tasks_whose_result_is_missing_or_from_other_weigh
     shutil.copytree(suite / "out", out)
     kept = {name: (out / name).read_bytes() for name in ("digits_zeroshot_classification.json", "digits_linear_probe_3shot.json")}
     (out / "digits_captions_zeroshot_retrieval.json").unlink()
+    (out / ".digits_captions_zeroshot_retrieval.json.tmp4242").write_text('{"dataset": "wds/digi')  # cut by the kill
     (out / "results.md").unlink()
     stale = json.loads((out / "shapes_multilabel_zeroshot_classification.json").read_text())
     stale["mmcl"]["model_sha256"] = "0" * 64
@@ -112,6 +113,7 @@ def test_a_rerun_runs_only_the_tasks_whose_result_is_missing_or_from_other_weigh
     for stem in ("digits_captions_zeroshot_retrieval", "shapes_multilabel_zeroshot_classification"):
         assert result(out, stem)["metrics"] == result(suite / "out", stem)["metrics"]
     assert (out / "results.md").read_text() == (suite / "out" / "results.md").read_text()
+    assert not list(out.glob(".*tmp*"))  # the interrupted write's leftover is removed (mmcl's own file)
 
 
 def test_compare_prints_each_tasks_delta_and_the_average_over_common_tasks(suite, tmp_path, capsys):
