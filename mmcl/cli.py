@@ -8,6 +8,9 @@
     mmcl curate score --model M --shards PATTERN --out DIR [--batch-size N] [--workers N] [--overwrite]
                                    (data curation, mmcl/curate/; runs under deepspeed / torchrun too)
     mmcl curate select --scores DIR [rules] --out FILE    /    mmcl curate write --selection FILE --shards PATTERN --out DIR
+    mmcl benchmark --model M --root DATA_DIR --tasks datacomp|clip_benchmark|FILE --out DIR [--batch-size N]
+                                   (a task list in CLIP_benchmark's layout, mmcl/evaluation/benchmark*.py; runs under deepspeed / torchrun)
+    mmcl benchmark compare DIR_A DIR_B [...]   (per-task deltas of benchmark outputs)
 
 User errors print one line (`mmcl: error: ...`) and exit with status 2; a bad --out is one of them,
 said before any work (mmcl/export/staging.py: --overwrite replaces only an earlier mmcl output). `push` does not import
@@ -30,7 +33,7 @@ def add_out_options(parser: argparse.ArgumentParser, help: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcl", description="mmcl model tools: export to transformers, push to the Hub, curate data.")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's launcher
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push,convert,wise-ft,curate}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push,convert,wise-ft,curate,benchmark}")
 
     export = commands.add_parser("export", help="write a transformers folder (weights, processor, card) from a run",
                                  description="Export a run directory, one of its checkpoints/step_* folders or its "
@@ -75,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmcl.curate.cli import add_curate_commands
 
     add_curate_commands(commands)
+    from mmcl.evaluation.benchmark_cli import add_benchmark_command
+
+    add_benchmark_command(commands)
     return parser
 
 
@@ -104,9 +110,18 @@ def _add_wise_ft(commands) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mmcl.evaluation.benchmark_cli import compare_argv
+
+    folders = compare_argv(sys.argv[1:] if argv is None else argv)
+    if folders is not None:
+        from mmcl.evaluation.benchmark_cli import compare_main
+
+        return compare_main(folders)
     args = build_parser().parse_args(argv)
     if args.command == "curate":
         return _curate(args)
+    if args.command == "benchmark":
+        return _benchmark(args)
     from mmcl.export.errors import ExportError, PushError
 
     try:
@@ -165,6 +180,17 @@ def _curate(args: argparse.Namespace) -> int:
 
         run_command(lambda: run_curate(args))
     return run_curate(args)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from mmcl.curate.sharded import launched
+    from mmcl.evaluation.benchmark_cli import run_benchmark_command
+
+    if launched():  # a rank of deepspeed / torchrun: leave as `run_command` does after a process group
+        from mmcl.distributed import run_command
+
+        run_command(lambda: run_benchmark_command(args))
+    return run_benchmark_command(args)
 
 
 def _wise_ft(args: argparse.Namespace) -> int:

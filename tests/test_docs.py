@@ -38,7 +38,7 @@ def test_the_command_reference_has_every_console_script_subcommand_and_script(ge
     assert scripts[:1] == ["mmcl-write-shards"] and "mmcl" in scripts and "mmcl-train" in scripts
     expected = scripts + ["mmcl-write-shards table", "mmcl-write-shards hf", "mmcl-write-shards imagenet", "mmcl export",
                           "mmcl convert", "mmcl convert openclip", "mmcl push", "mmcl wise-ft", "mmcl curate",
-                          "mmcl curate score", "mmcl curate reinforce", "mmcl curate select", "mmcl curate write",
+                          "mmcl curate score", "mmcl curate reinforce", "mmcl curate select", "mmcl curate write", "mmcl benchmark",
                           "python train.py"]
     expected += [f"python eval/{path.name}" for path in (REPO / "eval").glob("*.py")]
     assert sorted(headings) == sorted(expected)

@@ -8,6 +8,10 @@ projection, normalised): the figures equal what `mmcl-knn --model <output_dir>/m
 In image-only (SimCLR/BYOL) runs the projection is `none`, so these are the pooled tower
 ("backbone") features, as in solo-learn.
 
+`eval.benchmark` (a task list, with `eval.benchmark_root`) scores every task of the list whose dataset
+is under the root, as `mmcl benchmark` does, and logs each task's main metric as `benchmark/<dataset>`
+(`benchmark/<dataset>/linear_probe[_<shots>shot]` for probes) and their mean as `benchmark/average`.
+
 Under ZeRO-3 the parameters are partitioned; `mmcl.engine.zero.full_parameters(hooks=False)`
 gathers them on every rank for the duration of the evaluation, so the model can be called
 directly, outside the engine's forward, and each rank encodes its share of the data.
@@ -33,7 +37,8 @@ def byte_limits(cfg: RunConfig) -> dict[str, int]:
 
 def evaluate(engine, cfg: RunConfig, tokenizer) -> dict[str, Any]:
     """Zero-shot classification, retrieval and kNN / linear probe (those configured) of the current weights."""
-    if cfg.eval.zeroshot_shards is None and cfg.eval.retrieval_shards is None and cfg.eval.knn_train_shards is None:
+    if (cfg.eval.zeroshot_shards is None and cfg.eval.retrieval_shards is None and cfg.eval.knn_train_shards is None
+            and cfg.eval.benchmark is None):
         return {}
     from mmcl.evaluation.data import build_eval_loader
     from mmcl.evaluation.loading import image_inputs, text_encoder
@@ -73,6 +78,8 @@ def evaluate(engine, cfg: RunConfig, tokenizer) -> dict[str, Any]:
                 encoded = encode_retrieval_data(loader, encode_image, encode_text, device=device)
                 metrics = retrieval_metrics(encoded["image_features"], encoded["text_features"], encoded["text_to_image"])
                 results.update({f"retrieval/{k}": v for k, v in metrics.items() if isinstance(v, float)})
+            if cfg.eval.benchmark is not None:
+                results.update(_benchmark(cfg, encode_image, encode_text, transform, device))
     finally:
         model.train(was_training)
     return results
@@ -99,4 +106,36 @@ def _knn_and_probe(cfg: RunConfig, encode_image, transform, device) -> dict[str,
     if cfg.eval.linear_probe:
         probe = evaluate_linear_probe(train["features"], train["label"], test["features"], test["label"], num_classes=num_classes)
         results.update({f"linear_probe/{k}": float(v) for k, v in probe.items() if isinstance(v, (int, float))})
+    return results
+
+
+def _benchmark(cfg: RunConfig, encode_image, encode_text, transform, device) -> dict[str, float]:
+    """The main metric of each task of eval.benchmark present under eval.benchmark_root, and their mean."""
+    import sys
+
+    from mmcl.distributed import get_rank
+    from mmcl.evaluation.benchmark_data import read_folder
+    from mmcl.evaluation.benchmark_eval import evaluate_task
+    from mmcl.evaluation.benchmark_tasks import NOT_IMPLEMENTED, dataset_folder, load_task_list
+    from mmcl.evaluation.loading import EvalModel
+
+    _, tasks = load_task_list(cfg.eval.benchmark)
+    model = EvalModel(encode_image, encode_text, transform, "training", "training", device)
+    results: dict[str, float] = {}
+    for task in tasks:
+        folder = dataset_folder(cfg.eval.benchmark_root, task) if task.task not in NOT_IMPLEMENTED else None
+        if folder is None:
+            continue
+        try:
+            metrics, _ = evaluate_task(task, read_folder(folder), model, cfg.eval.batch_size, 0, **byte_limits(cfg))
+        except (ValueError, FileNotFoundError) as error:  # the same on every rank: said once, the run goes on
+            if get_rank() == 0:
+                print(f"eval.benchmark: {task.dataset} {task.task} not scored: {error}", file=sys.stderr, flush=True)
+            continue
+        value = metrics.get(task.main_metric)
+        if isinstance(value, float):
+            suffix = "" if task.task != "linear_probe" else "/linear_probe" + (f"_{task.shots}shot" if task.shots else "")
+            results[f"benchmark/{task.short}{suffix}"] = value
+    if results:
+        results["benchmark/average"] = sum(results.values()) / len(results)
     return results

@@ -123,9 +123,17 @@ class ShardDataset(IterableDataset):
         self.urls, self.transform, self.max_pixels = urls, transform, max_pixels
         self.max_image_bytes, self.max_text_bytes = max_image_bytes, max_text_bytes
 
+    def member_limit(self) -> Callable[[str], int | None]:
+        """What the reader reads of a member (`member_limits`); a subclass reading other members widens it."""
+        return member_limits(self.max_image_bytes, self.max_text_bytes)
+
+    def parse(self, files: dict[str, Any]) -> dict:
+        """One grouped sample -> {"pixel_values", "label"?, "captions"?}; raises only BadSample."""
+        return _parse_sample(files, self.transform, self.max_pixels)
+
     def __iter__(self) -> Iterator[dict]:
         slot, slots = _slot()
-        limit = member_limits(self.max_image_bytes, self.max_text_bytes)
+        limit = self.member_limit()
         by_shard = len(self.urls) >= slots
         counter = 0
         for shard, url in enumerate(self.urls):
@@ -141,7 +149,7 @@ class ShardDataset(IterableDataset):
                     continue
                 index = (shard << _SHARD_BITS) | position
                 try:
-                    sample = _parse_sample(files, self.transform, self.max_pixels)
+                    sample = self.parse(files)
                 except BadSample as error:
                     yield {_BAD: error.reason}
                     continue

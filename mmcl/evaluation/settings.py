@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from mmcl.coerce import ConfigError, check_path, count, positive
 
+BUILTIN_TASK_LISTS = ("datacomp", "clip_benchmark")  # mmcl/evaluation/tasks/<name>.yaml (`mmcl benchmark --tasks`)
+
 
 @dataclass
 class EvalConfig:
@@ -24,6 +26,8 @@ class EvalConfig:
     knn_temperature: float = positive(0.07)  # vote weight exp(cos / T)
     linear_probe: bool = False  # also fit a logistic-regression probe on the kNN train features
     batch_size: int = count(256)  # images per evaluation batch
+    benchmark: str | None = None  # a task list run every train.eval_every steps, logged as benchmark/<dataset>: datacomp, clip_benchmark, or a YAML file (docs/guides/benchmark.md)
+    benchmark_root: str | None = None  # folder holding the task list's datasets (wds_<name>/test/*.tar, as `mmcl benchmark --root`); tasks missing there are skipped
 
     def validate(self, key: str, source: str) -> None:
         for name in ("classnames", "templates"):
@@ -34,6 +38,12 @@ class EvalConfig:
                 raise ConfigError(f"{source}: '{key}.{name}' is an empty list; give at least one entry or leave it unset.")
         if (self.knn_train_shards is None) != (self.knn_test_shards is None):
             raise ConfigError(f"{source}: '{key}.knn_train_shards' and '{key}.knn_test_shards' go together; set both or neither.")
+        if (self.benchmark is None) != (self.benchmark_root is None):
+            raise ConfigError(f"{source}: '{key}.benchmark' and '{key}.benchmark_root' go together; set both or neither.")
+        if self.benchmark is not None:
+            if self.benchmark not in BUILTIN_TASK_LISTS:
+                check_path(self.benchmark, f"{key}.benchmark", source, hub_id_allowed=False)
+            check_path(self.benchmark_root, f"{key}.benchmark_root", source, hub_id_allowed=False)
         if self.linear_probe and self.knn_train_shards is None:
             raise ConfigError(f"{source}: '{key}.linear_probe' needs '{key}.knn_train_shards' and '{key}.knn_test_shards'.")
 
