@@ -5,7 +5,10 @@ of the ZeRO-3 run (from its partitioned checkpoint, and from its model/ folder) 
 transformers (AutoModel + AutoProcessor, and the zero-shot pipeline) gives mmcl's embeddings and predictions.
 
 Six launches in all (one run and one resume per stage), shared by every test here through module fixtures.
-The run's settings are in RUN below, in one place, so new data.naflex keys go there.
+The run's settings are in RUN below, in one place, so new data.naflex keys go there. The tokenizer is a
+Siglip2Tokenizer (padded on the left, as `mmcl-train-tokenizer --siglip2` makes one) and prompts have 64 tokens,
+what the zero-shot pipeline pads SigLIP prompts to: so SigLIP 2's last-position text head reads each caption's
+last token, and the tiny model learns the classes in 6 steps.
 """
 from __future__ import annotations
 
@@ -95,8 +98,8 @@ def runs(data):
 
 @pytest.fixture(scope="module")
 def exports(runs, tmp_path_factory):
-    """"checkpoint": the ZeRO-3 run's last (partitioned) checkpoint exported; "model_dir": `mmcl export --run`
-    (its model/ folder, gathered from the ranks at the end of training)."""
+    """kind -> export folder of the ZeRO-3 run: "checkpoint" from its last (partitioned) checkpoint, consolidated
+    from the ranks' shards; "model_dir" by `mmcl export --run` (its model/ folder, gathered at the end of training)."""
     from mmcl.cli import main
     from mmcl.export import export_run
 
@@ -132,27 +135,37 @@ def test_zero3_checkpoint_export_equals_the_model_folder_export_as_a_siglip2_mod
     assert all(torch.equal(gathered[name], consolidated[name]) for name in gathered)
 
 
-@pytest.mark.parametrize("kind", ["checkpoint", "model_dir"])
-def test_plain_transformers_predictions_on_the_zero3_export_equal_mmcls(runs, exports, kind):
-    from transformers import AutoModel, AutoProcessor
-
+def mmcl_outputs(run_dir, pictures: list[Image.Image]) -> dict:
+    """The run's model/ on `pictures` (patches by mmcl's NaFlex transform) against the class prompts: its
+    normalised image_features [N, D], text_features [CLASSES, D] and scaled, biased logits [N, CLASSES]."""
     from mmcl.data.naflex import NaFlexPatchesU8, naflex_batch
     from mmcl.model_dir import load_mmcl_model_dir
     from mmcl.models import tokenize
 
-    model, _, tokenizer = load_mmcl_model_dir(runs[3][0] / "model")
-    pictures, labels = [image(i) for i in range(8)], [PROMPT.format(n) for n in range(CLASSES)]
+    model, _, tokenizer = load_mmcl_model_dir(run_dir / "model")
     transform = NaFlexPatchesU8(PATCH, MAX_PATCHES)
     patches = naflex_batch([transform(torch.from_numpy(np.array(p)).permute(2, 0, 1).contiguous()) for p in pictures],
                            [0.5] * 3, [0.5] * 3)
     with torch.no_grad():
-        ours = model(**patches, **tokenize(tokenizer, labels, CONTEXT))
-        hf = AutoModel.from_pretrained(str(exports[kind])).eval()
-        theirs = hf(**AutoProcessor.from_pretrained(str(exports[kind]))(images=pictures, text=labels, return_tensors="pt"))
-    expected = ours["logit_scale"] * ours["image_features"] @ ours["text_features"].T + ours["logit_bias"]
-    torch.testing.assert_close(theirs.logits_per_image, expected, atol=1e-4, rtol=0)
-    assert torch.equal(theirs.logits_per_image.argmax(-1), expected.argmax(-1))
-    assert torch.sigmoid(expected).argmax(-1).tolist() == torch.sigmoid(theirs.logits_per_image).argmax(-1).tolist()
+        ours = model(**patches, **tokenize(tokenizer, [PROMPT.format(n) for n in range(CLASSES)], CONTEXT))
+    ours["logits"] = ours["logit_scale"] * ours["image_features"] @ ours["text_features"].T + ours["logit_bias"]
+    return ours
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "model_dir"])
+def test_plain_transformers_predictions_on_the_zero3_export_equal_mmcls(runs, exports, kind):
+    from transformers import AutoModel, AutoProcessor
+
+    pictures, labels = [image(i) for i in range(16)], [PROMPT.format(n) for n in range(CLASSES)]
+    ours = mmcl_outputs(runs[3][0], pictures)
+    inputs = AutoProcessor.from_pretrained(str(exports[kind]))(images=pictures, text=labels, return_tensors="pt")
+    # patch grids (rows, columns) of the wide, tall, square and very wide pictures
+    assert sorted({tuple(shape) for shape in inputs["spatial_shapes"].tolist()}) == [(2, 5), (2, 6), (4, 4), (5, 2)]
+    with torch.no_grad():
+        theirs = AutoModel.from_pretrained(str(exports[kind])).eval()(**inputs)
+    torch.testing.assert_close(theirs.logits_per_image, ours["logits"], atol=1e-4, rtol=0)
+    assert torch.equal(theirs.logits_per_image.argmax(-1), ours["logits"].argmax(-1))
+    assert torch.sigmoid(ours["logits"]).argmax(-1).tolist() == torch.sigmoid(theirs.logits_per_image).argmax(-1).tolist()
     torch.testing.assert_close(F.normalize(theirs.image_embeds, dim=-1), ours["image_features"], atol=1e-5, rtol=0)
     torch.testing.assert_close(F.normalize(theirs.text_embeds, dim=-1), ours["text_features"], atol=1e-5, rtol=0)
 
@@ -174,8 +187,12 @@ def test_in_run_naflex_zeroshot_equals_mmcl_zeroshot_plain_transformers_and_the_
     with torch.no_grad():
         predicted = hf(**inputs).logits_per_image.argmax(-1).tolist()
     assert logged == pytest.approx(np.mean([p == t for p, t in zip(predicted, truth)]), abs=1e-9)
-    # the pipeline pads prompts to 64 tokens for SigLIP unless told the model's context length
+    assert logged > 1 / CLASSES and len(set(predicted)) > 1  # the model learnt something: equal predictions say a lot
+    # the pipeline (64-token prompts for SigLIP: CONTEXT) scores each label with sigmoid(mmcl's logit)
     classifier = pipeline("zero-shot-image-classification", model=str(export))
-    ranked = [classifier(p, candidate_labels=[str(n) for n in range(CLASSES)], hypothesis_template=PROMPT,
-                         tokenizer_kwargs={"max_length": CONTEXT}) for p in pictures]
+    ranked = [classifier(p, candidate_labels=[str(n) for n in range(CLASSES)], hypothesis_template=PROMPT)
+              for p in pictures]
     assert [int(result[0]["label"]) for result in ranked] == predicted
+    scores = torch.tensor([[next(r["score"] for r in result if r["label"] == str(n)) for n in range(CLASSES)]
+                           for result in ranked])
+    torch.testing.assert_close(scores, torch.sigmoid(mmcl_outputs(run_dir, pictures)["logits"]), atol=1e-5, rtol=0)
