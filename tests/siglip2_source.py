@@ -37,15 +37,42 @@ def write_caption_shard(folder: Path, images: list[Image.Image], captions: list[
     return folder / "00000.tar"
 
 
+def write_class_shard(folder: Path, images: list[Image.Image], labels: list[int]) -> Path:
+    """folder/00000.tar (PNG + class index per sample, as zero-shot shards hold them); returns the shard's path."""
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i, (image, label) in enumerate(zip(images, labels)):
+            out = io.BytesIO()
+            image.save(out, "PNG")
+            for ext, data in (("png", out.getvalue()), ("cls", str(label).encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return folder / "00000.tar"
+
+
+MERGES = [("▁", "a"), ("o", "f"), ("t", "h"), ("th", "e")]
+
+
+def _vocabulary() -> dict[str, int]:
+    """Gemma's special tokens at ids 0..4, then characters, then the merges' pieces."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    chars = ["▁"] + list(string.ascii_lowercase + string.digits)
+    return {token: i for i, token in enumerate(specials + chars + ["".join(m) for m in MERGES])}
+
+
 def gemma_tokenizer():
     """A character-level GemmaTokenizer (BPE over a fixed vocabulary with a few merges): no download."""
     from transformers import GemmaTokenizer
 
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-    chars = ["▁"] + list(string.ascii_lowercase + string.digits)
-    merges = [("▁", "a"), ("o", "f"), ("t", "h"), ("th", "e")]
-    vocab = {token: i for i, token in enumerate(specials + chars + ["".join(m) for m in merges])}
-    return GemmaTokenizer(vocab=vocab, merges=merges)
+    return GemmaTokenizer(vocab=_vocabulary(), merges=MERGES)
+
+
+def siglip2_tokenizer(max_length: int = CONTEXT):
+    """The same vocabulary and merges as a Siglip2Tokenizer (lowercasing, padded on the left, so SigLIP 2's text
+    head reads each caption's last token), as `mmcl-train-tokenizer --siglip2` saves one: no download."""
+    from transformers.models.siglip2.tokenization_siglip2 import Siglip2Tokenizer
+
+    return Siglip2Tokenizer(vocab=_vocabulary(), merges=MERGES, model_max_length=max_length)
 
 
 def write_siglip2_source(folder, logit_scale: float = 2.3, logit_bias: float = -6.5):

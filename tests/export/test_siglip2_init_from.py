@@ -81,6 +81,33 @@ def test_first_step_embeddings_equal_the_siglip2_sources_on_naflex_batches(sigli
     assert out["logit_bias"].item() == pytest.approx(-6.5)
 
 
+def test_first_training_step_from_a_siglip2_source_encodes_as_the_source_and_its_loss_is_the_sources(siglip2_dir, shard):
+    """The module the trainer hands DeepSpeed (mmcl.engine.setup: build_model, then TrainingTask), in train mode, on
+    the loader's first batch: its features are the source's normalised embeddings and its loss is Siglip2Model's."""
+    import torch.nn.functional as F
+    from transformers import AutoProcessor
+
+    from mmcl.engine.task import TrainingTask
+
+    folder, source = siglip2_dir
+    cfg = from_dict({"model": {"init_from": str(folder)}, "objectives": {"siglip": 1.0},
+                     "data": {"train_shards": shard, "num_workers": 0, "shuffle_buffer": 0}})
+    torch.manual_seed(cfg.seed)
+    task = TrainingTask(build_model(cfg.model, image_size=cfg.data.image_size), cfg.objectives, None, cfg).train()
+    batch = next(iter(build_train_loader(cfg.data, build_tokenizer(cfg.model.text), CONTEXT, batch_size=4, seed=0)))
+    order = [int(key) for key in batch["keys"]]
+    expected = AutoProcessor.from_pretrained(str(folder))(
+        images=[images()[i] for i in order], text=[CAPTIONS[i] for i in order], padding="max_length", max_length=CONTEXT,
+        truncation=True, patch_size=PATCH, max_num_patches=MAX_PATCHES, return_tensors="pt")
+    with torch.no_grad():
+        features = task.features(batch)
+        step = task(batch)
+        theirs = source(**expected, return_loss=True)
+    assert (features["image_features"] - F.normalize(theirs.image_embeds, dim=-1)).abs().max().item() <= 1e-5
+    assert (features["text_features"] - F.normalize(theirs.text_embeds, dim=-1)).abs().max().item() <= 1e-5
+    assert step["loss"].item() == pytest.approx(theirs.loss.item(), rel=1e-6)
+
+
 def test_siglip2_towers_load_by_name_or_path_from_a_siglip2_model_folder(siglip2_dir):
     folder, source = siglip2_dir
     cfg = from_dict({"model": {"image": {"name_or_path": str(folder)}, "text": {"name_or_path": str(folder), "context_length": CONTEXT},
