@@ -188,11 +188,10 @@ def load_exported(path_or_repo_id: str | Path, device: torch.device | str = "cpu
     if "text" in info:
         from transformers import AutoTokenizer
 
-        from mmcl.models.tokenizer import KEEP_PADDING_SIDE
+        from mmcl.models.tokenizer import padding_side
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        if type(tokenizer).__name__ not in KEEP_PADDING_SIDE:
-            tokenizer.padding_side = "right"  # what mmcl trained with (absolute positions)
+        tokenizer.padding_side = padding_side(tokenizer, info["text"].get("model_type"))  # the side mmcl trained with
     device = torch.device(device)
     for head in heads.values():
         head.to(device).eval()

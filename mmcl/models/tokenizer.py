@@ -6,9 +6,9 @@
   token; padded positions are masked out by the attention mask, so which id fills them does
   not matter to the poolers;
 - padding is on the right, which absolute position embeddings (BERT, CLIP) expect; except for
-  tokenizers in `KEEP_PADDING_SIDE`, whose towers were trained with their own side: SigLIP 2's
-  (left: its text head reads the last position, which is then the caption's last token), as
-  plain `transformers` pads with it.
+  tokenizers in `KEEP_PADDING_SIDE`, whose towers were trained with their own side, and for
+  SigLIP 2 text towers (`LEFT_PADDED_TOWERS`) with any other tokenizer: SigLIP 2's text head reads
+  the last position, which left padding makes the caption's last token, as `Siglip2Tokenizer` pads.
 """
 from __future__ import annotations
 
@@ -23,6 +23,30 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportEr
 
 
 KEEP_PADDING_SIDE = ("Siglip2Tokenizer",)
+# Text towers (model types) whose head reads the last position: padded on the left whatever the
+# tokenizer, so the head reads the caption (the export's loader applies the same rule).
+LEFT_PADDED_TOWERS = ("siglip2_text_model", "siglip2")
+
+
+def padding_side(tokenizer: PreTrainedTokenizerBase, tower_type: str | None) -> str:
+    """The side mmcl pads `tokenizer` on for a text tower of model type `tower_type` (None: unknown)."""
+    if type(tokenizer).__name__ in KEEP_PADDING_SIDE:
+        return tokenizer.padding_side
+    return "left" if tower_type in LEFT_PADDED_TOWERS else "right"
+
+
+def _tower_type(cfg: TextTowerConfig) -> str | None:
+    """The text tower's model type: the inline config's, else the `name_or_path` folder's (None if unknown)."""
+    if cfg.config:
+        return cfg.config.get("model_type")
+    if cfg.name_or_path is None:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(cfg.name_or_path).model_type
+    except _LOAD_ERRORS:  # an unreachable hub id: the tower's own load says so later
+        return None
 
 
 class TokenizerLoadError(ValueError):
@@ -30,7 +54,7 @@ class TokenizerLoadError(ValueError):
 
 
 def build_tokenizer(cfg: TextTowerConfig, key: str = "model.text") -> PreTrainedTokenizerBase:
-    """`AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path)`, with a pad token and right padding."""
+    """`AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path)`, with a pad token and the tower's padding side."""
     source = f"{key}.tokenizer" if cfg.tokenizer else f"{key}.name_or_path"
     value = cfg.tokenizer or cfg.name_or_path
     if value is None:
@@ -51,8 +75,7 @@ def build_tokenizer(cfg: TextTowerConfig, key: str = "model.text") -> PreTrained
                 "token to it (tokenizer.add_special_tokens) and save it again."
             )
         tokenizer.pad_token = fallback
-    if type(tokenizer).__name__ not in KEEP_PADDING_SIDE:
-        tokenizer.padding_side = "right"
+    tokenizer.padding_side = padding_side(tokenizer, _tower_type(cfg))
     return tokenizer
 
 

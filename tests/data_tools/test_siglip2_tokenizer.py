@@ -43,3 +43,21 @@ def test_mmcl_pads_a_siglip2_tokenizer_on_the_left_so_the_last_position_is_the_l
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
     assert ids.shape == (2, 12) and mask[:, -1].tolist() == [1, 1] and mask[0, 0] == 0 and ids[0, 0] == 0
     assert tokenizer.convert_ids_to_tokens(ids[:, -1].tolist()) == ["▁3", "▁hand"]
+
+
+def test_a_siglip2_text_tower_is_padded_on_the_left_whatever_its_tokenizer_and_other_towers_on_the_right(tmp_path):
+    """SigLIP 2's text head reads the last position: with a right-padding tokenizer (here a BERT WordPiece)
+    it would read padding, so mmcl pads on the left for a siglip2_text_model tower; a BERT tower stays right."""
+    from transformers import BertTokenizer
+
+    from mmcl.config import TextTowerConfig
+    from mmcl.models import build_tokenizer, tokenize
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat"]) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    siglip2 = build_tokenizer(TextTowerConfig(config={"model_type": "siglip2_text_model"}, tokenizer=str(tmp_path / "bert"),
+                                              context_length=8))
+    bert = build_tokenizer(TextTowerConfig(config={"model_type": "bert"}, tokenizer=str(tmp_path / "bert"), context_length=8))
+    assert (siglip2.padding_side, bert.padding_side) == ("left", "right")
+    left, right = (tokenize(t, ["a cat"], 8)["input_ids"][0].tolist() for t in (siglip2, bert))
+    assert left == [0, 0, 0, 0, 2, 5, 6, 3] and right == [2, 5, 6, 3, 0, 0, 0, 0]  # the last position: [SEP], not padding
