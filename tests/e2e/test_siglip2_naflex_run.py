@@ -1,5 +1,6 @@
 """A tiny SigLIP 2 NaFlex model on images of mixed aspect ratios (wide, tall, square) through the real
-`deepspeed` launcher (2 CPU ranks, gloo) under ZeRO 1, 2 and 3: it trains with falling loss, a launch resumed
+`deepspeed` launcher (2 CPU ranks, gloo) under ZeRO 1, 2 and 3, each step at a sequence length drawn from a list
+with the micro-batch set by a token budget: it trains with falling loss, a launch resumed
 from its middle checkpoint logs the same later losses bit for bit and ends on the same weights, `mmcl export`
 of the ZeRO-3 run (from its partitioned checkpoint, and from its model/ folder) writes a Siglip2Model, and plain
 transformers (AutoModel + AutoProcessor, and the zero-shot pipeline) gives mmcl's embeddings and predictions.
@@ -28,8 +29,9 @@ ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_at
 PATCH, MAX_PATCHES, CONTEXT, CLASSES = 8, 16, 64, 8  # 64 tokens: what the zero-shot pipeline pads SigLIP prompts to
 STEPS, MIDDLE = 6, 3  # checkpoints at 3 and 6; the resume continues from 3
 PROMPT = "a photo of the number {}"
+LENGTHS, BUDGET = [4, 9, 16], 32  # per-step sequence lengths and patch tokens per rank and step
 
-# The run, less its paths (filled in by `run_config`): 2 ranks x 4 samples per step.
+# The run, less its paths (filled in by `run_config`): 2 ranks, the token budget sets the batch.
 RUN = {
     "model": {"image": {"config": {"model_type": "siglip2_vision_model", "patch_size": PATCH, "num_patches": MAX_PATCHES,
                                    **ENCODER},
@@ -39,7 +41,9 @@ RUN = {
                        "context_length": CONTEXT, "projection": "none"},
               "embed_dim": 32, "logit_scale_init": 10.0, "logit_bias_init": -10.0},
     "objectives": {"siglip": 1.0},
-    "data": {"naflex": {"patch_size": PATCH, "max_num_patches": MAX_PATCHES},
+    # Each step's sequence length drawn from LENGTHS, BUDGET // L images per rank and step (8, 3 or 2).
+    "data": {"naflex": {"patch_size": PATCH, "max_num_patches": MAX_PATCHES, "sequence_lengths": LENGTHS,
+                        "token_budget": BUDGET},
              "num_workers": 1, "shuffle_buffer": 8, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
     "optim": {"lr": 2e-3, "warmup_steps": 1},
     "train": {"micro_batch_size": 4, "steps": STEPS, "log_every": 1, "checkpoint_every": MIDDLE},
@@ -118,6 +122,12 @@ def test_naflex_training_under_zero_stage_lowers_the_loss_and_resume_continues_b
     assert sorted(logged) == list(range(1, STEPS + 1)) and logged[STEPS] < 0.5 * logged[1], logged
     assert sorted(continued) == list(range(MIDDLE + 1, STEPS + 1))
     assert all(continued[step] == logged[step] for step in continued), (continued, logged)
+    records = {run_dir: {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                         if "loss" in r} for run_dir in (reference, resumed)}
+    lengths = {step: r["sequence_length"] for step, r in records[reference].items()}
+    assert set(lengths.values()) <= set(LENGTHS) and len(set(lengths.values())) >= 2, lengths  # drawn per step
+    assert all(r["global_batch"] == BUDGET // r["sequence_length"] * 2 for r in records[reference].values())
+    assert {s: r["sequence_length"] for s, r in records[resumed].items()} == {s: lengths[s] for s in continued}
     expected, got = (load_file(run_dir / "model" / "model.safetensors") for run_dir in (reference, resumed))
     assert expected.keys() == got.keys()
     assert all(torch.equal(got[name], expected[name]) for name in expected)
