@@ -59,6 +59,19 @@ def kind_of(path: str | Path) -> FolderKind | None:
     return None
 
 
+def model_location(spec: str) -> str | None:
+    """Where a `--model` argument points: `spec` itself (a folder, a file, `openclip:ARCH`, `hf-hub:ID`), or the
+    model/ folder of a run directory; None when `spec` names a local path that does not exist."""
+    if spec.startswith(("openclip:", "hf-hub:")):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return None
+    if path.is_dir() and kind_of(path) is None and kind_of(path / MODEL_DIR) == "model_dir":
+        return str(path / MODEL_DIR)
+    return str(path)
+
+
 def save_model_dir(model: nn.Module, config: Any, tokenizer: Any | None, out_dir: str | Path) -> Path:
     """Write an mmcl model directory (see the module docstring) and return its path.
 

@@ -58,17 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_spec(spec: str) -> str:
     """`spec`, or its model/ folder when it is a run directory; a missing local path is a CurateError."""
-    if spec.startswith(("openclip:", "hf-hub:")):
-        return spec
-    path = Path(spec).expanduser()
-    if not path.exists():
+    from mmcl.model_dir import model_location
+
+    location = model_location(spec)
+    if location is None:
         raise CurateError(f"--model '{spec}' does not exist; pass an mmcl model directory or export, a transformers "
                           "CLIP/SigLIP folder, or openclip:ARCH with --weights.")
-    from mmcl.model_dir import MODEL_DIR, kind_of
-
-    if path.is_dir() and kind_of(path) is None and kind_of(path / MODEL_DIR) == "model_dir":
-        return str(path / MODEL_DIR)
-    return spec
+    return location
 
 
 def check_arguments(args: argparse.Namespace) -> tuple[str, list[str]]:

@@ -20,17 +20,13 @@ from mmcl.evaluation.loading import EvalModel, eval_transform
 
 def model_path(spec: str) -> str:
     """`spec`, or its model/ folder when it is a run directory; a missing local path is a BenchmarkError."""
-    if spec.startswith(("openclip:", "hf-hub:")):
-        return spec
-    path = Path(spec).expanduser()
-    if not path.exists():
+    from mmcl.model_dir import model_location
+
+    location = model_location(spec)
+    if location is None:
         raise BenchmarkError(f"--model '{spec}' does not exist; pass an mmcl run, model directory or export, a "
                              "transformers CLIP/SigLIP folder, or openclip:ARCH with --weights.")
-    from mmcl.model_dir import MODEL_DIR, kind_of
-
-    if path.is_dir() and kind_of(path) is None and kind_of(path / MODEL_DIR) == "model_dir":
-        return str(path / MODEL_DIR)
-    return str(path)
+    return location
 
 
 def load_benchmark_model(spec: str, device: torch.device, weights: str | None = None,
