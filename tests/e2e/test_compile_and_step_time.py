@@ -43,6 +43,7 @@ def runs(digits, zero_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("slow")
     config = tiny_run_config(digits, out / "run", steps=STEPS, micro_batch_size=SLOW_MICRO_BATCH)
     config["data"]["train_shards"] = slow
+    config["data"]["shuffle_buffer"] = 0  # no 64-sample buffer to fill (~15 s of trickle) before the first batch
     # the one-rank run needs no launcher: its checks are the step-time breakdown and the monitor
     result = run(python_command(write_config(out / "run.yaml", config), "configs/ds/zero2.json"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
