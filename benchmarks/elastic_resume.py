@@ -6,8 +6,8 @@ which asserts the same values).
 
 Prints, per stage and resume, the interrupted epoch's coverage (samples expected, seen, seen
 twice) and the largest difference between the re-partitioned fp32 weights / Adam moments and
-the checkpoint's. Runs the real `deepspeed` launcher on CPU gloo ranks (DS_ACCELERATOR=cpu):
-about as long as the e2e test module.
+the checkpoint's. Runs the real `deepspeed` launcher on CPU gloo ranks (DS_ACCELERATOR=cpu; the
+1-rank resumes as `python train.py`): about as long as the e2e test module.
 """
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """End to end: `train.compile` under the real `deepspeed` launcher (2 CPU ranks, inductor) against
 the same run eager, and the step-time breakdown of a run whose data source is deliberately slow.
 
+The eager run is the session's ZeRO-2 reference run (tests/e2e/conftest.py: zero_runs, 16 steps);
+the compiled run is launched from its config with `train.compile=true` (and without its
+evaluation and intermediate checkpoints, which do not touch the losses).
+
 The slow data source is the digits' shards read through a `pipe:` URL that trickles them in
 (tests/e2e/slow_cat.py: 2 KB every 0.1 s, a 4.6 KB sample about every 0.23 s): the worker waits on the
 pipe, not on the CPU, so the run waits for data most of the time however busy the machine is.
@@ -13,33 +17,37 @@ from pathlib import Path
 
 import pytest
 
-from launch import deepspeed_command, losses, python_command, run, tiny_run_config, write_config
+from launch import NO_EVAL, ZERO_STAGES, ZERO_STEPS, deepspeed_command, losses, python_command, run, tiny_run_config, write_config
 
-STEPS = 6
+STEPS = 6  # of the slow run
+SLOW_MICRO_BATCH = 8  # 8 samples of ~0.23 s each: ~1.8 s of waiting per step against ~0.05 s of compute
 PREFETCHED = 3  # steps whose batches the worker may have ready before the loop starts (2) and one to settle
 SLOW_CAT = Path(__file__).with_name("slow_cat.py")
 
 
 @pytest.fixture(scope="module")
-def runs(digits, tmp_path_factory):
-    """{"eager", "compiled": (run dir, result)}: 2 ranks over the digits, same seed, losses every step;
-    "slow": one rank (`python train.py`) over the slowly arriving digits (one rank: with two, a rank's wait for the
-    other's data happens inside the forward's all-gather and is charged to forward+backward)."""
+def runs(digits, zero_runs, tmp_path_factory):
+    """{"eager", "compiled": (run dir, result)}: 2 ranks over the digits, same config and seed, losses every step
+    ("eager" is the session's ZeRO-2 reference run); "slow": one rank (`python train.py`) over the slowly arriving
+    digits (one rank: with two, a rank's wait for the other's data happens inside the forward's all-gather and is
+    charged to forward+backward)."""
+    config, eager_dir, eager_result = zero_runs[2]
+    results = {"eager": (eager_dir, eager_result)}
+    out = tmp_path_factory.mktemp("compiled")
+    result = run(deepspeed_command(config, ZERO_STAGES[2], 2, f"output_dir={out / 'run'}", "train.compile=true",
+                                   "train.checkpoint_every=0", *NO_EVAL))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    results["compiled"] = (out / "run", result)
+
     slow = f"pipe:{sys.executable} {SLOW_CAT} {digits}/train/{{00000..00003}}.tar 2048 0.1"
-    results = {}
-    for name, shards, ranks, overrides in (("eager", None, 2, ()), ("compiled", None, 2, ("train.compile=true",)),
-                                           ("slow", slow, 1, ())):
-        out = tmp_path_factory.mktemp(name)
-        config = tiny_run_config(digits, out / "run", steps=STEPS)
-        if shards is not None:
-            config["data"]["train_shards"] = shards
-        path = write_config(out / "run.yaml", config)
-        # the one-rank run needs no launcher: its checks are the step-time breakdown and the monitor
-        command = (deepspeed_command(path, "configs/ds/zero2.json", ranks, *overrides) if ranks > 1
-                   else python_command(path, "configs/ds/zero2.json", *overrides))
-        result = run(command)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        results[name] = (out / "run", result)
+    out = tmp_path_factory.mktemp("slow")
+    config = tiny_run_config(digits, out / "run", steps=STEPS, micro_batch_size=SLOW_MICRO_BATCH)
+    config["data"]["train_shards"] = slow
+    config["data"]["shuffle_buffer"] = 0  # no 64-sample buffer to fill (~15 s of trickle) before the first batch
+    # the one-rank run needs no launcher: its checks are the step-time breakdown and the monitor
+    result = run(python_command(write_config(out / "run.yaml", config), "configs/ds/zero2.json"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    results["slow"] = (out / "run", result)
     return results
 
 
@@ -49,7 +57,7 @@ def records(run_dir) -> list[dict]:
 
 def test_compiled_run_reproduces_the_eager_losses(runs):
     eager, compiled = losses(runs["eager"][0]), losses(runs["compiled"][0])
-    assert sorted(compiled) == list(range(1, STEPS + 1))
+    assert sorted(compiled) == sorted(eager) == list(range(1, ZERO_STEPS[2] + 1))
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4, abs=1e-5), (step, eager, compiled)
     assert "torch.compile: image_tower, text_tower" in runs["compiled"][1].stdout

@@ -4,9 +4,10 @@ One 8-step reference run per stage (checkpoints every 4) serves every check: ZeR
 global batch of 32 in one micro-batch per rank, ZeRO-2 and ZeRO-3 in two accumulated by
 feature caching, so equal losses across stages pin the feature cache with adapters; each
 stage's step-4 checkpoint resumed at 2 ranks reproduces steps 5-8; the ZeRO-2 checkpoint
-resumed at 1 rank (elastic) loads the same adapters, heads and Adam moments; the checkpoints
-hold optimizer state for adapters and heads alone; the ZeRO-2 run exported with `mmcl export` gives mmcl's
-embeddings and zero-shot predictions in a process that imports only transformers.
+resumed at 1 rank (elastic; as `python train.py`: one rank needs no launcher) loads the same
+adapters, heads and Adam moments; the checkpoints hold optimizer state for adapters and heads
+alone; the ZeRO-2 run exported with `mmcl export` gives mmcl's embeddings and zero-shot
+predictions in a process that imports only transformers.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import deepspeed_command, env, losses, resume_copy, run, tiny_run_config, write_config
+from launch import deepspeed_command, env, losses, python_command, resume_copy, run, tiny_run_config, write_config
 from test_elastic_resume_launches import universal_state
 from test_hub_consumers import PAIRS, TEMPLATE, TEXTS, mmcl_view, test_images  # noqa: F401 (fixture)
 
@@ -55,8 +56,8 @@ def lora_runs(digits, tmp_path_factory):
     config, reference, _ = runs[2]
     elastic = resume_copy(reference, reference.parent / "elastic")
     debug = reference.parent / "debug"
-    result = run(deepspeed_command(config, STAGES[2], 1, f"output_dir={elastic}", "train.resume=latest",
-                                   "train.micro_batch_size=16"), extra_env={"MMCL_DEBUG_DIR": str(debug)})
+    result = run(python_command(config, STAGES[2], f"output_dir={elastic}", "train.resume=latest",
+                                "train.micro_batch_size=16"), extra_env={"MMCL_DEBUG_DIR": str(debug)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "elastic resume from" in result.stdout and "world size 2 -> 1" in result.stdout
     runs["elastic"] = (elastic, debug)

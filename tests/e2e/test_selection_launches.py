@@ -1,10 +1,11 @@
 """Training on a selection end to end: the real `deepspeed` launcher, CPU gloo ranks, ZeRO-2.
 
 One run with `data.selection` on 2 ranks is stopped mid-epoch 0 (SIGTERM after its first
-checkpoint) and resumed on 1 rank with the same global batch; it trains 2 epochs in all. Every
-launch logs each step's sample keys per rank (MMCL_DEBUG_DIR, as test_elastic_resume_launches.py
-reads them). The checks: each epoch trained exactly the selected samples drawn in it, each once;
-the balanced ones differ between the epochs; and a rerun of the loader alone draws the same ones.
+checkpoint) and resumed on 1 rank with the same global batch (as `python train.py`: one rank
+needs no launcher); it trains 2 epochs in all. Every launch logs each step's sample keys per rank
+(MMCL_DEBUG_DIR, as test_elastic_resume_launches.py reads them). The checks: each epoch trained
+exactly the selected samples drawn in it, each once; the balanced ones differ between the epochs;
+and a rerun of the loader alone draws the same ones.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from launch import deepspeed_command, kill_tree, latest_tag, resume_copy, run, start, tiny_run_config, wait_for, write_config
+from launch import (deepspeed_command, kill_tree, latest_tag, python_command, resume_copy, run, start, tiny_run_config,
+                    wait_for, write_config)
 
 pytestmark = pytest.mark.e2e
 
@@ -96,8 +98,8 @@ def selection_runs(tmp_path_factory):
     assert 2 <= stopped_at < EPOCH_STEPS, f"not stopped mid-epoch 0 (at {tag}): {output[-2000:]}"
     assert "stop requested: saved step" in output, output[-3000:]
     target = resume_copy(first, base / "resumed", tag)
-    resumed = run(deepspeed_command(config_path, "configs/ds/zero2.json", 1, f"output_dir={target}",
-                                    "train.resume=latest", f"train.micro_batch_size={GLOBAL_BATCH}"),
+    resumed = run(python_command(config_path, "configs/ds/zero2.json", f"output_dir={target}",
+                                 "train.resume=latest", f"train.micro_batch_size={GLOBAL_BATCH}"),
                   timeout=1500, extra_env={"MMCL_DEBUG_DIR": str(base / "debug1")})
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     probability = {r[0]: r[1] for r in rows}
