@@ -1,6 +1,6 @@
 """Zero-shot accuracy where aspect ratio matters: NaFlex vs square squash vs square centre crop, equal compute.
 
-    python benchmarks/naflex_aspect.py --work /tmp/naflex_aspect [--steps 150] [--seeds 0 1]
+    python benchmarks/naflex_aspect.py --work /tmp/naflex_aspect [--steps 300] [--seeds 0 1]
 
 Data: `aspect_dataset.py` (shapes of 12 classes near the ends of 4:1 and 1:4 canvases). Three
 arms, each trained with mmcl's real trainer (`python train.py --config <yaml>`, one process) and
@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from aspect_dataset import build_aspect  # noqa: E402
 
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-       "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 ARMS = {"naflex": "native", "squash": "squash", "crop": "crop"}
 
 
@@ -135,16 +135,17 @@ def train(info: dict, arm: str, seed: int, args: argparse.Namespace, work: Path)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="folder for the data, configs, runs and cached results")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--max-patches", type=int, default=64, help="N: NaFlex's patch budget = the square grid's size")
     parser.add_argument("--patch", type=int, default=4)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--text-layers", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = parser.parse_args(argv)
     side = int(round(args.max_patches ** 0.5))
     if side * side != args.max_patches:
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
           f"with other agents' jobs", flush=True)
     info = build_aspect(work / "data")
     print(f"held-out set: {info['held_out']}", flush=True)
-    rows = [train(info, arm, seed, args, work) for seed in args.seeds for arm in ARMS]
+    rows = [train(info, arm, seed, args, work) for seed in args.seeds for arm in args.arms]
     print()
     print(f"{args.steps} steps x {args.batch} images x {args.max_patches} patch positions "
           f"(square arms at {side * args.patch}x{side * args.patch} px); seeds {args.seeds}")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     described = {"naflex": "native aspect ratio (NaFlex, <= N patches, padded to N)",
                  "squash": f"squashed to a square, {side}x{side} patches",
                  "crop": f"centre square crop, {side}x{side} patches"}
-    for arm in ARMS:
+    for arm in args.arms:
         accs = [r["acc1"] for r in rows if r["arm"] == arm]
         walls = [r["wall_s"] for r in rows if r["arm"] == arm]
         cells = " | ".join(f"{100 * a:.1f}%" for a in accs)
