@@ -6,6 +6,7 @@ process as batches of 64, with 1 and 2 DataLoader workers, on synthetic photo-li
 (smooth random colour fields + gradient + grain, 256 px shorter side, quality 90).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_pipeline.py [--images 2000] [--workers 1 2] [--repeats 3]
+        [--tables open_clip naflex] [--naflex-patches 256] [--naflex-patch-size 16]
 
 Timing starts when the first batch arrives (worker start-up and shuffle-buffer warm-up
 excluded) and stops at the end of the epoch. Each configuration runs `--repeats` times,
@@ -16,6 +17,12 @@ OpenCLIP: `open_clip_train.data.get_wds_dataset` with a minimal args namespace a
 (`KeyError: 'fname'`: `tar_file_expander` now yields an empty end-of-shard marker that its
 `group_by_keys_nothrow` does not expect); this script patches that in memory by dropping the
 markers before grouping (never in site-packages) and says so in its output.
+
+`--tables naflex` (SigLIP 2 / NaFlex, issue 27): mmcl's loader with `data.naflex` (each image
+resized keeping its aspect ratio to fit `--naflex-patches` patches of `--naflex-patch-size` px,
+patchified by `NaFlexPatchesU8`, padded and normalised per batch by `naflex_batch`) vs mmcl's
+square transform with the same number of patches (RandomResizedCrop to sqrt(N)*P px, 256 px for
+256 patches of 16), same shards, same tokenizer, alternating; ratio NaFlex / square per worker count.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmcl.config import DataConfig  # noqa: E402
+from mmcl.data.settings import NaFlexConfig  # noqa: E402
 from mmcl.data import build_train_loader  # noqa: E402
 
 BATCH = 64
@@ -109,6 +117,36 @@ def mmcl_loader(pattern: str, workers: int, tokenizer):
     return build_train_loader(cfg, tokenizer, 77, batch_size=BATCH, seed=0, rank=0, world_size=1)
 
 
+def mmcl_naflex_loader(pattern: str, workers: int, tokenizer, patches: int, patch_size: int):
+    cfg = DataConfig(train_shards=pattern, num_workers=workers, shuffle_buffer=1000,
+                     naflex=NaFlexConfig(patch_size=patch_size, max_num_patches=patches))
+    return build_train_loader(cfg, tokenizer, 77, batch_size=BATCH, seed=0, rank=0, world_size=1)
+
+
+def mmcl_square_loader(pattern: str, workers: int, tokenizer, image_size: int):
+    cfg = DataConfig(train_shards=pattern, num_workers=workers, image_size=image_size, shuffle_buffer=1000)
+    return build_train_loader(cfg, tokenizer, 77, batch_size=BATCH, seed=0, rank=0, world_size=1)
+
+
+def naflex_rows(pattern: str, args, tokenizer) -> list[tuple]:
+    """(transform, workers, samples/s, per worker, ratio vs square), best of `--repeats` alternating runs."""
+    side = int(round(args.naflex_patches ** 0.5)) * args.naflex_patch_size
+    names = (f"square RandomResizedCrop {side}x{side} ({args.naflex_patches} patches)",
+             f"NaFlex <= {args.naflex_patches} patches of {args.naflex_patch_size} px")
+    rows = []
+    for workers in args.workers:
+        best = dict.fromkeys(names, 0.0)
+        for _ in range(args.repeats):
+            best[names[0]] = max(best[names[0]], measure(mmcl_square_loader(pattern, workers, tokenizer, side),
+                                                         lambda b: len(b["keys"])))
+            best[names[1]] = max(best[names[1]], measure(
+                mmcl_naflex_loader(pattern, workers, tokenizer, args.naflex_patches, args.naflex_patch_size),
+                lambda b: len(b["keys"])))
+        for name in names:
+            rows.append((name, workers, best[name], best[name] / workers, best[name] / best[names[0]]))
+    return rows
+
+
 def measure(loader, images_of) -> float:
     """Samples/s after the first batch, over one epoch."""
     iterator = iter(loader)
@@ -125,6 +163,10 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tables", nargs="+", choices=["open_clip", "naflex"], default=["open_clip"],
+                        help="open_clip: mmcl vs OpenCLIP; naflex: mmcl's NaFlex transform vs its square one")
+    parser.add_argument("--naflex-patches", type=int, default=256)
+    parser.add_argument("--naflex-patch-size", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(1)
     import open_clip
@@ -138,6 +180,18 @@ def main() -> None:
         start = time.perf_counter()
         pattern = write_shards(Path(tmp), args.images, args.shards)
         print(f"# wrote {args.images} JPEGs in {args.shards} shards in {time.perf_counter() - start:.1f}s")
+        if "naflex" in args.tables:
+            from naflex_aspect import cpu_line
+
+            print(f"# {cpu_line()}; the machine is shared with other agents' jobs")
+            naflex = naflex_rows(pattern, args, tokenizer)
+            print()
+            print("| transform (mmcl loader) | workers | samples/s | samples/s/worker | ratio vs square |")
+            print("|---|---:|---:|---:|---:|")
+            for name, workers, rate, per_worker, ratio in naflex:
+                print(f"| {name} | {workers} | {rate:.0f} | {per_worker:.0f} | {ratio:.2f}x |")
+        if "open_clip" not in args.tables:
+            return
         rows = []
         for workers in args.workers:
             best = {"open_clip": 0.0, "mmcl": 0.0}
