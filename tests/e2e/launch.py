@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,9 +20,19 @@ ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, inter
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free right now, drawn from a range of this pytest-xdist worker's own (`make test` runs two), below
+    the kernel's ephemeral ports (which gloo's connections take): two workers' launches never pick the same one."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    draw = random.Random()
+    for _ in range(200):
+        port = 20000 + 2000 * (worker % 6) + draw.randrange(2000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # taken, or in TIME_WAIT after an earlier launch
+                continue
+            return port
+    raise RuntimeError(f"no free port in worker {worker}'s range")
 
 
 def tiny_run_config(data: Path, output_dir: Path, **train) -> dict:

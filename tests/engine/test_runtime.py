@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,8 +41,8 @@ import torch, torch.distributed as dist
 from mmcl.distributed import note_joined, run_command
 
 def main():
-    rank, port = int(sys.argv[1]), sys.argv[2]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    rank, store = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     note_joined()
     atexit.register(print, f"rank {rank} atexit")
     for _ in range(8):  # collectives still finishing in gloo's threads as the rank exits
@@ -56,17 +55,15 @@ run_command(main)
 
 
 @pytest.mark.slow
-def test_a_rank_that_joined_a_gloo_group_exits_with_its_status_while_collectives_finish():
+def test_a_rank_that_joined_a_gloo_group_exits_with_its_status_while_collectives_finish(tmp_path):
     """Gloo's threads release a collective's tensors after it completes; a rank whose main thread
     reaches interpreter teardown first aborts (SIGABRT, "terminate called without an active
     exception"): 6 of 8 of these launches did with a plain `sys.exit(main())`. `run_command`
     skips teardown, so every launch ends with main's status, its atexit handlers run and its
     output flushed."""
-    for _ in range(2):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
-        ranks = [subprocess.Popen([sys.executable, "-c", LEAVING_A_RANK, str(rank), port], stdout=subprocess.PIPE,
+    for launch in range(2):
+        store = tmp_path / f"store{launch}"  # a file store: no TCP port another test's launch could take meanwhile
+        ranks = [subprocess.Popen([sys.executable, "-c", LEAVING_A_RANK, str(rank), str(store)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
         outputs = [rank.communicate(timeout=120) for rank in ranks]
         for rank, (process, (stdout, stderr)) in enumerate(zip(ranks, outputs)):
