@@ -9,7 +9,7 @@ TORCH_SPEC ?= "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1"
 STAMP := $(VENV)/.mmcl-installed
 PYTEST_ARGS ?=
 # `make test` runs on this many pytest-xdist workers: on 2 cores, two workers fill the time one
-# spends in a launcher's start-up and shutdown (tests/conftest.py keeps shared launches on one worker).
+# spends in a launcher's start-up and shutdown; a file's tests (and its module fixtures) stay on one worker.
 PYTEST_WORKERS ?= 2
 
 export HF_HUB_OFFLINE = 1
@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml Makefile
 
 # Everything, as CI runs it (.ci/run): unit tests, end-to-end deepspeed launches, the strict docs build.
 test: setup
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The unit tests: no deepspeed/torchrun launches (`e2e`), no multi-rank or many-second tests (`slow`).
 test-fast: setup

@@ -1,7 +1,7 @@
-"""`mmcl benchmark` and `eval.benchmark` under the real `deepspeed` launcher with 2 CPU ranks.
+"""`mmcl benchmark` and `eval.benchmark` under the real `deepspeed` launcher and `torchrun` with 2 CPU ranks.
 
 One training launch (4 steps, eval.benchmark every 2 steps and at the end), then `mmcl benchmark` on the run's
-model with 2 ranks, killed (SIGKILL to every process) in the middle and rerun; the datasets are tiny
+model with 2 ranks under `deepspeed`, killed (SIGKILL to every process) in the middle and rerun under `torchrun`; the datasets are tiny
 CLIP_benchmark-layout sets (classification, multi-label, retrieval, a 3-shot linear probe) and the
 one-process reference runs in this process. The kill lands deterministically: the second task's first shard
 is a named pipe nobody writes until the kill, so the first launch finishes task 1 and then waits on task 2.
@@ -39,9 +39,9 @@ def launches(digits, tmp_path_factory):
     config["eval"] = {"benchmark": str(tasks), "benchmark_root": str(data), "batch_size": 16}
     trained = run(deepspeed_command(write_config(root / "run.yaml", config)))
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(BIN / "mmcl"),
-               "benchmark", "--model", str(root / "run"), "--root", str(data), "--tasks", str(tasks),
-               "--out", str(root / "two_ranks"), "--batch-size", "16", "--workers", "0", "--device", "cpu"]
+    arguments = [str(BIN / "mmcl"), "benchmark", "--model", str(root / "run"), "--root", str(data), "--tasks", str(tasks),
+                 "--out", str(root / "two_ranks"), "--batch-size", "16", "--workers", "0", "--device", "cpu"]
+    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *arguments]
     shard = data / "wds_shapes_multilabel" / "test" / "0.tar"
     shutil.move(shard, root / "0.tar")
     os.mkfifo(shard)
@@ -56,8 +56,8 @@ def launches(digits, tmp_path_factory):
     kept = first_task.read_bytes()
     shard.unlink()
     shutil.move(root / "0.tar", shard)
-    command[4] = str(free_port())
-    launched = run(command)
+    # The rerun goes through torchrun: the suite runs under either launcher.
+    launched = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *arguments])
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     assert first_task.read_bytes() == kept  # the task finished before the kill is not redone
     assert main(["benchmark", "--model", str(root / "run"), "--root", str(data), "--tasks", str(tasks),
