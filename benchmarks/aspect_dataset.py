@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shapes_dataset import CAPTIONS, TEMPLATES  # noqa: E402
+from shapes_dataset import CAPTIONS, TEMPLATES, paint  # noqa: E402
 
 COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 210)}
 SHAPES = ("circle", "square", "triangle")
@@ -51,8 +51,7 @@ def caption(label: int, rng: random.Random) -> str:
 def draw(label: int, short: int, ratio: int, wide: bool, near_ends: float, rng: random.Random):
     """One canvas of class `label`: (uint8 array [H, W, 3], fraction of the shape's extent along the long side
     that lies inside the centre short x short square)."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     long = short * ratio
     colour = list(COLOURS.values())[label // len(SHAPES)]
@@ -71,18 +70,7 @@ def draw(label: int, short: int, ratio: int, wide: bool, near_ends: float, rng: 
     width, height = (long, short) if wide else (short, long)
     x0, y0 = (along, across) if wide else (across, along)
     image = Image.new("RGB", (width, height), (grey, grey, grey))
-    pen = ImageDraw.Draw(image)
-    shade = tuple(int(max(0, min(255, c * rng.uniform(0.75, 1.15)))) for c in colour)
-    box = (x0, y0, x0 + extent, y0 + extent)
-    if shape == "circle":
-        pen.ellipse(box, fill=shade)
-    elif shape == "square":
-        pen.rectangle(box, fill=shade)
-    else:
-        pen.polygon([(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=shade)
-    pixels = np.asarray(image, dtype=np.float32)
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 12, pixels.shape)
-    return (pixels + noise).clip(0, 255).astype("uint8"), inside
+    return paint(image, shape, colour, x0, y0, extent, rng), inside
 
 
 def views(pixels, short: int) -> dict[str, bytes]:

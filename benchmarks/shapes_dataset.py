@@ -32,30 +32,38 @@ CAPTIONS = [
 TEMPLATES = ["a {}", "a drawing of a {}", "a picture of a {}", "a small {} on a grey background"]
 
 
+def paint(image, shape: str, colour: tuple[int, int, int], x0: float, y0: float, extent: float, rng: random.Random):
+    """Draw `shape` (circle / square / triangle) of side `extent` at (x0, y0) on the PIL `image` in a shade of
+    `colour` drawn from `rng`, then add Gaussian noise (sd 12) seeded from `rng`: uint8 [H, W, 3]."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    pen = ImageDraw.Draw(image)
+    shade = tuple(int(max(0, min(255, c * rng.uniform(0.75, 1.15)))) for c in colour)
+    box = (x0, y0, x0 + extent, y0 + extent)
+    if shape == "circle":
+        pen.ellipse(box, fill=shade)
+    elif shape == "square":
+        pen.rectangle(box, fill=shade)
+    else:
+        pen.polygon([(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=shade)
+    pixels = np.asarray(image, dtype=np.float32)
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 12, pixels.shape)
+    return (pixels + noise).clip(0, 255).astype("uint8")
+
+
 def shape_png(label: int, size: int, rng: random.Random) -> bytes:
     """One image of class `label` as PNG bytes."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     colour = list(COLOURS.values())[label // len(SHAPES)]
     shape = list(SHAPES)[label % len(SHAPES)]
     grey = rng.randint(90, 170)
     image = Image.new("RGB", (size, size), (grey, grey, grey))
-    draw = ImageDraw.Draw(image)
     extent = rng.uniform(0.35, 0.7) * size
     x0, y0 = rng.uniform(0, size - extent), rng.uniform(0, size - extent)
-    shade = tuple(int(max(0, min(255, c * rng.uniform(0.75, 1.15)))) for c in colour)
-    box = (x0, y0, x0 + extent, y0 + extent)
-    if shape == "circle":
-        draw.ellipse(box, fill=shade)
-    elif shape == "square":
-        draw.rectangle(box, fill=shade)
-    else:
-        draw.polygon([(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=shade)
-    pixels = np.asarray(image, dtype=np.float32)
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 12, pixels.shape)
     buffer = io.BytesIO()
-    Image.fromarray((pixels + noise).clip(0, 255).astype("uint8")).save(buffer, format="PNG")
+    Image.fromarray(paint(image, shape, colour, x0, y0, extent, rng)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
