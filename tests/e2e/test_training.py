@@ -82,8 +82,11 @@ def test_sigterm_saves_and_kill_9_loses_nothing(reference_runs, tmp_path):
         steps = [json.loads(line)["step"] for line in (target / "metrics.jsonl").read_text().split("\n")[:-1] if line]
         return max(steps, default=0) > int(tag.split("_")[1])
 
-    process = start(deepspeed_command(config, STAGES[2], 2, f"output_dir={target}", "train.resume=latest", *slow))
-    wait_for(logged_past_a_new_checkpoint, what="a step logged past a checkpoint after resume")
+    # Checkpoints every 4 steps here: 3 steps logged past each one leave the poll a window to kill in.
+    process = start(deepspeed_command(config, STAGES[2], 2, f"output_dir={target}", "train.resume=latest", *slow,
+                                      "train.checkpoint_every=4"))
+    wait_for(lambda: logged_past_a_new_checkpoint() or process.poll() is not None,
+             what="a step logged past a checkpoint after resume")
     kill_tree(process, signal.SIGKILL)
     process.communicate(timeout=60)
     killed_at = latest_tag(target)
